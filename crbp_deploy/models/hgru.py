@@ -1,0 +1,68 @@
+"""The hGRU cell (Linsley et al. 2018/2020), written from the paper's equations.
+
+    G1 = sigma(U1 * h);  C1 = N(W_I * (G1 . h));  H1 = f(X - f(C1 . (alpha h + mu)))
+    G2 = sigma(U2 * H1); C2 = N(W_E * H1);        Ht = f(kappa H1 + gamma C2 + omega H1 . C2)
+    h <- (1 - G2) . h + G2 . Ht                     (f = softplus, sigma = sigmoid)
+
+Fixed relative to the public code: gate-bias init really applies (in place), normalisation is
+per sample (GroupNorm, never batch statistics), one norm shared by all steps (no per-step
+parameters, so the model runs for any number of steps), no device hard-coding.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """Per-sample normalisation: results never depend on the other samples of a batch."""
+    if kind == "group":
+        return nn.GroupNorm(1, channels)
+    if kind == "instance":
+        return nn.GroupNorm(channels, channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"unknown norm {kind!r}; use group, instance or none")
+
+
+class HGRUCell(nn.Module):
+    def __init__(self, channels: int, kernel_size: int, norm: str = "group", gate_bias_max: float = 8.0):
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.channels = channels
+        self.padding = kernel_size // 2
+        self.u1 = nn.Conv2d(channels, channels, 1)
+        self.u2 = nn.Conv2d(channels, channels, 1)
+        self.w_inh = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
+        self.w_exc = nn.Parameter(torch.empty(channels, channels, kernel_size, kernel_size))
+        self.norm_inh = make_norm(norm, channels)
+        self.norm_exc = make_norm(norm, channels)
+        shape = (1, channels, 1, 1)
+        self.alpha = nn.Parameter(torch.full(shape, 0.1))
+        self.mu = nn.Parameter(torch.full(shape, 1.0))
+        self.kappa = nn.Parameter(torch.full(shape, 0.5))
+        self.gamma = nn.Parameter(torch.full(shape, 1.0))
+        self.omega = nn.Parameter(torch.full(shape, 0.5))
+        self.reset_parameters(gate_bias_max)
+
+    @torch.no_grad()
+    def reset_parameters(self, gate_bias_max: float) -> None:
+        for w in (self.w_inh, self.w_exc):
+            nn.init.orthogonal_(w.view(self.channels, -1))
+            w.copy_((w + w.transpose(0, 1)) / 2)  # symmetric horizontal connections, as in the paper
+        for gate in (self.u1, self.u2):
+            nn.init.orthogonal_(gate.weight.view(self.channels, -1))
+            # "chronos" init: log(U(1, T-1)); the public code computed this but never stored it.
+            gate.bias.uniform_(1.0, gate_bias_max - 1.0).log_()
+        self.u2.bias.neg_()
+
+    def forward(self, x: Tensor, h: Tensor) -> Tensor:
+        g1 = torch.sigmoid(self.u1(h))
+        c1 = self.norm_inh(F.conv2d(g1 * h, self.w_inh, padding=self.padding))
+        h1 = F.softplus(x - F.softplus(c1 * (self.alpha * h + self.mu)))
+        g2 = torch.sigmoid(self.u2(h1))
+        c2 = self.norm_exc(F.conv2d(h1, self.w_exc, padding=self.padding))
+        h_tilde = F.softplus(self.kappa * h1 + self.gamma * c2 + self.omega * h1 * c2)
+        return (1 - g2) * h + g2 * h_tilde

@@ -1,0 +1,64 @@
+"""`hgru-pathfinder`: the paper's Pathfinder segmenter (conv0 7x7 squared -> hGRU -> norm + 1x1)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..config import StrictConfig
+from ..errors import ConfigError
+from .contract import RecurrentSegmenter
+from .hgru import HGRUCell, make_norm
+from .registry import register_model
+
+
+@dataclass(frozen=True)
+class PathfinderConfig(StrictConfig):
+    in_channels: int = 1
+    channels: int = 25
+    input_kernel: int = 7
+    kernel_size: int = 15
+    norm: str = "group"
+    num_classes: int = 2
+    mean: float = 0.5
+    std: float = 0.5
+
+    def validate(self) -> None:
+        for name in ("in_channels", "channels", "input_kernel", "kernel_size", "num_classes"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"PathfinderConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("input_kernel", "kernel_size"):
+            if getattr(self, name) % 2 == 0:
+                raise ConfigError(f"PathfinderConfig.{name} must be odd, got {getattr(self, name)}")
+        if self.norm not in ("group", "instance", "none"):
+            raise ConfigError(f"PathfinderConfig.norm must be group, instance or none, got {self.norm!r}")
+        if self.std <= 0:
+            raise ConfigError(f"PathfinderConfig.std must be > 0, got {self.std}")
+
+
+@register_model("hgru-pathfinder", PathfinderConfig, tiny={"channels": 4, "kernel_size": 5, "input_kernel": 3})
+class HGRUPathfinder(RecurrentSegmenter):
+    """Pathfinder segmenter: per-pixel logits for 'on the marked contour'."""
+
+    def __init__(self, config: PathfinderConfig):
+        super().__init__(config)
+        self.in_channels = config.in_channels
+        self.conv0 = nn.Conv2d(config.in_channels, config.channels, config.input_kernel, padding=config.input_kernel // 2)
+        self.cell = HGRUCell(config.channels, config.kernel_size, config.norm)
+        self.head_norm = make_norm(config.norm, config.channels)
+        self.head = nn.Conv2d(config.channels, config.num_classes, 1)
+
+    def encode(self, images: Tensor) -> Tensor:
+        x = (images - self.config.mean) / self.config.std
+        return self.conv0(x) ** 2
+
+    def init_state(self, ctx: Tensor) -> Tensor:
+        return torch.zeros_like(ctx)
+
+    def step(self, ctx: Tensor, h: Tensor) -> Tensor:
+        return self.cell(ctx, h)
+
+    def readout(self, ctx: Tensor, h: Tensor) -> dict[str, Tensor]:
+        return {"logits": self.head(self.head_norm(h))}
