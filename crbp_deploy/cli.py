@@ -110,26 +110,9 @@ def create(
     typer.echo(f"wrote {path}")
 
 
-def _not_built(command: str, issue: int) -> None:
-    typer.echo(f"crbp-deploy {command}: not built yet (tracked in issue #{issue}).", err=True)
-    raise typer.Exit(2)
+from .commands import register_all  # noqa: E402  (commands need `app`, `console` defined above)
 
-
-for _name, _issue, _help in (
-    ("data", 3, "Generate datasets (Pathfinder, synthetic panoptic). (not built yet)"),
-    ("train", 3, "Train with BPTT / C-BPTT / RBP / C-RBP. (not built yet)"),
-    ("eval", 4, "Evaluate PQ / IoU on a dataset. (not built yet)"),
-    ("predict", 4, "Panoptic predictions for images. (not built yet)"),
-    ("export", 5, "Export to ONNX / TensorRT. (not built yet)"),
-    ("verify", 5, "Verify an exported artifact against PyTorch. (not built yet)"),
-    ("bench", 5, "Benchmark backends and strategies. (not built yet)"),
-    ("package", 6, "Build a TorchServe .mar archive. (not built yet)"),
-    ("serve", 6, "Start / stop TorchServe. (not built yet)"),
-):
-    def _stub(ctx: typer.Context, _n=_name, _i=_issue) -> None:
-        _not_built(_n, _i)
-
-    app.command(_name, help=_help, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_stub)
+register_all(app)
 
 
 def main() -> None:
