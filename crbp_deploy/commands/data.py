@@ -1,6 +1,13 @@
-"""CLI commands of this capability (placeholders until it is built)."""
-from . import stub
+"""`crbp-deploy data ...`: dataset generators, one subcommand per dataset."""
+import typer
+
+data_app = typer.Typer(help="Generate datasets (Pathfinder, synthetic panoptic).", no_args_is_help=True)
 
 
-def register(app) -> None:
-    stub(app, "data", 3, "Generate datasets (Pathfinder, synthetic panoptic).")
+def register(app: typer.Typer) -> None:
+    from .data_panoptic import panoptic
+    from .data_pathfinder import pathfinder
+
+    data_app.command("pathfinder")(pathfinder)
+    data_app.command("panoptic")(panoptic)
+    app.add_typer(data_app, name="data")

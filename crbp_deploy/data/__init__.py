@@ -1,0 +1,1 @@
+"""Datasets: Pathfinder generator, synthetic panoptic set, COCO panoptic I/O."""
