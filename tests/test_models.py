@@ -11,8 +11,30 @@ def images_for(model, batch=2, size=24, seed=1):
     return torch.rand(batch, model.in_channels, size, size, generator=torch.Generator().manual_seed(seed))
 
 
-def test_registry_lists_pathfinder():
-    assert "hgru-pathfinder" in list_models()
+def test_registry_lists_models():
+    assert {"hgru-pathfinder", "hgru-panoptic", "ff-panoptic"} <= set(list_models())
+
+
+@torch.no_grad()
+def test_panoptic_heads_at_input_resolution():
+    model = create_model("hgru-panoptic", num_classes=5, thing_classes=[0, 3], channels=6, kernel_size=3)
+    out = model(torch.rand(2, 3, 32, 48), iters=2)
+    assert out["semantic"].shape == (2, 5, 32, 48)
+    assert out["center"].shape == (2, 1, 32, 48)
+    assert out["offset"].shape == (2, 2, 32, 48)
+    with pytest.raises(InputError, match="multiple of the model stride 4"):
+        model(torch.rand(1, 3, 30, 32), iters=1)
+
+
+@torch.no_grad()
+def test_ff_baseline_converges_in_one_step():
+    model = tiny_model("ff-panoptic")
+    out = model(torch.rand(2, 3, 16, 16), max_iters=50, tol=0.0)
+    assert out["iterations"].tolist() == [1, 1] and out["residual"].tolist() == [0.0, 0.0]
+
+
+def test_ff_baseline_has_at_least_as_many_parameters():
+    assert create_model("ff-panoptic").num_parameters() >= create_model("hgru-panoptic").num_parameters()
 
 
 @torch.no_grad()
@@ -40,6 +62,8 @@ def test_pathfinder_logits_shape():
 @torch.no_grad()
 def test_early_exit_with_zero_tol_equals_fixed_steps(model_name):
     model = tiny_model(model_name)
+    if not model.recurrent:
+        pytest.skip("feed-forward baseline: its step is the identity and converges at once")
     x = images_for(model)
     fixed = model(x, iters=7)
     early = model(x, max_iters=7, tol=0.0)
@@ -56,7 +80,8 @@ def test_per_sample_iterations_match_single_runs(model_name):
     batched = model(x, max_iters=100, tol=1e-2)
     alone = [model(x[i : i + 1], max_iters=100, tol=1e-2) for i in range(4)]
     assert batched["iterations"].tolist() == [int(a["iterations"]) for a in alone]
-    assert len(set(batched["iterations"].tolist())) > 1, "inputs should need different budgets"
+    if model.recurrent:
+        assert len(set(batched["iterations"].tolist())) > 1, "inputs should need different budgets"
     assert (batched["residual"] <= 1e-2).all()
     for i, a in enumerate(alone):
         for key, value in a.items():
@@ -67,6 +92,8 @@ def test_per_sample_iterations_match_single_runs(model_name):
 @torch.no_grad()
 def test_early_exit_stops_at_cap_when_not_converged(model_name):
     model = tiny_model(model_name)
+    if not model.recurrent:
+        pytest.skip("feed-forward baseline: its step is the identity and converges at once")
     out = model(images_for(model), max_iters=2, tol=1e-12)
     assert out["iterations"].tolist() == [2, 2]
     assert (out["residual"] > 1e-12).all()

@@ -1,7 +1,7 @@
 """Model registry and the recurrent-segmenter contract; importing this registers every model."""
 from .contract import MAX_ITERATIONS, RecurrentSegmenter, check_budget, relative_change
 from .registry import create_model, get_entry, list_models, register_model
-from . import pathfinder  # noqa: F401  (registers hgru-pathfinder)
+from . import panoptic, pathfinder  # noqa: F401  (registers the models)
 
 __all__ = [
     "MAX_ITERATIONS",

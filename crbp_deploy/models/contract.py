@@ -49,6 +49,7 @@ class RecurrentSegmenter(nn.Module):
 
     arch: str = ""  # set by @register_model
     in_channels: int = 3
+    recurrent: bool = True  # False for feed-forward baselines whose step is the identity
 
     def __init__(self, config: StrictConfig):
         super().__init__()
