@@ -1,6 +1,64 @@
-"""CLI commands of this capability (placeholders until it is built)."""
-from . import stub
+"""`crbp-deploy train`: BPTT / C-BPTT / RBP / C-RBP training (single process or torchrun)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import CrbpError
 
 
-def register(app) -> None:
-    stub(app, "train", 3, "Train with BPTT / C-BPTT / RBP / C-RBP.")
+def train(
+    data: Path = typer.Option(..., "--data", help="Dataset folder written by `crbp-deploy data ...`."),
+    out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: last.pt (checkpoint) + last.state.pt."),
+    task: str = typer.Option("pathfinder", "--task", help="pathfinder | panoptic"),
+    model: str = typer.Option("", "--model", help="Registered architecture (default: the task's)."),
+    model_config: Optional[str] = typer.Option(None, "--model-config", help="JSON object of model config overrides."),
+    grad: str = typer.Option("crbp", "--grad", help="bptt | cbptt | rbp | crbp"),
+    steps: int = typer.Option(20, "--steps", help="Recurrent steps per training forward."),
+    neumann_steps: int = typer.Option(15, "--neumann-steps", help="Neumann-series terms (rbp/crbp)."),
+    lcp_lambda: float = typer.Option(0.9, "--lcp-lambda", help="LCP threshold lambda (cbptt/crbp)."),
+    lcp_reduction: str = typer.Option("mean", "--lcp-reduction", help="LCP reduction: mean | batch | sum."),
+    penalty_weight: float = typer.Option(10.0, "--penalty-weight", help="Weight of the LCP in the loss."),
+    loss: str = typer.Option("focal", "--loss", help="Pathfinder loss: focal | bce."),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Global batch size (split over torchrun processes)."),
+    epochs: int = typer.Option(10, "--epochs"),
+    clip_grad: float = typer.Option(0.0, "--clip-grad", help="Max gradient norm (0 = off)."),
+    max_train: int = typer.Option(0, "--max-train", help="Use at most this many training samples (0 = all)."),
+    seed: int = typer.Option(0, "--seed"),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt."),
+    threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = PyTorch default)."),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Train a recurrent segmenter; a checkpoint each epoch, readable by `crbp-deploy info`.
+
+    Distributed: `torchrun --nproc-per-node 2 -m crbp_deploy.cli train ...` (gloo on CPU).
+    """
+    import torch
+
+    from ..training.trainer import TrainConfig, train as run_training
+
+    try:
+        overrides = json.loads(model_config) if model_config else {}
+    except json.JSONDecodeError as exc:
+        raise CrbpError(f"--model-config is not valid JSON: {exc}") from None
+    if not isinstance(overrides, dict):
+        raise CrbpError("--model-config must be a JSON object")
+    if threads:
+        torch.set_num_threads(threads)
+    cfg = TrainConfig.from_dict(
+        task=task, data=str(data), model=model, model_config=overrides, grad=grad, steps=steps,
+        neumann_steps=neumann_steps, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
+        batch_size=batch_size, epochs=epochs, clip_grad=clip_grad, seed=seed, max_train=max_train,
+    )
+    record = run_training(cfg, out, resume=resume, progress=not quiet)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(json.dumps({"checkpoint": str(out / "last.pt"), **record}))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train)

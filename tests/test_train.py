@@ -1,0 +1,92 @@
+"""The training loop: single process, resume, checkpoints for `info`, and torchrun with 2 CPU processes."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from crbp_deploy import checkpoint
+from crbp_deploy.data.panoptic_synth import write_dataset
+from crbp_deploy.errors import ConfigError
+from crbp_deploy.models import create_model
+from crbp_deploy.training.trainer import TrainConfig, train
+
+TINY = {"encoder_channels": 8, "channels": 6, "kernel_size": 3, "head_channels": 8, "downsample": 1}
+
+
+@pytest.fixture(scope="module")
+def panoptic_data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pan")
+    write_dataset(root, count=20, size=32, seed=0, val_fraction=0.2, progress=False)
+    return root
+
+
+def _cfg(data, **kw):
+    base = dict(task="panoptic", data=str(data), model_config=TINY, steps=3, neumann_steps=5, batch_size=4,
+                epochs=1, lcp_lambda=0.95, penalty_weight=0.001, lr=1e-3, seed=0)
+    return TrainConfig.from_dict({**base, **kw})
+
+
+def _cli(*args, launcher=(sys.executable,)):
+    return subprocess.run([*launcher, "-m", "crbp_deploy.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_train_writes_checkpoint_info_understands(panoptic_data, tmp_path):
+    record = train(_cfg(panoptic_data), tmp_path, progress=False)
+    assert record["epoch"] == 1 and 0.0 <= record["val_miou"] <= 1.0
+    model = checkpoint.load(tmp_path / "last.pt")
+    assert model.arch == "hgru-panoptic"
+    assert model.meta["training"]["grad"] == "crbp" and model.meta["training"]["epochs_done"] == 1
+    assert [c["id"] for c in model.meta["categories"]] == sorted(c["id"] for c in model.meta["categories"])
+    r = _cli("info", str(tmp_path / "last.pt"), "--json", "--no-check")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["meta"]["training"]["steps"] == 3
+
+
+def test_resume_continues_where_it_stopped(panoptic_data, tmp_path):
+    straight = tmp_path / "straight"
+    train(_cfg(panoptic_data, epochs=2), straight, progress=False)
+    split = tmp_path / "split"
+    train(_cfg(panoptic_data, epochs=1), split, progress=False)
+    train(_cfg(panoptic_data, epochs=2), split, resume=True, progress=False)
+    a, b = checkpoint.load(straight / "last.pt"), checkpoint.load(split / "last.pt")
+    assert len(b.meta["history"]) == 2
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_every_grad_mode_trains(panoptic_data, tmp_path):
+    for grad in ("bptt", "cbptt", "rbp", "crbp"):
+        record = train(_cfg(panoptic_data, grad=grad, max_train=8), tmp_path / grad, progress=False)
+        assert record["train_loss"] == record["train_loss"]  # not NaN
+
+
+def test_bad_training_options(panoptic_data, tmp_path):
+    with pytest.raises(ConfigError, match="grad must be one of"):
+        _cfg(panoptic_data, grad="sgd")
+    with pytest.raises(ConfigError, match="unknown key"):
+        TrainConfig.from_dict(stepz=3)
+    with pytest.raises(ConfigError, match="fewer than one batch"):
+        train(_cfg(panoptic_data, batch_size=64), tmp_path, progress=False)
+    r = _cli("train", "--task", "panoptic", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
+    assert r.returncode == 1 and "Traceback" not in r.stderr and "annotations.json" in r.stderr
+
+
+def test_torchrun_two_processes_match_one(panoptic_data, tmp_path):
+    """2 gloo processes with half the batch each take exactly the steps of 1 process on the global batch."""
+    args = ["train", "--task", "panoptic", "--data", str(panoptic_data), "--model-config", json.dumps(TINY),
+            "--steps", "3", "--neumann-steps", "5", "--batch-size", "4", "--epochs", "1", "--max-train", "12",
+            "--lcp-lambda", "0.95", "--penalty-weight", "0.001", "--quiet", "--threads", "1"]
+    one = _cli(*args, "--out", str(tmp_path / "one"))
+    assert one.returncode == 0, one.stderr
+    two = _cli(*args, "--out", str(tmp_path / "two"),
+               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
+    assert b.meta["training"]["world_size"] == 2
+    for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-6, msg=k)
+    torch.manual_seed(0)
+    init = create_model("hgru-panoptic", {"num_classes": 4, "thing_classes": [0, 1], **TINY})
+    assert not torch.equal(init.cell.w_inh, a.cell.w_inh), "training did not move the weights"
