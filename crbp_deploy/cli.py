@@ -27,16 +27,22 @@ def _root(debug: bool = typer.Option(False, "--debug", help="Show full traceback
     _state["debug"] = debug
 
 
-def resolve_model(spec: str):
-    """A checkpoint path, or a registered architecture name (random weights)."""
-    from . import checkpoint
+def resolve_model(spec: str | None):
+    """A checkpoint path, a bundled model's name, or a registered architecture (random weights)."""
+    from . import checkpoint, zoo
     from .models import create_model, list_models
 
+    spec = spec or zoo.DEFAULT
     if Path(spec).exists() or spec.endswith(".pt"):
         return checkpoint.load(spec), str(spec)
+    if spec in zoo.names():
+        return zoo.load(spec), f"bundled:{spec}"
     if spec in list_models():
         return create_model(spec), f"registry:{spec}"
-    raise CrbpError(f"{spec!r} is neither a checkpoint file nor a registered model ({', '.join(list_models())})")
+    raise CrbpError(
+        f"{spec!r} is not a checkpoint file, a bundled model ({', '.join(zoo.names()) or 'none'}) "
+        f"or a registered architecture ({', '.join(list_models())})"
+    )
 
 
 def print_card(card: dict) -> None:
