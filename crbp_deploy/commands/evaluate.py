@@ -1,7 +1,95 @@
-"""CLI commands of this capability (placeholders until it is built)."""
-from . import stub
+"""`crbp-deploy eval` and `crbp-deploy predict`: PQ on a dataset, COCO panoptic files for images."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import CrbpError
 
 
-def register(app) -> None:
-    stub(app, "eval", 4, "Evaluate PQ / IoU on a dataset.")
-    stub(app, "predict", 4, "Panoptic predictions for images.")
+def _budget(iters: Optional[int], max_iters: Optional[int], tol: Optional[float]) -> dict:
+    if iters is not None and (max_iters is not None or tol is not None):
+        raise CrbpError("give --iters (fixed count) or --max-iters/--tol (early exit), not both")
+    return {"iters": iters, "max_iters": max_iters, "tol": tol}
+
+
+def _predictor(model_spec: Optional[str]):
+    from ..cli import resolve_model
+    from ..panoptic.predict import PanopticPredictor
+
+    model, source = resolve_model(model_spec)
+    if "categories" not in (getattr(model, "meta", None) or {}):
+        raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
+    return PanopticPredictor.from_model(model), source
+
+
+def evaluate(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint or bundled model (default: the bundled model)."),
+    data: Path = typer.Option(..., "--data", help="COCO panoptic folder (annotations.json, images/, panoptic/) or a root with SPLIT/."),
+    split: str = typer.Option("val", "--split"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Fixed number of recurrent steps."),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Early exit: iteration cap."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Early exit: relative state change to stop at."),
+    limit: int = typer.Option(0, "--limit", help="Evaluate the first N images only (0 = all)."),
+    per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """PQ / SQ / RQ (all, things, stuff, per class) and iterations-to-converge statistics."""
+    from rich.console import Console
+
+    from ..panoptic.evaluate import evaluate_predictor, open_dataset
+    from ..panoptic.pq import format_table
+
+    predictor, source = _predictor(model)
+    dataset = open_dataset(data, split)
+    budget = _budget(iters, max_iters, tol)
+    result = evaluate_predictor(predictor, dataset, progress=not as_json, limit=limit, **budget)
+    result["model"], result["data"] = source, str(data)
+    result["budget"] = {k: v for k, v in budget.items() if v is not None} or predictor.budget
+    if as_json:
+        typer.echo(json.dumps(result, indent=2, default=str))
+        return
+    console = Console()
+    console.print(format_table(result, dataset.categories, per_class=per_class))
+    it = result["iterations"]
+    console.print(
+        f"iterations: mean {it['mean']:.1f}, median {it['median']:.0f}, p90 {it['p90']:.0f}, "
+        f"range {it['min']}..{it['max']}; converged {100 * it['converged_fraction']:.0f}% "
+        f"(budget {result['budget']}, {result['images']} images)"
+    )
+
+
+def predict(
+    images: List[Path] = typer.Argument(..., help="Image files (PNG, JPEG, WebP, ...)."),
+    model: Optional[str] = typer.Option(None, "--model", help="Checkpoint or bundled model (default: bundled)."),
+    out: Path = typer.Option(Path("predictions"), "--out", help="Folder for the outputs."),
+    url: Optional[str] = typer.Option(None, "--url", help="Send to a running server instead (not built yet)."),
+    iters: Optional[int] = typer.Option(None, "--iters"),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters"),
+    tol: Optional[float] = typer.Option(None, "--tol"),
+) -> None:
+    """Write <stem>_panoptic.png (COCO ids), <stem>_panoptic.json and <stem>_overlay.png per image."""
+    from ..imageio import read_image
+    from ..panoptic.predict import write_prediction
+
+    if url:
+        from . import not_built
+
+        not_built("predict --url", 6)
+    predictor, _ = _predictor(model)
+    budget = _budget(iters, max_iters, tol)
+    arrays = [read_image(p) for p in images]  # all validated before any work starts
+    for path, image, pred in zip(images, arrays, predictor.predict(arrays, **budget)):
+        write_prediction(out, path.stem, image, pred, predictor.categories)
+        typer.echo(
+            f"{path}: {len(pred.segments_info)} segments, {pred.iterations} iterations, "
+            f"residual {pred.residual:.2e}, converged {pred.converged} -> {out / (path.stem + '_panoptic.json')}"
+        )
+
+
+def register(app: typer.Typer) -> None:
+    app.command("eval")(evaluate)
+    app.command("predict")(predict)
