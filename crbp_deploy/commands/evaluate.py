@@ -53,7 +53,9 @@ def evaluate(
         typer.echo(json.dumps(result, indent=2, default=str))
         return
     console = Console()
-    console.print(format_table(result, dataset.categories, per_class=per_class))
+    console.print(format_table(result, dataset.categories))
+    if per_class:
+        console.print(format_table(result, dataset.categories, per_class=True))
     it = result["iterations"]
     console.print(
         f"iterations: mean {it['mean']:.1f}, median {it['median']:.0f}, p90 {it['p90']:.0f}, "

@@ -110,6 +110,8 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
         raise ConfigError(f"the training set has {n} samples, fewer than one batch of {cfg.batch_size}")
     torch.manual_seed(cfg.seed)
     model = create_model(cfg.model or task.default_model, task.model_config()).train()
+    # channels-last is the fast convolution layout on CPU (measured ~1.1-1.6x on hGRU steps)
+    model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, history = (0, [])
     if resume:
@@ -128,6 +130,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
             for b in range(batches):
                 idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size][world.rank * local : (world.rank + 1) * local]
                 batch = {k: v[idx] for k, v in train_set.items()}
+                batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
                 sol = solve(
                     model, batch["images"], steps=cfg.steps, grad=cfg.grad,
                     neumann_steps=cfg.neumann_steps, lcp_lambda=cfg.lcp_lambda, lcp_reduction=cfg.lcp_reduction,
