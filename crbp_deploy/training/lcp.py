@@ -1,0 +1,38 @@
+"""The Lipschitz Coefficient Penalty (LCP) of C-RBP (Linsley et al. 2020).
+
+RBP's Neumann series converges only where F is contractive around its fixed point. The LCP
+pushes it there cheaply: one vector-Jacobian product u = 1ᵀJ (J = d last / d prev) instead of
+the full Jacobian, and penalty = ReLU(u − λ)², reduced to a scalar. `create_graph=True` keeps
+the product in the autograd graph, so the penalty trains the parameters (double backward).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..errors import InputError
+
+#: How the per-element penalty is reduced to a scalar.
+#: "batch": sum over each sample's elements, mean over the batch (default; independent of
+#:          batch size, proportional to the state size — the panoptic code's sum, per sample);
+#: "mean":  mean over all elements (the Pathfinder code; its weight 10 assumes this);
+#: "sum":   sum over all elements (the panoptic code; its weight 0.001 assumes this).
+LCP_REDUCTIONS = ("batch", "mean", "sum")
+
+
+def column_sums(last: Tensor, prev: Tensor, *, create_graph: bool = True) -> Tensor:
+    """u = 1ᵀ J, the column sums of J = d last / d prev, as one VJP (shaped like `prev`)."""
+    (u,) = torch.autograd.grad(last, prev, torch.ones_like(last), create_graph=create_graph, retain_graph=True)
+    return u
+
+
+def lipschitz_penalty(last: Tensor, prev: Tensor, lam: float = 0.9, reduction: str = "batch") -> Tensor:
+    """Σ ReLU(1ᵀJ − λ)² reduced by `reduction` (see LCP_REDUCTIONS); differentiable in the parameters."""
+    if reduction not in LCP_REDUCTIONS:
+        raise InputError(f"lcp reduction must be one of {', '.join(LCP_REDUCTIONS)}, got {reduction!r}")
+    excess = torch.relu(column_sums(last, prev) - lam) ** 2
+    if reduction == "mean":
+        return excess.mean()
+    if reduction == "sum":
+        return excess.sum()
+    return excess.flatten(1).sum(dim=1).mean()

@@ -1,0 +1,128 @@
+"""solve(): run a recurrent segmenter for training with BPTT, C-BPTT, RBP or C-RBP.
+
+Uses only the recurrent-segmenter contract (encode / init_state / step / readout), so every
+registered model trains the same way.
+
+- "bptt":  all `steps` steps in the autograd graph (memory O(steps)).
+- "cbptt": BPTT plus the LCP on the last two states.
+- "rbp":   steps−1 steps without a graph, one recorded step, Neumann-series backward (O(1)).
+- "crbp":  RBP plus the LCP on the recorded step — the paper's method.
+
+RBP differentiates the fixed point, which does not depend on h0: in rbp/crbp no gradient flows
+through `init_state`, and models that declare `recurrent = False` (the work is in init_state,
+step is the identity) are rejected for those modes.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..errors import InputError
+from ..models.contract import MAX_ITERATIONS, RecurrentSegmenter, relative_change
+from .lcp import LCP_REDUCTIONS, lipschitz_penalty
+from .rbp import NeumannInfo, implicit_state
+
+GRAD_MODES = ("bptt", "cbptt", "rbp", "crbp")
+
+
+@dataclass
+class Solution:
+    """What one training forward produced; add `penalty` (times a weight) to the task loss."""
+
+    outputs: dict[str, Tensor]  # the model's readout heads
+    state: Tensor  # final h (for rbp/crbp its gradient is replaced by the Neumann solve)
+    penalty: Tensor  # LCP scalar (zero, without graph, for bptt/rbp)
+    residual: Tensor  # per sample ‖h_T − h_{T−1}‖ / ‖h_{T−1}‖, detached: is training converged?
+    neumann: NeumannInfo | None = None  # rbp/crbp; filled in when backward reaches `state`
+
+
+def _check_int(name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"{name} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InputError(f"{name}={value} is outside {low}..{high}")
+
+
+def _check_number(name: str, value, *, low: float = -math.inf, strict: bool = False, inf_ok: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    ok = ok and (math.isfinite(value) or (inf_ok and value == math.inf))
+    if not ok or value < low or (strict and value == low):
+        kind = "a number (inf allowed)" if inf_ok else "a finite number"
+        bound = "" if low == -math.inf else f" {'>' if strict else '>='} {low:g}"
+        raise InputError(f"{name} must be {kind}{bound}, got {value!r}")
+
+
+def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor):
+    if grad not in GRAD_MODES:
+        raise InputError(f"grad must be one of {', '.join(GRAD_MODES)}, got {grad!r}")
+    _check_int("steps", steps, 1, MAX_ITERATIONS)
+    _check_int("neumann_steps", neumann_steps, 0, MAX_ITERATIONS)
+    _check_number("lcp_lambda", lcp_lambda)
+    _check_number("neumann_cap", neumann_cap, low=0, strict=True, inf_ok=True)
+    _check_number("neumann_floor", neumann_floor, low=0)
+    if lcp_reduction not in LCP_REDUCTIONS:
+        raise InputError(f"lcp_reduction must be one of {', '.join(LCP_REDUCTIONS)}, got {lcp_reduction!r}")
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if grad in ("rbp", "crbp") and getattr(model, "recurrent", True) is False:
+        name = getattr(model, "arch", "") or type(model).__name__
+        raise InputError(f"{name} is feed-forward (recurrent = False): {grad} needs a recurrent step; use grad='bptt'")
+    if isinstance(model, RecurrentSegmenter):
+        model.check_images(images)
+    elif not isinstance(images, Tensor) or not images.is_floating_point():
+        raise InputError("images must be a floating-point torch.Tensor")
+    if not torch.is_grad_enabled():
+        raise InputError("solve() builds a training graph; call it with gradients enabled, not under torch.no_grad()")
+
+
+def _differentiable(h: Tensor) -> Tensor:
+    """A step input the LCP can differentiate against (h0 from zeros_like carries no graph)."""
+    return h if h.requires_grad else h.detach().requires_grad_()
+
+
+def solve(
+    model,
+    images: Tensor,
+    *,
+    steps: int,
+    grad: str = "crbp",
+    neumann_steps: int = 15,
+    lcp_lambda: float = 0.9,
+    lcp_reduction: str = "batch",
+    neumann_cap: float = 100.0,
+    neumann_floor: float = 1e-9,
+) -> Solution:
+    """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
+
+    neumann_steps: most Neumann terms K (public code: 15); neumann_cap: stop when ‖g‖ exceeds
+    neumann_cap·‖dL/dh_T‖ (inf: off); neumann_floor: stop when ‖v_k‖ falls below it (rbp/crbp).
+    lcp_lambda / lcp_reduction: the LCP's λ and reduction (cbptt/crbp only; see lcp.py).
+    """
+    _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor)
+    ctx = model.encode(images)
+    h = model.init_state(ctx)
+    info = None
+    if grad in ("bptt", "cbptt"):
+        for _ in range(steps - 1):
+            h = model.step(ctx, h)
+        prev = _differentiable(h) if grad == "cbptt" else h
+        last = model.step(ctx, prev)
+        state = last
+    else:
+        with torch.no_grad():
+            for _ in range(steps - 1):
+                h = model.step(ctx, h)
+        prev = h.detach().requires_grad_()
+        last = model.step(ctx, prev)
+        info = NeumannInfo()
+        state = implicit_state(last, prev, steps=neumann_steps, cap=neumann_cap, floor=neumann_floor, info=info)
+    if grad in ("cbptt", "crbp"):
+        penalty = lipschitz_penalty(last, prev, lcp_lambda, lcp_reduction)
+    else:
+        penalty = torch.zeros((), dtype=last.dtype, device=last.device)
+    outputs = model.readout(ctx, state)
+    residual = relative_change(last.detach(), prev.detach())
+    return Solution(outputs=outputs, state=state, penalty=penalty, residual=residual, neumann=info)
