@@ -23,10 +23,13 @@ class PathfinderTask:
         self.loss_fn = PATHFINDER_LOSSES[cfg.loss]
 
     def load(self) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
-        from ..data.pathfinder import load_split
-
+        """DATA/train + DATA/val (each written by `crbp-deploy data pathfinder`), or one folder split 90/10."""
         root = Path(self.cfg.data)
-        return load_split(root, "train"), load_split(root, "val")
+        if (root / "train").is_dir():
+            return load_pathfinder(root / "train"), load_pathfinder(root / "val")
+        data = load_pathfinder(root)
+        cut = len(data["images"]) - max(1, len(data["images"]) // 10)
+        return {k: v[:cut] for k, v in data.items()}, {k: v[cut:] for k, v in data.items()}
 
     def model_config(self) -> dict[str, Any]:
         return dict(self.cfg.model_config)
@@ -45,6 +48,17 @@ class PathfinderTask:
 
     def extra_meta(self) -> dict[str, Any]:
         return {}
+
+
+def load_pathfinder(folder: Path) -> dict[str, Tensor]:
+    """A Pathfinder folder as in-memory tensors: images N x 1 x H x W, mask N x H x W."""
+    from ..data.pathfinder import PathfinderFolder
+
+    ds = PathfinderFolder(folder)
+    if len(ds) == 0:
+        raise CrbpError(f"{folder} holds no images")
+    pairs = [ds[i] for i in range(len(ds))]
+    return {"images": torch.stack([p[0] for p in pairs]), "mask": torch.stack([p[1] for p in pairs])}
 
 
 @torch.no_grad()
