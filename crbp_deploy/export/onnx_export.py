@@ -1,0 +1,560 @@
+"""ONNX export of any recurrent-segmenter-contract model, fixed-count or early-exit.
+
+- `unrolled`: N steps traced into one flat graph (torch.onnx dynamo exporter).
+- `loop`: encoder -> ONNX `Loop`(step) -> readout. The three pieces are exported with the
+  dynamo exporter and composed in `loop.py`; `max_iters` and `tol` are graph inputs whose
+  initializers hold the defaults, so every call can set its own budget. Each Loop trip runs
+  `substeps` steps, every one with the exact per-sample bookkeeping of
+  `RecurrentSegmenter._run_until_converged` (residual, freeze, count), so iteration counts match.
+
+The artifact describes itself twice: `metadata_props` in the .onnx (read by the runtime) and a
+JSON sidecar `<name>.onnx.json` (model card, I/O schema, defaults, verification numbers).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import math
+import os
+import tempfile
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import onnx
+import torch
+from onnx import TensorProto, helper
+from torch import Tensor, nn
+from torch.utils import _pytree as pytree
+
+from ..errors import CrbpError, InputError
+from ..models import RecurrentSegmenter, check_budget, relative_change
+from .loop import PieceNames, compose_loop
+
+STRATEGIES = ("loop", "unrolled")
+DEFAULT_OPSET = 18
+DEFAULT_MAX_ITERS = 100
+DEFAULT_TOL = 1e-3
+#: Steps per Loop trip. On ONNX Runtime CPU one step per trip already costs within 1.0-1.15x of
+#: the unrolled graph per iteration (body weights stay body initializers, so the NCHWc conv layout
+#: applies inside the Loop); more sub-steps gained nothing measurable and can waste up to k-1 steps.
+DEFAULT_SUBSTEPS = 1
+SIDECAR_FORMAT = "crbp-deploy/onnx-artifact"
+SIDECAR_VERSION = 1
+META_PREFIX = "crbp_deploy."
+RESERVED = {"images", "max_iters", "tol", "iterations", "residual"}
+
+
+def sidecar_path(path: str | os.PathLike) -> Path:
+    """`model.onnx` -> `model.onnx.json`."""
+    path = Path(path)
+    return path.with_name(path.name + ".json")
+
+
+@dataclass(frozen=True)
+class ArtifactMeta:
+    """What a runtime must know about an artifact; stored in the .onnx `metadata_props`."""
+
+    strategy: str
+    heads: tuple[str, ...]
+    in_channels: int
+    size_multiple: int = 1
+    iters: int | None = None  # unrolled
+    max_iters: int | None = None  # loop defaults
+    tol: float | None = None
+    substeps: int = 1
+    arch: str = ""
+
+    def to_props(self) -> dict[str, str]:
+        return {META_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_props(cls, props: dict[str, str], where: str = "artifact") -> "ArtifactMeta":
+        values = {k[len(META_PREFIX):]: v for k, v in props.items() if k.startswith(META_PREFIX)}
+        if "strategy" not in values:
+            raise CrbpError(f"{where}: not a crbp-deploy ONNX export (no {META_PREFIX}strategy metadata)")
+        try:
+            data = {k: json.loads(v) for k, v in values.items() if k in cls.__dataclass_fields__}
+            data["heads"] = tuple(data.get("heads", ()))
+            meta = cls(**data)
+        except (TypeError, ValueError) as exc:
+            raise CrbpError(f"{where}: unreadable crbp-deploy metadata ({exc})") from None
+        if meta.strategy not in STRATEGIES:
+            raise CrbpError(f"{where}: unknown strategy {meta.strategy!r} (this crbp-deploy knows {', '.join(STRATEGIES)})")
+        return meta
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    sidecar: Path
+    strategy: str
+    opset: int
+    meta: ArtifactMeta
+    inputs: list[dict[str, Any]]
+    outputs: list[dict[str, Any]]
+    seconds: float
+    size_bytes: int
+    card: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "sidecar": str(self.sidecar),
+            "strategy": self.strategy,
+            "opset": self.opset,
+            "defaults": _defaults(self.meta),
+            "inputs": self.inputs,
+            "outputs": self.outputs,
+            "seconds": round(self.seconds, 3),
+            "size_bytes": self.size_bytes,
+        }
+
+
+def _defaults(meta: ArtifactMeta) -> dict[str, Any]:
+    if meta.strategy == "unrolled":
+        return {"iters": meta.iters}
+    return {"max_iters": meta.max_iters, "tol": meta.tol}
+
+
+# --- the pieces, as modules the dynamo exporter can trace -------------------------------------
+
+
+class _Pieces(nn.Module):
+    """Encoder, `substeps` steps and readout side by side (inputs/outputs: see loop.PieceNames);
+    the readout reads its own copy of ctx so the pieces stay independent.
+
+    The step repeats RecurrentSegmenter._run_until_converged exactly: per-sample residual,
+    converged samples frozen, iterations counted, `active` cleared once residual <= tol.
+    """
+
+    def __init__(self, model: RecurrentSegmenter, spec: pytree.TreeSpec, heads: tuple[str, ...], substeps: int):
+        super().__init__()
+        self.m, self.spec, self.heads, self.substeps = model, spec, heads, substeps
+
+    def encoder(self, images: Tensor):
+        ctx = self.m.encode(images)
+        h = self.m.init_state(ctx)
+        batch = h.shape[0]
+        active = torch.ones(batch, dtype=torch.bool, device=h.device)
+        iterations = torch.zeros(batch, dtype=torch.int64, device=h.device)
+        residual = torch.full((batch,), math.inf, device=h.device)
+        return (*pytree.tree_leaves(ctx), h, active, iterations, residual)
+
+    def step(self, ctx, h, active, iterations, residual, tol, trip=None, max_iters=None):
+        for j in range(self.substeps):
+            new = self.m.step(ctx, h)
+            r = relative_change(new, h)
+            if self.substeps == 1:
+                live = active
+                still = active & (r > tol)
+            else:  # the budget can end inside a trip: later sub-steps of that trip change nothing
+                live = active & (trip * self.substeps + j < max_iters)
+                still = active & ((r > tol) | ~live)
+            keep = live.view(-1, *([1] * (h.dim() - 1)))
+            h = torch.where(keep, new, h)
+            iterations = iterations + live.long()
+            residual = torch.where(live, r, residual)
+            active = still
+        return active.any(), h, active, iterations, residual
+
+    def forward(self, images: Tensor, *args: Tensor):
+        n = self.spec.num_leaves
+        ctx = pytree.tree_unflatten(list(args[:n]), self.spec)
+        heads = self.m.readout(pytree.tree_unflatten(list(args[-n - 1 : -1]), self.spec), args[-1])
+        return (*self.encoder(images), *self.step(ctx, *args[n : -n - 1]), *(heads[k] for k in self.heads))
+
+
+class _Unrolled(nn.Module):
+    """Fixed `iters` steps, same semantics as RecurrentSegmenter._run_fixed."""
+
+    def __init__(self, model: RecurrentSegmenter, iters: int, heads: tuple[str, ...]):
+        super().__init__()
+        self.m, self.iters, self.heads = model, iters, heads
+
+    def forward(self, images: Tensor):
+        ctx = self.m.encode(images)
+        h = self.m.init_state(ctx)
+        residual = None
+        for i in range(self.iters):
+            new = self.m.step(ctx, h)
+            if i == self.iters - 1:
+                residual = relative_change(new, h)
+            h = new
+        out = self.m.readout(ctx, h)
+        iterations = torch.full((h.shape[0],), self.iters, dtype=torch.int64, device=h.device)
+        return (*(out[k] for k in self.heads), iterations, residual)
+
+
+# --- helpers --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _quiet_exporter():
+    """The exporter and its optimizer log notes (optional packages, skipped passes) that mean
+    nothing to a user; real failures still raise."""
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript", "onnx_ir")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels):
+            logger.setLevel(level)
+
+
+def _dynamo(what: str, module: nn.Module, args: tuple, inputs: list[str], outputs: list[str], dyn, opset: int):
+    try:
+        with _quiet_exporter():
+            program = torch.onnx.export(
+                module.eval(),
+                args,
+                dynamo=True,
+                input_names=inputs,
+                output_names=outputs,
+                dynamic_shapes=dyn,
+                opset_version=opset,
+                optimize=True,
+                verbose=False,
+                external_data=False,
+            )
+    except Exception as exc:  # the exporter raises many kinds; all mean "this piece did not export"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise CrbpError(f"ONNX export of the {what} failed: {first}") from exc
+    return program.model_proto
+
+
+def _dynamic(a: Tensor, b: Tensor, dynamic: bool):
+    """Dims that differ between two traced sizes are dynamic; the rest stay static."""
+    if not dynamic:
+        return None
+    dims = {i: torch.export.Dim.DYNAMIC for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y}
+    return dims or None
+
+
+def _symbolic(a: tuple[int, ...], b: tuple[int, ...], ref_a, ref_b, dynamic: bool) -> list[int | str]:
+    """Name each dim by what it tracks across two example sizes: batch, height, width or a constant."""
+    if not dynamic:
+        return list(a)
+    names = []
+    for i, (x, y) in enumerate(zip(a, b)):
+        if x == y:
+            names.append(int(x))
+        else:
+            match = [n for n, (ra, rb) in zip(("batch", "height", "width"), zip(ref_a, ref_b)) if (ra, rb) == (x, y)]
+            names.append(match[0] if match else f"dim{i}")
+    return names
+
+
+_DTYPES = {torch.float32: ("float32", TensorProto.FLOAT), torch.int64: ("int64", TensorProto.INT64),
+           torch.float16: ("float16", TensorProto.FLOAT16), torch.bool: ("bool", TensorProto.BOOL)}
+
+
+def _spec(name: str, dtype: torch.dtype, shape: list[int | str], **extra) -> dict[str, Any]:
+    if dtype not in _DTYPES:
+        raise CrbpError(f"output {name!r} has dtype {dtype}, which the ONNX export does not handle")
+    return {"name": name, "dtype": _DTYPES[dtype][0], "shape": shape, **extra}
+
+
+def _value_info(spec: dict[str, Any]) -> onnx.ValueInfoProto:
+    elem = {v[0]: v[1] for v in _DTYPES.values()}[spec["dtype"]]
+    return helper.make_tensor_value_info(spec["name"], elem, spec["shape"])
+
+
+def _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_size, substeps, path) -> tuple[int, int]:
+    if not isinstance(model, RecurrentSegmenter):
+        raise InputError(f"model must be a RecurrentSegmenter, got {type(model).__name__}")
+    if strategy not in STRATEGIES:
+        raise InputError(f"strategy must be one of {', '.join(STRATEGIES)}, got {strategy!r}")
+    if strategy == "unrolled":
+        if max_iters is not None or tol is not None:
+            raise InputError("the unrolled strategy runs a fixed count: give iters=N, not max_iters/tol")
+        if iters is None:
+            raise InputError("the unrolled strategy needs iters=N (the fixed number of steps)")
+        check_budget(iters, None, None)
+    else:
+        if iters is not None:
+            raise InputError(
+                "the loop strategy exits early: give max_iters=M and tol (or use strategy='unrolled' for iters=N)"
+            )
+        check_budget(None, max_iters, tol)
+    if fp16:
+        if not torch.cuda.is_available():
+            raise InputError("fp16 export requires a GPU backend (CUDA/TensorRT); not available here")
+        raise InputError("fp16 export is not implemented yet; export fp32 (TensorRT can build fp16 engines from it)")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= 23:
+        raise InputError(f"opset must be an integer in 17..23, got {opset!r}")
+    if isinstance(substeps, bool) or not isinstance(substeps, int) or not 1 <= substeps <= 16:
+        raise InputError(f"substeps must be an integer in 1..16, got {substeps!r}")
+    try:
+        h, w = (int(v) for v in example_size)
+    except (TypeError, ValueError):
+        raise InputError(f"example_size must be (height, width), got {example_size!r}") from None
+    if h < 4 or w < 4:  # smaller sizes could be mistaken for the batch when naming dynamic dims
+        raise InputError(f"example_size must be at least 4x4, got {h}x{w}")
+    if Path(path).suffix != ".onnx":
+        raise InputError(f"output path must end in .onnx, got {str(path)!r}")
+    return h, w
+
+
+def _check_writable(path: Path) -> None:
+    """Fail before the (slow) export when the output cannot be written at all."""
+    folder = path.parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise InputError(f"cannot write {path}: {folder} is not a directory")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise InputError(f"cannot write {path}: {folder} is not writable")
+    if path.is_dir():
+        raise InputError(f"cannot write {path}: it is a directory")
+
+
+def _write_atomic(items: list[tuple[Path, bytes]]) -> None:
+    """Write every file to a temp name first, then rename them all: nothing half-written remains."""
+    temps: list[tuple[str, Path]] = []
+    umask = os.umask(0)
+    os.umask(umask)
+    try:
+        for target, data in items:
+            try:
+                target.parent.mkdir(parents=True, exist_ok=True)
+                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+            except OSError as exc:
+                raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
+            temps.append((tmp, target))
+            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as shareable as any other
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+        for tmp, target in temps:
+            os.replace(tmp, target)
+    except BaseException:
+        for tmp, _ in temps:
+            Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_sidecar(path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
+    """(Re)write the JSON sidecar of an artifact atomically."""
+    target = sidecar_path(path)
+    _write_atomic([(target, (json.dumps(sidecar, indent=2, allow_nan=True) + "\n").encode())])
+    return target
+
+
+def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
+    target = sidecar_path(path)
+    if not target.exists():
+        return None
+    try:
+        return json.loads(target.read_text())
+    except (OSError, ValueError) as exc:
+        raise CrbpError(f"{target}: unreadable sidecar JSON ({exc})") from None
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def export_onnx(
+    model: RecurrentSegmenter,
+    path: str | os.PathLike,
+    *,
+    strategy: str = "loop",
+    iters: int | None = None,
+    max_iters: int | None = None,
+    tol: float | None = None,
+    opset: int = DEFAULT_OPSET,
+    dynamic: bool = True,
+    fp16: bool = False,
+    example_size: tuple[int, int] = (64, 64),
+    batch: int = 1,
+    substeps: int = DEFAULT_SUBSTEPS,
+    source: str | None = None,
+) -> ExportResult:
+    """Export `model` to `path` (.onnx) plus a sidecar `path.json`; both written atomically.
+
+    Graph input `images`: float32 N x C x H x W in [0, 1]. Outputs: the readout heads by name,
+    `iterations` (int64 [N]) and `residual` (float32 [N]). `loop` also takes optional inputs
+    `max_iters` (int64 scalar) and `tol` (float scalar) defaulting to the values given here.
+    With `dynamic=False` the graph is fixed to `batch` x `example_size`.
+    """
+    if strategy == "loop":
+        max_iters = DEFAULT_MAX_ITERS if max_iters is None else max_iters
+        tol = DEFAULT_TOL if tol is None else tol
+    height, width = _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_size, substeps, path)
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise InputError(f"batch must be a positive integer, got {batch!r}")
+    path = Path(path)
+    _check_writable(path)
+    started = time.perf_counter()
+    was_training = model.training
+    model.eval()
+    try:
+        proto, meta, inputs, outputs = _build(
+            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps
+        )
+    finally:
+        model.train(was_training)
+    try:
+        onnx.checker.check_model(proto, full_check=True)
+    except onnx.checker.ValidationError as exc:
+        raise CrbpError(f"the exported ONNX graph failed the checker: {str(exc).strip().splitlines()[0]}") from exc
+    data = proto.SerializeToString()
+    from ..card import model_card
+
+    card = model_card(model, source or "in-memory model", check=False)
+    sidecar = {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "file": path.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "model": card,
+        "strategy": strategy,
+        "substeps": meta.substeps if strategy == "loop" else None,
+        "defaults": _defaults(meta),
+        "opset": opset,
+        "ir_version": proto.ir_version,
+        "dynamic": dynamic,
+        "fp16": fp16,
+        "inputs": inputs,
+        "outputs": outputs,
+        "heads": list(meta.heads),
+        "exporter": f"torch {torch.__version__} (dynamo) + onnx {onnx.__version__}",
+        "verification": None,
+    }
+    _write_atomic([(path, data), (sidecar_path(path), (json.dumps(sidecar, indent=2) + "\n").encode())])
+    return ExportResult(
+        path=path,
+        sidecar=sidecar_path(path),
+        strategy=strategy,
+        opset=opset,
+        meta=meta,
+        inputs=inputs,
+        outputs=outputs,
+        seconds=time.perf_counter() - started,
+        size_bytes=len(data),
+        card=card,
+    )
+
+
+def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps):
+    mult = int(getattr(model, "stride", 1) or 1)
+    h, w = size
+    gen = torch.Generator().manual_seed(0)
+    device = next(model.parameters(), torch.empty(0)).device
+    # two example sizes: what differs between them is dynamic (dynamo needs batch >= 2 for that)
+    ex_a = torch.rand(2 if dynamic else batch, model.in_channels, h, w, generator=gen)
+    ex_b = torch.rand(3, model.in_channels, h + mult, w + 2 * mult, generator=gen)
+    ex_a, ex_b = ex_a.to(device), ex_b.to(device)
+    for ex in (ex_a, ex_b):
+        model.check_images(ex)  # e.g. a size that is not a multiple of the model stride
+    ref_a, ref_b = (ex_a.shape[0], h, w), (3, h + mult, w + 2 * mult)
+
+    def parts(images):
+        ctx = model.encode(images)
+        h0 = model.init_state(ctx)
+        h1 = model.step(ctx, h0)
+        return ctx, h1, model.readout(ctx, h1)
+
+    ctx_a, h_a, heads_a = parts(ex_a)
+    ctx_b, h_b, heads_b = parts(ex_b)
+    if not isinstance(heads_a, dict) or not heads_a:
+        raise CrbpError(f"{type(model).__name__}.readout must return a non-empty dict of tensors")
+    heads = tuple(heads_a)
+    clash = sorted(RESERVED & set(heads))
+    if clash:
+        raise CrbpError(f"readout head name(s) {clash} clash with reserved graph names {sorted(RESERVED)}")
+    if not isinstance(h_a, Tensor):
+        raise CrbpError(f"{type(model).__name__}: the recurrent state must be one tensor, got {type(h_a).__name__}")
+    leaves_a, spec = pytree.tree_flatten(ctx_a)
+    leaves_b = pytree.tree_leaves(ctx_b)
+    ctx_names = tuple(f"ctx_{i}" for i in range(len(leaves_a)))
+
+    images_spec = {
+        "name": "images",
+        "dtype": "float32",
+        "shape": _symbolic(tuple(ex_a.shape), tuple(ex_b.shape), ref_a, ref_b, dynamic),
+        "layout": "NCHW",
+        "range": [0.0, 1.0],
+        "size_multiple": mult,
+    }
+    outputs = [
+        _spec(k, heads_a[k].dtype, _symbolic(tuple(heads_a[k].shape), tuple(heads_b[k].shape), ref_a, ref_b, dynamic))
+        for k in heads
+    ]
+    batch_dim = images_spec["shape"][0]
+    outputs += [
+        _spec("iterations", torch.int64, [batch_dim], meaning="steps run per sample"),
+        _spec("residual", torch.float32, [batch_dim], meaning="||h_t - h_(t-1)|| / ||h_(t-1)|| of the last step"),
+    ]
+    meta = ArtifactMeta(
+        strategy=strategy,
+        heads=heads,
+        in_channels=model.in_channels,
+        size_multiple=mult,
+        iters=iters,
+        max_iters=max_iters,
+        tol=float(tol) if tol is not None else None,
+        substeps=substeps if strategy == "loop" else 1,
+        arch=model.arch,
+    )
+    images_dyn = _dynamic(ex_a, ex_b, dynamic)
+    if strategy == "unrolled":
+        proto = _dynamo(
+            "unrolled model", _Unrolled(model, iters, heads), (ex_a.clone(),), ["images"],
+            [*heads, "iterations", "residual"], (images_dyn,) if images_dyn else None, opset,
+        )
+        proto.graph.ClearField("output")
+        proto.graph.output.extend(_value_info(o) for o in outputs)
+        del proto.graph.input[:]
+        proto.graph.input.append(_value_info(images_spec))
+        inputs = [images_spec]
+    else:
+        proto = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
+                             dynamic, opset, substeps, max_iters, tol, images_spec, outputs)
+        inputs = [
+            images_spec,
+            {"name": "max_iters", "dtype": "int64", "shape": [], "default": max_iters, "optional": True},
+            {"name": "tol", "dtype": "float32", "shape": [], "default": float(tol), "optional": True},
+        ]
+    del proto.metadata_props[:]
+    for key, value in meta.to_props().items():
+        proto.metadata_props.add(key=key, value=value)
+    proto.producer_name = "crbp-deploy"
+    return proto, meta, inputs, outputs
+
+
+def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, substeps, max_iters, tol,
+                 images_spec, outputs):
+    (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b) = ex, leaves, hs
+    names = PieceNames(ctx_names, heads, substeps)
+    b = h_a.shape[0]
+    # every example tensor is a fresh clone: the exporter merges inputs that are the same object
+    dev = h_a.device
+    args = [ex_a.clone(), *(t.clone() for t in leaves_a), h_a.clone(), torch.ones(b, dtype=torch.bool, device=dev),
+            torch.zeros(b, dtype=torch.int64, device=dev), torch.full((b,), math.inf, device=dev),
+            torch.tensor(float(tol), device=dev)]
+    if substeps > 1:
+        args += [torch.tensor(0, dtype=torch.int64, device=dev), torch.tensor(max_iters, dtype=torch.int64, device=dev)]
+    args += [*(t.clone() for t in leaves_a), h_a.clone()]
+    dyn = None
+    if dynamic:
+        vec = {0: torch.export.Dim.DYNAMIC}
+        ctx_dyn = [_dynamic(x, y, True) for x, y in zip(leaves_a, leaves_b)]
+        h_dyn = _dynamic(h_a, h_b, True)
+        rest = [*ctx_dyn, h_dyn, vec, vec, vec, None] + ([None, None] if substeps > 1 else [])
+        dyn = (_dynamic(ex_a, ex_b, True), tuple([*rest, *ctx_dyn, h_dyn]))
+    pieces = _dynamo("encoder/step/readout", _Pieces(model, spec, heads, substeps), tuple(args),
+                     names.inputs, names.outputs, dyn, opset)
+    try:
+        return compose_loop(pieces, names, max_iters=max_iters, tol=float(tol),
+                            images=_value_info(images_spec), outputs=[_value_info(o) for o in outputs])
+    except ValueError as exc:
+        raise CrbpError(f"composing the ONNX Loop failed: {exc}") from exc

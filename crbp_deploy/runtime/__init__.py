@@ -1,0 +1,57 @@
+"""One `Backend` interface over every runtime: PyTorch eager and ONNX Runtime (CPU / CUDA)."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from ..errors import InputError
+from .base import DEFAULT_MAX_ITERS, DEFAULT_TOL, Backend, Budget, RunResult
+from .ort_backend import OrtBackend, default_providers
+from .torch_backend import TorchBackend
+
+KINDS = ("auto", "torch", "onnxruntime")
+
+
+def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
+    """A backend for `spec`: a model object or a checkpoint `.pt` (torch), or an `.onnx` artifact.
+
+    `kind` forces the runtime ("torch", "onnxruntime"; "ort" is an alias); `options` go to the
+    backend's constructor (e.g. `threads=2`, `providers=[...]`).
+    """
+    from ..models import RecurrentSegmenter
+
+    kind = "onnxruntime" if kind == "ort" else kind
+    if kind not in KINDS:
+        raise InputError(f"unknown backend kind {kind!r}; use one of {', '.join(KINDS)}")
+    if isinstance(spec, RecurrentSegmenter):
+        if kind not in ("auto", "torch"):
+            raise InputError(f"a model object runs on the torch backend, not {kind}; export it to ONNX first")
+        return TorchBackend(spec, **options)
+    if not isinstance(spec, (str, os.PathLike)):
+        raise InputError(f"cannot make a backend from {type(spec).__name__}; give a model, a .pt or an .onnx path")
+    path = Path(spec)
+    if path.suffix == ".onnx":
+        if kind not in ("auto", "onnxruntime"):
+            raise InputError(f"{path} is an ONNX artifact; it runs on onnxruntime, not {kind}")
+        return OrtBackend(path, **options)
+    if path.suffix == ".pt":
+        if kind not in ("auto", "torch"):
+            raise InputError(f"{path} is a checkpoint; it runs on torch (export it for {kind})")
+        from .. import checkpoint
+
+        return TorchBackend(checkpoint.load(path), **options)
+    raise InputError(f"{path}: unknown artifact type {path.suffix or '(no suffix)'}; expected .onnx or .pt")
+
+
+__all__ = [
+    "DEFAULT_MAX_ITERS",
+    "DEFAULT_TOL",
+    "Backend",
+    "Budget",
+    "OrtBackend",
+    "RunResult",
+    "TorchBackend",
+    "default_providers",
+    "load_backend",
+]

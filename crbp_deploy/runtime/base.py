@@ -1,0 +1,193 @@
+"""One `Backend` interface for every runtime: `run(images, **budget) -> RunResult`.
+
+verify, bench, predict and the serving handler all talk to this, so a new runtime (TensorRT, ...)
+is one subclass implementing `_infer`. The base class owns what must not differ between
+runtimes: input validation, budget rules and telemetry.
+"""
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+
+from ..errors import InputError
+from ..export.onnx_export import DEFAULT_MAX_ITERS, DEFAULT_TOL  # one source for the early-exit defaults
+from ..models import check_budget
+
+RANGE_SLACK = 1e-3  # resampling overshoot; a 0..255 image is far outside
+
+
+@dataclass(frozen=True)
+class Budget:
+    """A validated iteration budget: `iters` (fixed count) or `max_iters` + `tol` (early exit)."""
+
+    iters: int | None = None
+    max_iters: int | None = None
+    tol: float | None = None
+
+    def __post_init__(self) -> None:
+        check_budget(self.iters, self.max_iters, self.tol)
+
+    @property
+    def early_exit(self) -> bool:
+        return self.max_iters is not None
+
+    def kwargs(self) -> dict[str, Any]:
+        if self.early_exit:
+            return {"max_iters": self.max_iters, "tol": float(self.tol)}
+        return {"iters": self.iters}
+
+
+@dataclass
+class RunResult(Mapping):
+    """Outputs (heads + `iterations` + `residual`, numpy) and telemetry; indexes like a dict."""
+
+    outputs: dict[str, np.ndarray]
+    telemetry: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        return self.outputs[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.outputs)
+
+    def __len__(self) -> int:
+        return len(self.outputs)
+
+    @property
+    def heads(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in self.outputs.items() if k not in ("iterations", "residual")}
+
+
+class Backend(ABC):
+    """Runs a recurrent segmenter on N x C x H x W float images in [0, 1].
+
+    Subclasses set `name`, `strategy` ("eager", "loop" or "unrolled"), `in_channels`,
+    `size_multiple` and `default_budget`, and implement `_infer`.
+    """
+
+    name: str = ""
+    strategy: str = "eager"
+    in_channels: int = 3
+    size_multiple: int = 1
+    default_budget: Budget
+
+    # --- budget ------------------------------------------------------------------------------
+    def resolve_budget(self, iters: int | None = None, max_iters: int | None = None, tol: float | None = None) -> Budget:
+        """Fill what the caller left out from the defaults; reject what this backend cannot run."""
+        default = self.default_budget
+        if self.strategy == "unrolled":
+            if max_iters is not None or tol is not None:
+                raise InputError(
+                    f"{self.describe_artifact()} is exported with the unrolled strategy ({default.iters} fixed steps): "
+                    "max_iters/tol need an artifact exported with strategy=loop"
+                )
+            if iters is not None and iters != default.iters:
+                Budget(iters=iters)  # an impossible count is reported as such first
+                raise InputError(
+                    f"{self.describe_artifact()} is unrolled for exactly {default.iters} steps, got iters={iters}; "
+                    f"re-export with iters={iters} or use a loop artifact"
+                )
+            return default
+        if self.strategy == "loop" and iters is not None:
+            raise InputError(
+                f"{self.describe_artifact()} is exported with the loop strategy (early exit): give max_iters/tol, "
+                f"not iters (max_iters={iters}, tol=0 runs a fixed count)"
+            )
+        if iters is not None:
+            if max_iters is not None or tol is not None:
+                raise InputError("give either iters=N (fixed steps) or max_iters/tol (early exit), not both")
+            return Budget(iters=iters)
+        if max_iters is None and tol is None:
+            return default
+        base = default if default.early_exit else Budget(max_iters=DEFAULT_MAX_ITERS, tol=DEFAULT_TOL)
+        return Budget(
+            max_iters=base.max_iters if max_iters is None else max_iters,
+            tol=base.tol if tol is None else tol,
+        )
+
+    def describe_artifact(self) -> str:
+        return f"the {self.name} backend"
+
+    # --- inputs ------------------------------------------------------------------------------
+    def check_images(self, images: np.ndarray | torch.Tensor) -> np.ndarray | torch.Tensor:
+        """Validate shape, dtype and range; return float32 (numpy or tensor, as given)."""
+        if isinstance(images, torch.Tensor):
+            if not images.is_floating_point():
+                raise InputError(f"images must be floating point in [0, 1], got {images.dtype} (divide uint8 by 255)")
+            images = images.detach().float()
+            lo, hi = (float(images.min()), float(images.max())) if images.numel() else (0.0, 0.0)
+            finite = bool(torch.isfinite(images).all())
+        elif isinstance(images, np.ndarray):
+            if not np.issubdtype(images.dtype, np.floating):
+                raise InputError(f"images must be floating point in [0, 1], got {images.dtype} (divide uint8 by 255)")
+            images = np.ascontiguousarray(images, dtype=np.float32)
+            lo, hi = (float(images.min()), float(images.max())) if images.size else (0.0, 0.0)
+            finite = bool(np.isfinite(images).all())
+        else:
+            raise InputError(f"images must be a numpy array or torch tensor, got {type(images).__name__}")
+        shape = tuple(images.shape)
+        if len(shape) != 4 or shape[1] != self.in_channels:
+            raise InputError(f"images must be N x {self.in_channels} x H x W, got shape {shape}")
+        if 0 in shape:
+            raise InputError(f"images must not be empty, got shape {shape}")
+        if shape[2] % self.size_multiple or shape[3] % self.size_multiple:
+            raise InputError(
+                f"image size {shape[2]}x{shape[3]} must be a multiple of the model stride {self.size_multiple}"
+            )
+        if not finite:
+            raise InputError("images contain NaN or infinite values")
+        if lo < -RANGE_SLACK or hi > 1 + RANGE_SLACK:
+            raise InputError(f"images must be in [0, 1], got values in [{lo:.4g}, {hi:.4g}] (divide uint8 by 255)")
+        return images
+
+    # --- running -----------------------------------------------------------------------------
+    def run(
+        self,
+        images: np.ndarray | torch.Tensor,
+        *,
+        iters: int | None = None,
+        max_iters: int | None = None,
+        tol: float | None = None,
+    ) -> RunResult:
+        """Heads + `iterations` (int64 [N]) + `residual` (float32 [N]) as numpy, plus telemetry."""
+        started = time.perf_counter()
+        budget = self.resolve_budget(iters, max_iters, tol)
+        images = self.check_images(images)
+        ready = time.perf_counter()
+        outputs = self._infer(images, budget)
+        done = time.perf_counter()
+        iterations = outputs["iterations"]
+        residual = outputs["residual"]
+        telemetry: dict[str, Any] = {
+            "backend": self.name,
+            "strategy": self.strategy,
+            "budget": budget.kwargs(),
+            "batch": int(images.shape[0]),
+            "size": [int(images.shape[2]), int(images.shape[3])],
+            "iterations": [int(i) for i in iterations],
+            "residual": [float(r) for r in residual],
+            "converged": [bool(r <= budget.tol) for r in residual] if budget.early_exit else None,
+            "timings": {
+                "total_ms": 1000 * (done - started),
+                "prepare_ms": 1000 * (ready - started),
+                "inference_ms": 1000 * (done - ready),
+            },
+        }
+        telemetry.update(self.telemetry_extra())
+        return RunResult(outputs, telemetry)
+
+    def telemetry_extra(self) -> dict[str, Any]:
+        return {}
+
+    @abstractmethod
+    def _infer(self, images, budget: Budget) -> dict[str, np.ndarray]:
+        """Run validated float32 images; return numpy heads + iterations + residual."""
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(strategy={self.strategy!r}, default={self.default_budget.kwargs()})"
