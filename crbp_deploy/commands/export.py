@@ -1,8 +1,145 @@
-"""CLI commands of this capability (placeholders until it is built)."""
-from . import stub
+"""`crbp-deploy export` and `crbp-deploy verify`: ONNX (and TensorRT) artifacts checked against PyTorch."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import CrbpError, InputError
 
 
-def register(app) -> None:
-    stub(app, "export", 5, "Export to ONNX / TensorRT.")
-    stub(app, "verify", 5, "Verify an exported artifact against PyTorch.")
+def _parse_size(size: str) -> tuple[int, int]:
+    try:
+        h, w = (int(v) for v in size.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--size must look like 64x64, got {size!r}") from None
+    return h, w
+
+
+def _pq_data(model, pq_data: Optional[Path], workdir: Path) -> Optional[Path]:
+    """The split for PQ parity: the given folder, or a small generated one for panoptic models."""
+    if "categories" not in (getattr(model, "meta", None) or {}):
+        return None
+    if pq_data is not None:
+        return pq_data
+    from ..data.panoptic_synth import write_dataset
+
+    size = int((model.meta.get("evaluation") or {}).get("image_size", 64))
+    write_dataset(workdir / "pq", count=24, size=size, seed=2024, val_fraction=1.0, progress=None)
+    return workdir / "pq" / "val"
+
+
+def _verify(artifact: Path, model, pq_data: Optional[Path], sizes, batches) -> dict:
+    from ..export.verify import pq_parity_check, verify
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = _pq_data(model, pq_data, Path(tmp))
+        checks = [pq_parity_check(data, model.meta)] if data is not None else []
+        report = verify(artifact, model, sizes=sizes, batches=batches, checks=checks)
+    typer.echo(report.summary())
+    for check in report.checks:
+        typer.echo(f"  {check['name']}: " + json.dumps({k: v for k, v in check.items() if k != "name"}))
+    return report.to_dict()
+
+
+def _verify_sizes(model) -> list[tuple[int, int]]:
+    m = int(getattr(model, "stride", 1) or 1)
+    return [(32 * m, 32 * m), (24 * m, 40 * m)]
+
+
+def export(
+    model: Optional[str] = typer.Argument(None, help="Checkpoint or bundled model name (default: the bundled model)."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx | tensorrt"),
+    iters: Optional[int] = typer.Option(None, "--iters", help="Fixed count of recurrent steps."),
+    until_converged: bool = typer.Option(False, "--until-converged", help="Early exit (the default strategy)."),
+    max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Early exit: default cap (a graph input)."),
+    tol: Optional[float] = typer.Option(None, "--tol", help="Early exit: default tolerance (a graph input)."),
+    strategy: Optional[str] = typer.Option(None, "--strategy", help="Graph for a fixed count: unrolled (default) | loop."),
+    postprocess: bool = typer.Option(False, "--postprocess", help="Panoptic models: also output the panoptic labels."),
+    dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch and image size."),
+    size: str = typer.Option("64x64", "--size", help="Example (or, with --static, fixed) image size HxW."),
+    batch: int = typer.Option(1, "--batch", help="Batch size of a --static export."),
+    fp16: bool = typer.Option(False, "--fp16", help="Half precision (needs a GPU backend)."),
+    opset: int = typer.Option(18, "--opset"),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: export/<model>-<strategy>.onnx)."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification against PyTorch."),
+    pq_data: Optional[Path] = typer.Option(None, "--pq-data", help="COCO panoptic split for PQ parity (default: generated)."),
+) -> None:
+    """Export to ONNX (and a TensorRT engine) with a fixed count or an early-exit loop, then verify."""
+    from ..cli import resolve_model
+    from ..export import export_onnx
+    from ..panoptic.predict import model_budget
+
+    if fmt not in ("onnx", "tensorrt"):
+        raise InputError(f"--format must be onnx or tensorrt, got {fmt!r}")
+    if iters is not None and (until_converged or max_iters is not None or tol is not None):
+        raise InputError("--iters (fixed count) and --until-converged/--max-iters/--tol (early exit) exclude each other")
+    if fmt == "tensorrt":
+        from ..export.tensorrt import tensorrt_available
+
+        if not tensorrt_available():
+            raise CrbpError("--format tensorrt needs TensorRT and a CUDA device; neither is usable here")
+    m, source = resolve_model(model)
+    if iters is not None:
+        strategy = strategy or "unrolled"  # measured faster per iteration on ONNX Runtime CPU
+        budget = {"iters": iters} if strategy == "unrolled" else {"max_iters": iters, "tol": 0.0}
+    else:
+        if strategy not in (None, "loop"):
+            raise InputError("early exit needs the loop strategy; use --iters N for an unrolled graph")
+        strategy = "loop"
+        card = model_budget(getattr(m, "meta", None))
+        budget = {"max_iters": max_iters or card.get("max_iters"), "tol": card.get("tol") if tol is None else tol}
+    if postprocess:
+        from ..export.panoptic_graph import WithPanopticLabels
+        from ..panoptic.postprocess import PostprocessConfig
+
+        post = (m.meta.get("inference") or {}).get("postprocess") if getattr(m, "meta", None) else None
+        m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
+    name = Path(source.split(":")[-1]).stem
+    out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}.onnx"
+    result = export_onnx(
+        m, out, strategy=strategy, opset=opset, dynamic=dynamic, fp16=fp16, example_size=_parse_size(size),
+        batch=batch, source=source, **budget,
+    )
+    typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}, {budget}) in {result.seconds:.1f} s")
+    if not no_verify:
+        sizes = None if dynamic else [_parse_size(size)]
+        _verify(result.path, m, pq_data, sizes or _verify_sizes(m), None if dynamic else [batch])
+    if fmt == "tensorrt":
+        from ..export.tensorrt import build_engine
+
+        engine = build_engine(result.path, result.path.with_suffix(".engine"), fp16=fp16)
+        typer.echo(f"built TensorRT engine {engine}")
+
+
+def verify(
+    artifact: Path = typer.Argument(..., help="Exported .onnx file."),
+    against: Optional[str] = typer.Option(None, "--against", help="Checkpoint or bundled model it came from (default: bundled)."),
+    pq_data: Optional[Path] = typer.Option(None, "--pq-data", help="COCO panoptic split for PQ parity (default: generated)."),
+) -> None:
+    """Compare an artifact with PyTorch: outputs, per-sample iterations, and PQ parity for panoptic models."""
+    from ..cli import resolve_model
+    from ..export import read_sidecar
+
+    if not artifact.is_file():
+        raise InputError(f"{artifact}: no such artifact")
+    m, _ = resolve_model(against)
+    sidecar = read_sidecar(artifact) or {}
+    if any(o.get("name") == "panoptic" for o in sidecar.get("outputs", [])):
+        from ..export.panoptic_graph import WithPanopticLabels
+        from ..panoptic.postprocess import PostprocessConfig
+
+        post = (sidecar.get("model", {}).get("meta", {}) or {}).get("postprocess_in_graph")
+        m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
+    _verify(artifact, m, pq_data, _verify_sizes(m), None)
+
+
+def register(app: typer.Typer) -> None:
+    from . import stub
+
+    app.command("export")(export)
+    app.command("verify")(verify)
     stub(app, "bench", 5, "Benchmark backends and strategies.")

@@ -94,6 +94,22 @@ class PanopticPredictor:
         kwargs.setdefault("postprocess_config", PostprocessConfig.from_dict(post) if post else None)
         return cls(run, meta.get("categories", []), stride=getattr(model, "stride", 1), **kwargs)
 
+    @classmethod
+    def from_backend(cls, backend, meta: Mapping[str, Any], **kwargs) -> "PanopticPredictor":
+        """A runtime Backend (ONNX Runtime, TensorRT, torch) with the model card's metadata."""
+
+        def run(images, **budget):
+            return backend.run(images.numpy(), **budget).outputs
+
+        post = (meta.get("inference") or {}).get("postprocess")
+        if backend.strategy == "unrolled":
+            kwargs.setdefault("budget", backend.default_budget.kwargs())
+        else:
+            kwargs.setdefault("budget", model_budget(meta))
+        kwargs.setdefault("postprocess_config", PostprocessConfig.from_dict(post) if post else None)
+        stride = getattr(backend, "size_multiple", None) or 1
+        return cls(run, meta.get("categories", []), stride=stride, **kwargs)
+
     def predict(self, images: Sequence[np.ndarray], **budget: Any) -> list[Prediction]:
         """Each image H x W x 3 float in [0, 1]; images of equal size are batched together."""
         budget = merge_budget(self.budget, budget)
