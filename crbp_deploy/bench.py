@@ -1,0 +1,165 @@
+"""`crbp-deploy bench`: backend x strategy -> size, quality, iterations, latency, throughput, in one run.
+
+Every number of a table comes from the same process and data, so the ratios between rows are the
+result (absolute times depend on the machine and its load). Quality is PQ for panoptic models
+(panopticapi rules, on a generated held-out split) and the same for every row of a model, up to
+the runtime's float rounding.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import CrbpError
+from .export import export_onnx
+from .panoptic.evaluate import evaluate_predictor, open_dataset
+from .panoptic.predict import PanopticPredictor, model_budget
+from .runtime import OrtBackend, TorchBackend
+
+PQ_MATCH = 0.5  # a fixed count "reaches the same PQ" as early exit when within this many points
+FIXED_CANDIDATES = (5, 10, 15, 20, 25, 30, 40, 60, 80)
+
+
+@dataclass
+class Row:
+    backend: str
+    strategy: str
+    budget: str
+    size_mb: float
+    pq: float
+    mean_iterations: float
+    p50_b1_ms: float
+    p90_b1_ms: float
+    p50_b8_ms: float
+    p90_b8_ms: float
+    images_per_s: float
+
+
+def _latency(backend, images: np.ndarray, budget: dict, repeats: int) -> tuple[float, float]:
+    backend.run(images, **budget)  # warm-up (allocations, ORT's first-run optimisations)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        backend.run(images, **budget)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times), float(np.percentile(times, 90))
+
+
+def _quality(backend, meta, dataset, budget: dict, stride: int, limit: int) -> tuple[float, float]:
+    predictor = PanopticPredictor.from_backend(backend, meta, budget=budget)
+    predictor.stride = stride
+    res = evaluate_predictor(predictor, dataset, limit=limit)
+    return res["pq"]["all"], res["iterations"]["mean"]
+
+
+def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int = 10, limit: int = 48,
+              size: int = 64, workdir: Path | None = None, progress=print) -> dict[str, Any]:
+    meta = getattr(model, "meta", None) or {}
+    if "categories" not in meta:
+        raise CrbpError("bench measures PQ: it needs a trained panoptic model (its card lists categories)")
+    torch.set_num_threads(threads)
+    stride = int(getattr(model, "stride", 1))
+    tmp = tempfile.TemporaryDirectory()
+    work = Path(workdir or tmp.name)
+    if data is None:
+        from .data.panoptic_synth import write_dataset
+
+        write_dataset(work / "data", count=limit, size=size, seed=4242, val_fraction=1.0, progress=None)
+        data = work / "data" / "val"
+    dataset = open_dataset(data)
+    rgb = [dataset.load(i)[0] for i in range(8)]
+    batch8 = np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+    batch1 = batch8[:1]
+    early = model_budget(meta)
+    torch_backend = TorchBackend(model, threads=threads)
+    ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+
+    # 1. the smallest fixed count whose PQ reaches early exit's (torch; same numbers on every runtime)
+    pq_early, it_early = _quality(torch_backend, meta, dataset, early, stride, limit)
+    progress(f"early exit {early}: PQ {pq_early:.2f}, {it_early:.1f} iterations")
+    fixed_pq = {}
+    for n in FIXED_CANDIDATES:
+        fixed_pq[n] = _quality(torch_backend, meta, dataset, {"iters": n}, stride, limit)[0]
+        progress(f"fixed {n}: PQ {fixed_pq[n]:.2f}")
+        if fixed_pq[n] >= pq_early - PQ_MATCH:
+            break
+    n_fixed = next((n for n, pq in fixed_pq.items() if pq >= pq_early - PQ_MATCH), max(fixed_pq))
+
+    # 2. artifacts: unrolled at that count, the early-exit loop
+    unrolled = export_onnx(model, work / "unrolled.onnx", strategy="unrolled", iters=n_fixed)
+    loop = export_onnx(model, work / "loop.onnx", strategy="loop", **early)
+    ort_unrolled = OrtBackend(unrolled.path, threads=threads)
+    ort_loop = OrtBackend(loop.path, threads=threads)
+
+    plan = [
+        ("torch eager", "fixed", torch_backend, {"iters": n_fixed}, ckpt_mb),
+        ("torch eager", "early exit", torch_backend, early, ckpt_mb),
+        ("onnxruntime", "unrolled", ort_unrolled, {}, unrolled.size_bytes / 1e6),
+        ("onnxruntime", "loop, fixed", ort_loop, {"max_iters": n_fixed, "tol": 0.0}, loop.size_bytes / 1e6),
+        ("onnxruntime", "loop, early exit", ort_loop, {}, loop.size_bytes / 1e6),
+    ]
+    rows = []
+    for name, strategy, backend, budget, mb in plan:
+        shown = budget or backend.default_budget.kwargs()
+        pq, iters = _quality(backend, meta, dataset, budget or backend.default_budget.kwargs(), stride, limit)
+        p50_1, p90_1 = _latency(backend, batch1, budget, repeats)
+        p50_8, p90_8 = _latency(backend, batch8, budget, max(3, repeats // 2))
+        rows.append(Row(name, strategy, json.dumps(shown), round(mb, 3), round(pq, 2), round(iters, 2),
+                        round(p50_1, 2), round(p90_1, 2), round(p50_8, 2), round(p90_8, 2), round(8e3 / p50_8, 1)))
+        progress(f"{name} / {strategy}: PQ {pq:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms")
+    by = {(r.backend, r.strategy): r for r in rows}
+    t_fixed, o_unrolled = by[("torch eager", "fixed")], by[("onnxruntime", "unrolled")]
+    o_loop_fixed, o_early = by[("onnxruntime", "loop, fixed")], by[("onnxruntime", "loop, early exit")]
+    ratios = {
+        "ort_vs_torch_same_iterations_b1": round(t_fixed.p50_b1_ms / o_unrolled.p50_b1_ms, 2),
+        "ort_vs_torch_same_iterations_b8": round(t_fixed.p50_b8_ms / o_unrolled.p50_b8_ms, 2),
+        "early_exit_vs_fixed_same_pq_b1": round(o_unrolled.p50_b1_ms / o_early.p50_b1_ms, 2),
+        "early_exit_vs_fixed_same_pq_b8": round(o_unrolled.p50_b8_ms / o_early.p50_b8_ms, 2),
+        "loop_vs_unrolled_per_iteration_b1": round(o_loop_fixed.p50_b1_ms / o_unrolled.p50_b1_ms, 2),
+        "loop_vs_unrolled_per_iteration_b8": round(o_loop_fixed.p50_b8_ms / o_unrolled.p50_b8_ms, 2),
+    }
+    goals = {
+        "ort_2x_torch": ratios["ort_vs_torch_same_iterations_b1"] >= 2.0,
+        "early_exit_1.5x_fixed": ratios["early_exit_vs_fixed_same_pq_b1"] >= 1.5,
+        "loop_within_1.25x_unrolled": ratios["loop_vs_unrolled_per_iteration_b1"] <= 1.25,
+    }
+    tmp.cleanup()
+    return {
+        "rows": [asdict(r) for r in rows],
+        "ratios": ratios,
+        "goals_met": goals,
+        "fixed_count_matching_early_exit": n_fixed,
+        "fixed_pq": fixed_pq,
+        "early_exit": {"budget": early, "pq": pq_early, "mean_iterations": it_early},
+        "setup": {"threads": threads, "repeats": repeats, "images": min(limit, len(dataset)), "data": str(data),
+                  "image_size": list(batch1.shape[-2:]), "torch": torch.__version__, "arch": model.arch},
+    }
+
+
+def to_csv(result: dict) -> str:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(result["rows"][0]))
+    writer.writeheader()
+    writer.writerows(result["rows"])
+    return buf.getvalue()
+
+
+def to_markdown(result: dict) -> str:
+    head = ("| backend | strategy | budget | MB | PQ | mean it. | p50 b1 ms | p90 b1 ms | p50 b8 ms | p90 b8 ms | img/s (b8) |\n"
+            "|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head] + [
+        f"| {r['backend']} | {r['strategy']} | `{r['budget']}` | {r['size_mb']} | {r['pq']} | {r['mean_iterations']} | "
+        f"{r['p50_b1_ms']} | {r['p90_b1_ms']} | {r['p50_b8_ms']} | {r['p90_b8_ms']} | {r['images_per_s']} |"
+        for r in result["rows"]
+    ]
+    return "\n".join(lines)
