@@ -131,8 +131,10 @@ def test_load_backend_dispatch_and_errors(model, artifacts, tmp_path):
     from_ckpt = load_backend(ckpt)
     assert isinstance(from_ckpt, TorchBackend) and isinstance(from_ckpt, Backend)
     assert isinstance(load_backend(str(artifacts["loop"]), kind="ort", threads=1), OrtBackend)
-    with pytest.raises(InputError, match="unknown backend kind"):
+    with pytest.raises(InputError, match=r"runs an engine \(.engine or .plan\)"):
         load_backend(artifacts["loop"], kind="tensorrt")
+    with pytest.raises(InputError, match="unknown backend kind"):
+        load_backend(artifacts["loop"], kind="openvino")
     with pytest.raises(InputError, match="runs on onnxruntime, not torch"):
         load_backend(artifacts["loop"], kind="torch")
     with pytest.raises(InputError, match="unknown artifact type"):

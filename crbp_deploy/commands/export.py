@@ -105,14 +105,23 @@ def export(
         batch=batch, source=source, **budget,
     )
     typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}, {budget}) in {result.seconds:.1f} s")
+    from ..export.trt_lint import lint_tensorrt
+
+    lint = lint_tensorrt(result.path)  # checkable without a GPU: what TensorRT's ONNX parser would reject
+    typer.echo(lint.summary().splitlines()[0])
     if not no_verify:
         sizes = None if dynamic else [_parse_size(size)]
         _verify(result.path, m, pq_data, sizes or _verify_sizes(m), None if dynamic else [batch])
     if fmt == "tensorrt":
         from ..export.tensorrt import build_engine
 
-        engine = build_engine(result.path, result.path.with_suffix(".engine"), fp16=fp16)
-        typer.echo(f"built TensorRT engine {engine}")
+        h, w = _parse_size(size)
+        c, s = m.in_channels, int(getattr(m, "stride", 1) or 1)
+        shapes = {} if not dynamic else {
+            "min_shape": (1, c, 8 * s, 8 * s), "opt_shape": (batch, c, h, w), "max_shape": (max(8, batch), c, 4 * h, 4 * w)
+        }
+        engine = build_engine(result.path, result.path.with_suffix(".engine"), fp16=fp16, **shapes)
+        typer.echo(f"built TensorRT engine {engine.path} in {engine.seconds:.1f} s (TensorRT {engine.tensorrt})")
 
 
 def verify(

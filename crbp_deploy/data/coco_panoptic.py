@@ -32,22 +32,8 @@ class DatasetError(CrbpError):
 # ---------------------------------------------------------------- id <-> colour
 
 
-def rgb_to_id(png: np.ndarray) -> np.ndarray:
-    """Panoptic PNG colours (uint8 HxWx3) -> segment ids (uint32 HxW), id = R + 256 G + 256^2 B."""
-    png = np.asarray(png)
-    if png.ndim != 3 or png.shape[-1] != 3:
-        raise InputError(f"rgb_to_id expects an HxWx3 array, got shape {png.shape}")
-    png = png.astype(np.uint32)
-    return png[..., 0] + (png[..., 1] << 8) + (png[..., 2] << 16)
-
-
-def id_to_rgb(ids: np.ndarray) -> np.ndarray:
-    """Segment ids (HxW, 0 <= id < 2^24) -> uint8 HxWx3 colours; the exact inverse of rgb_to_id."""
-    ids = np.asarray(ids)
-    if ids.size and (ids.min() < 0 or ids.max() >= 1 << 24):
-        raise InputError(f"segment ids must lie in [0, 2^24), got range [{ids.min()}, {ids.max()}]")
-    ids = ids.astype(np.uint32)
-    return np.stack([ids & 255, (ids >> 8) & 255, (ids >> 16) & 255], axis=-1).astype(np.uint8)
+# one implementation of the COCO id encoding, shared with post-processing and PQ
+from ..panoptic.encoding import id_to_rgb, rgb_to_id  # noqa: E402,F401
 
 
 # ---------------------------------------------------------------- categories

@@ -10,7 +10,7 @@ from .base import DEFAULT_MAX_ITERS, DEFAULT_TOL, Backend, Budget, RunResult
 from .ort_backend import OrtBackend, default_providers
 from .torch_backend import TorchBackend
 
-KINDS = ("auto", "torch", "onnxruntime")
+KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
@@ -21,7 +21,7 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
     """
     from ..models import RecurrentSegmenter
 
-    kind = "onnxruntime" if kind == "ort" else kind
+    kind = {"ort": "onnxruntime", "trt": "tensorrt"}.get(kind, kind)
     if kind not in KINDS:
         raise InputError(f"unknown backend kind {kind!r}; use one of {', '.join(KINDS)}")
     if isinstance(spec, RecurrentSegmenter):
@@ -31,6 +31,12 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
     if not isinstance(spec, (str, os.PathLike)):
         raise InputError(f"cannot make a backend from {type(spec).__name__}; give a model, a .pt or an .onnx path")
     path = Path(spec)
+    if path.suffix in (".engine", ".plan") or kind == "tensorrt":
+        if kind not in ("auto", "tensorrt"):
+            raise InputError(f"{path} is a TensorRT engine; it runs on tensorrt, not {kind}")
+        from .trt_backend import TrtBackend  # imports tensorrt only when an engine is asked for
+
+        return TrtBackend(path, **options)
     if path.suffix == ".onnx":
         if kind not in ("auto", "onnxruntime"):
             raise InputError(f"{path} is an ONNX artifact; it runs on onnxruntime, not {kind}")
