@@ -1,4 +1,4 @@
-# Two entry points: `make demo` (main job on the default model) and `make test`.
+# Two entry points: `make demo` (the whole path on the bundled model) and `make test`.
 # Both create the local virtual environment .venv on first use.
 PYTHON ?= python3
 VENV := .venv
@@ -15,8 +15,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/crbp-deploy create hgru-pathfinder --out export/hgru-pathfinder.pt
-	$(BIN)/crbp-deploy info export/hgru-pathfinder.pt
+	$(BIN)/crbp-deploy info crbp-panoptic --no-check
+	$(BIN)/crbp-deploy demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
