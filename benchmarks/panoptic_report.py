@@ -30,7 +30,15 @@ from crbp_deploy.panoptic.predict import PanopticPredictor, segment_colors  # no
 ROOT = Path(__file__).resolve().parents[1]
 POSTPROCESS = {"min_area": 8}  # 64 px images: COCO's 32 px floor would drop the small blobs
 TOLS = [3e-2, 1e-2, 3e-3, 1e-3]
-PQ_SLACK = 0.3  # the deployed tolerance is the loosest whose PQ is within this of the tightest's
+PQ_SLACK = 0.3
+# How the two compared models were trained (same data, epochs, batch, lr, clipping, seed).
+TRAIN_COMMANDS = """crbp-deploy data panoptic --out data/pan64 --count 2500 --size 64 --seed 0 --val-fraction 0.2
+crbp-deploy train --task panoptic --data data/pan64 --out runs/crbp-panoptic --grad crbp --steps 20 \\
+    --neumann-steps 15 --batch-size 16 --epochs 12 --lcp-lambda 0.95 --lcp-reduction batch --penalty-weight 0.001 \\
+    --clip-grad 5 --lr 1e-3 --seed 0 --model-config '{"downsample": 1, "channels": 16, "kernel_size": 5}' --threads 2
+crbp-deploy train --task panoptic --model ff-panoptic --data data/pan64 --out runs/ff-panoptic --grad bptt --steps 1 \\
+    --batch-size 16 --epochs 12 --penalty-weight 0 --clip-grad 5 --lr 1e-3 --seed 0 \\
+    --model-config '{"downsample": 1, "channels": 16, "kernel_size": 5}' --threads 1"""  # the deployed tolerance is the loosest whose PQ is within this of the tightest's
 
 
 def summary(result: dict) -> dict:
@@ -81,7 +89,13 @@ def main() -> None:
     ap.add_argument("--install", action="store_true", help="copy the model into crbp_deploy/zoo with its card")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="first N val images only (quick checks)")
+    ap.add_argument("--render-only", action="store_true", help="rewrite panoptic.md from an existing panoptic.json")
     args = ap.parse_args()
+    if args.render_only:
+        report = json.loads((args.docs / "panoptic.json").read_text())
+        write_markdown(report, args.docs / "panoptic.md")
+        plot(report, args.docs / "panoptic_pq_vs_steps.png")
+        return
     global LIMIT
     LIMIT = args.limit
     torch.set_num_threads(args.threads)
@@ -126,33 +140,38 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "panoptic.json").write_text(json.dumps(report, indent=2))
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    xs = sorted(fixed)
-    for group, style in (("all", "-o"), ("things", "--s"), ("stuff", ":^")):
-        ax.plot(xs, [fixed[s]["pq"][group] for s in xs], style, label=f"C-RBP, fixed steps ({group})", ms=4)
-    for t in TOLS:
-        r = early[str(t)]
-        ax.scatter([r["iterations"]["mean"]], [r["pq"]["all"]], marker="*", s=120, zorder=5)
-        ax.annotate(f"early exit tol={t:g}", (r["iterations"]["mean"], r["pq"]["all"]), fontsize=7,
-                    xytext=(4, -10), textcoords="offset points")
-    if baseline:
-        ax.axhline(baseline["result"]["pq"]["all"], color="gray", ls="--", label="feed-forward baseline (all)")
-    ax.axvline(train_steps, color="k", lw=0.8, alpha=0.5)
-    ax.text(train_steps, ax.get_ylim()[0], " training horizon", fontsize=7, va="bottom")
-    ax.set_xscale("log")
-    ax.set_xlabel("test-time steps (early exit: mean iterations)")
-    ax.set_ylabel("PQ (%)")
-    ax.set_title("hgru-panoptic (C-RBP) on the held-out generated split")
-    ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    fig.savefig(args.docs / "panoptic_pq_vs_steps.png", dpi=120)
-    plt.close(fig)
+    plot(report, args.docs / "panoptic_pq_vs_steps.png")
 
     deployed = PanopticPredictor.from_model(model, postprocess_config=post, budget=budget)
     picture(deployed, dataset, args.docs / "panoptic_predictions.png")
     write_markdown(report, args.docs / "panoptic.md")
     if args.install:
         install(model, report, args.model)
+
+
+def plot(report: dict, path: Path) -> None:
+    fixed = {int(k): v for k, v in report["fixed_steps"].items()}
+    early = report["early_exit"]
+    train_steps = report["training"]["steps"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.2))
+    xs = sorted(fixed)
+    for group, style in (("all", "-o"), ("things", "--s"), ("stuff", ":^")):
+        ax.plot(xs, [fixed[s]["pq"][group] for s in xs], style, label=f"C-RBP, fixed steps ({group})", ms=4)
+    for k, (t, r) in enumerate(early.items()):
+        ax.scatter([r["iterations"]["mean"]], [r["pq"]["all"]], marker="*", s=120, zorder=5)
+        ax.annotate(f"tol={float(t):g}", (r["iterations"]["mean"], r["pq"]["all"]), fontsize=7,
+                    xytext=(-8, 10 if k % 2 else -16), textcoords="offset points")
+    if report["baseline"]:
+        ax.axhline(report["baseline"]["result"]["pq"]["all"], color="gray", ls="--", label="feed-forward baseline (all)")
+    ax.axvline(train_steps, color="k", lw=0.8, alpha=0.5, label="training horizon")
+    ax.set_xscale("log")
+    ax.set_xlabel("test-time steps (stars: early exit, at its mean iterations)")
+    ax.set_ylabel("PQ (%)")
+    ax.set_title("hgru-panoptic (C-RBP) on the held-out generated split")
+    ax.legend(fontsize=7, loc="lower right", bbox_to_anchor=(1.0, 0.12))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def _row(name: str, r: dict) -> str:
@@ -162,12 +181,34 @@ def _row(name: str, r: dict) -> str:
             f"| {r['iterations']['mean']:.1f} |")
 
 
+def _discussion(report: dict) -> list[str]:
+    fixed = {int(k): v["pq"]["all"] for k, v in report["fixed_steps"].items()}
+    horizon = report["training"]["steps"]
+    at_h, longest = fixed.get(horizon), max(fixed)
+    lines = ["", "What this shows:", ""]
+    if at_h is not None:
+        lines.append(f"- Past its training horizon the C-RBP model stays: PQ {at_h:.2f} at {horizon} steps, "
+                     f"{fixed[longest]:.2f} at {longest} steps ({longest // horizon}x the horizon). Cut short it "
+                     f"does not: {fixed[min(fixed)]:.2f} at {min(fixed)} step(s) — as in the paper's PQ-vs-steps curve.")
+    if report["baseline"]:
+        b = report["baseline"]["result"]["pq"]["all"]
+        ours = report["early_exit"][str(report["chosen_budget"]["tol"])]["pq"]["all"]
+        verdict = "above" if ours > b else "below"
+        lines.append(f"- The feed-forward baseline (more parameters, same data, epochs, batch and lr) scores PQ {b:.2f}; "
+                     f"the C-RBP model at its deployed budget {ours:.2f}, {verdict} it. The paper reports C-RBP "
+                     "above its feed-forward baseline on COCO (41.63 vs 39.39) with a ResNet-50 FPN backbone and long "
+                     "training; here both models are tiny (34-40k parameters) and trained 12 epochs on CPU, and the "
+                     "hard part of these scenes (telling crossing curves apart, PQ things) is solved by neither.")
+    return lines
+
+
 def write_markdown(report: dict, path: Path) -> None:
     tr = report["training"]
     lines = [
         "# Panoptic: the bundled C-RBP model",
         "",
-        f"Produced by:\n\n```bash\n{report['command']}\n```\n",
+        f"Trained with:\n\n```bash\n{TRAIN_COMMANDS}\n```\n",
+        f"Evaluated (this page, its plots and the bundled model's card) by:\n\n```bash\n{report['command']}\n```\n",
         f"Model `hgru-panoptic` ({report['parameters']:,} parameters), trained with `grad={tr['grad']}`, "
         f"{tr['steps']} steps, {tr['neumann_steps']} Neumann terms, LCP lambda {tr['lcp_lambda']} "
         f"(weight {tr['penalty_weight']}, reduction {tr['lcp_reduction']}), {tr['epochs_done']} epochs, batch "
@@ -185,6 +226,7 @@ def write_markdown(report: dict, path: Path) -> None:
     if report["baseline"]:
         b = report["baseline"]
         lines.append(_row(f"feed-forward baseline ({b['parameters']:,} parameters)", b["result"]))
+    lines += _discussion(report)
     lines += [
         "",
         f"Deployed budget (recorded in the model card): `{report['chosen_budget']}` — the loosest tolerance whose PQ "
