@@ -19,7 +19,7 @@ def stub(app: typer.Typer, name: str, issue: int, help: str) -> None:
 
 
 def register_all(app: typer.Typer) -> None:
-    from . import data, evaluate, export, serve, train
+    from . import data, demo, evaluate, export, serve, train
 
-    for module in (data, train, evaluate, export, serve):
+    for module in (data, train, evaluate, export, serve, demo):
         module.register(app)

@@ -1,7 +1,107 @@
-"""CLI commands of this capability (placeholders until it is built)."""
-from . import stub
+"""`crbp-deploy package` (a TorchServe .mar, optionally KServe manifests) and `crbp-deploy serve`
+(start / stop a real TorchServe on 127.0.0.1)."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import CrbpError
 
 
-def register(app) -> None:
-    stub(app, "package", 6, "Build a TorchServe .mar archive.")
-    stub(app, "serve", 6, "Start / stop TorchServe.")
+def package(
+    model: Optional[str] = typer.Argument(None, help="Early-exit .onnx export, checkpoint or bundled model (default: bundled)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: crbp-panoptic for the bundled model, else the file name)."),
+    out: Path = typer.Option(Path("model_store"), "--out", help="Model store folder for NAME.mar."),
+    fmt: str = typer.Option("onnx", "--format", help="onnx (export a checkpoint first) | checkpoint (serve it with PyTorch)."),
+    workers: int = typer.Option(1, "--workers", help="TorchServe workers (processes) for this model."),
+    batch_size: int = typer.Option(8, "--batch-size", help="TorchServe batchSize: requests run together."),
+    max_batch_delay: int = typer.Option(10, "--max-batch-delay", help="TorchServe maxBatchDelay in ms."),
+    response_timeout: int = typer.Option(120, "--response-timeout", help="TorchServe responseTimeout in s."),
+    threads: int = typer.Option(1, "--threads", help="Runtime threads per worker."),
+    max_iters_limit: int = typer.Option(200, "--max-iters-limit", help="Largest max_iters a request gets (more is clamped)."),
+    handler: Optional[Path] = typer.Option(None, "--handler", help="Handler file (default: handlers/panoptic_handler.py)."),
+    kserve: Optional[Path] = typer.Option(None, "--kserve", help="Also write KServe manifests (InferenceService, v2) here."),
+    storage_uri: Optional[str] = typer.Option(None, "--storage-uri", help="KServe storageUri (default: pvc://crbp-models/NAME)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Build NAME.mar (model + card + handler + crbp_deploy sources + model-config.yaml) with torch-model-archiver."""
+    from ..serving.archive import ArchiveConfig, package as build
+    from ..serving.service import ServiceConfig
+
+    config = ArchiveConfig(workers=workers, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
+                           response_timeout_s=response_timeout)
+    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit)
+    result = build(model, name=name, out=out, fmt=fmt, config=config, service=service, handler=handler,
+                   progress=None if as_json else typer.echo)
+    doc = result.to_dict()
+    if kserve is not None:
+        from ..serving.kserve import write_kserve
+
+        bundle = write_kserve(result.path, kserve, storage_uri=storage_uri, version=config.version,
+                              workers=workers, response_timeout_s=response_timeout, threads=threads)
+        doc["kserve"] = {"manifest": str(bundle.manifest), "storage_dir": str(bundle.storage_dir),
+                         "storage_uri": bundle.storage_uri}
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    typer.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.format}: {result.model_file} from {result.source})")
+    typer.echo(f"  TorchServe: workers {workers}, batchSize {batch_size}, maxBatchDelay {max_batch_delay} ms, "
+               f"responseTimeout {response_timeout} s; max_iters limit {max_iters_limit}, {threads} thread(s)/worker")
+    if kserve is not None:
+        typer.echo(f"  KServe: {doc['kserve']['manifest']} (upload {doc['kserve']['storage_dir']} to {doc['kserve']['storage_uri']})")
+    typer.echo(f"serve it: crbp-deploy serve --model-store {out}")
+
+
+def serve(
+    model_store: Path = typer.Option(Path("model_store"), "--model-store", help="Folder with .mar archives (all are served)."),
+    port: int = typer.Option(8080, "--port", help="Inference port P; management P+1, metrics P+2 (gRPC P+3, P+4)."),
+    no_auth: bool = typer.Option(False, "--no-auth", help="Turn TorchServe's token authorization off."),
+    stop: bool = typer.Option(False, "--stop", help="Stop the server on --port and wait until it has exited."),
+    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Folder for config, keys, logs (default: ~/.cache/crbp-deploy/torchserve-P)."),
+    foreground: bool = typer.Option(False, "--foreground", help="Stay attached; Ctrl-C stops the server."),
+) -> None:
+    """Start TorchServe on 127.0.0.1 with a generated config.properties, wait until every model is ready."""
+    from ..serving import server as ts
+
+    run = run_dir or ts.default_run_dir(port)
+    if stop:
+        pid = ts.running_pid(run)
+        if not ts.stop(run):
+            typer.echo(f"no TorchServe started by crbp-deploy is running on port {port} (run folder {run})")
+            return
+        typer.echo(f"stopped TorchServe (pid {pid}); the Java process and its workers have exited")
+        return
+    config = ts.ServerConfig(port=port, auth=not no_auth)
+    server = ts.start(model_store, config, run_dir=run, progress=typer.echo)
+    typer.echo(f"TorchServe is up (pid {server.pid}), serving {', '.join(server.models)}")
+    for name in server.models:
+        typer.echo(f"  predictions: {server.predictions_url(name)}")
+    typer.echo(f"  management:  {server.url('management')}/models")
+    typer.echo(f"  metrics:     {server.metrics_url}")
+    if server.key_file:
+        typer.echo(f"  token auth on: keys in {server.key_file} (send 'Authorization: Bearer <inference key>')")
+        auth = " -H 'Authorization: Bearer <inference key>'"
+    else:
+        typer.echo("  token auth OFF (--no-auth)")
+        auth = ""
+    first = server.models[0]
+    typer.echo(f"try: curl{auth} -H 'Content-Type: image/png' --data-binary @IMAGE.png {server.predictions_url(first)}")
+    typer.echo(f"  or: crbp-deploy predict IMAGE.png --url {server.predictions_url(first)}")
+    typer.echo(f"stop: crbp-deploy serve --stop --port {port}")
+    if foreground:
+        try:
+            while ts.running_pid(run):
+                time.sleep(1.0)
+            raise CrbpError(f"TorchServe exited on its own; see {run / 'logs'}")
+        except KeyboardInterrupt:
+            ts.stop(run)
+            typer.echo("stopped")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("package")(package)
+    app.command("serve")(serve)

@@ -1,0 +1,255 @@
+"""TorchServe `.mar` archives: the exported model, its card, the handler and this package, in one file.
+
+What goes in (and why):
+- the model: an early-exit ONNX export (`--format onnx`, the default: exported here with
+  `export_onnx(strategy="loop")` when given a checkpoint) or the checkpoint itself (`--format
+  checkpoint`); the ONNX sidecar carries the model card (categories, budget, post-processing);
+- `handlers/panoptic_handler.py`, TorchServe's entry point;
+- the `crbp_deploy` package sources (`.py` only): TorchServe puts the unpacked archive first on
+  the worker's sys.path, so a served archive runs exactly the code it was packaged with, whatever
+  version is installed beside the server (torch, numpy, pillow and onnxruntime must be installed;
+  requirements.txt lists onnxruntime for `install_py_dep_per_model`, as on KServe);
+- model-config.yaml: TorchServe's per-model settings (workers, batchSize, maxBatchDelay,
+  responseTimeout) plus a `handler:` section read by the handler (ServiceConfig).
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from ..config import StrictConfig
+from ..errors import ConfigError, CrbpError, InputError
+from .service import ServiceConfig
+
+FORMATS = ("onnx", "checkpoint")
+DEFAULT_NAME = "crbp-panoptic"
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+@dataclass(frozen=True)
+class ArchiveConfig(StrictConfig):
+    """TorchServe's per-model settings, written to the archive's model-config.yaml."""
+
+    workers: int = 1
+    batch_size: int = 8
+    max_batch_delay_ms: int = 10
+    response_timeout_s: int = 120
+    version: str = "1.0"
+
+    def validate(self) -> None:
+        if self.workers < 1 or self.batch_size < 1 or self.max_batch_delay_ms < 0 or self.response_timeout_s < 1:
+            raise ConfigError(
+                "workers, batch_size and response_timeout_s must be >= 1 and max_batch_delay_ms >= 0, "
+                f"got {self.to_dict()}"
+            )
+
+
+@dataclass
+class PackageResult:
+    path: Path
+    name: str
+    format: str
+    model_file: str
+    source: str
+    size_bytes: int
+    config: ArchiveConfig
+    service: ServiceConfig
+    export: dict[str, Any] | None = None
+    files: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "path": str(self.path),
+            "name": self.name,
+            "format": self.format,
+            "model_file": self.model_file,
+            "source": self.source,
+            "size_bytes": self.size_bytes,
+            "torchserve": model_config(self.config, self.service),
+            "export": self.export,
+        }
+
+
+def default_handler() -> Path:
+    """handlers/panoptic_handler.py of the source tree this package was imported from."""
+    import crbp_deploy
+
+    return Path(crbp_deploy.__file__).resolve().parent.parent / "handlers" / "panoptic_handler.py"
+
+
+def model_config(config: ArchiveConfig, service: ServiceConfig) -> dict[str, Any]:
+    return {
+        "minWorkers": config.workers,
+        "maxWorkers": config.workers,
+        "batchSize": config.batch_size,
+        "maxBatchDelay": config.max_batch_delay_ms,
+        "responseTimeout": config.response_timeout_s,
+        "handler": service.to_dict(),
+    }
+
+
+def copy_package(target: Path) -> Path:
+    """The crbp_deploy sources (.py files only: no weights, no caches) under `target/crbp_deploy`."""
+    import crbp_deploy
+
+    source = Path(crbp_deploy.__file__).resolve().parent
+    dest = target / "crbp_deploy"
+    for path in sorted(source.rglob("*.py")):
+        rel = path.relative_to(source)
+        if "__pycache__" in rel.parts:
+            continue
+        (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(path, dest / rel)
+    return dest
+
+
+def _requirements(fmt: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    if fmt != "onnx":
+        return ""
+    try:
+        return f"onnxruntime=={version('onnxruntime')}\n"
+    except PackageNotFoundError:
+        return "onnxruntime\n"
+
+
+def sidecar_meta(path: Path) -> dict[str, Any]:
+    import json
+
+    return dict((json.loads(path.read_text()).get("model") or {}).get("meta") or {})
+
+
+def _check_limit(service: ServiceConfig, meta: dict[str, Any]) -> None:
+    """Fail at packaging time, not in a server worker, when the limit is below the model's default budget."""
+    from ..panoptic.predict import model_budget
+
+    default = model_budget(meta).get("max_iters")
+    if default is not None and default > service.max_iters_limit:
+        raise ConfigError(
+            f"max_iters_limit={service.max_iters_limit} is below the model's default max_iters={default}; raise it"
+        )
+
+
+def _resolve(model: str | os.PathLike | None):
+    """(kind, file, source, default name) for an .onnx artifact, a checkpoint or a bundled name."""
+    from .. import zoo
+
+    spec = str(model) if model is not None else zoo.DEFAULT
+    path = Path(spec)
+    if path.suffix == ".onnx":
+        if not path.is_file():
+            raise InputError(f"{path}: no such ONNX file")
+        return "onnx", path, str(path), path.stem
+    if path.suffix == ".pt" or path.exists():
+        if not path.is_file():
+            raise InputError(f"{path}: no such checkpoint file")
+        return "checkpoint", path, str(path), path.stem
+    if spec in zoo.names():
+        return "checkpoint", zoo.path(spec), f"bundled:{spec}", spec
+    raise InputError(
+        f"{spec!r} is not an .onnx export, a checkpoint or a bundled model ({', '.join(zoo.names()) or 'none bundled'})"
+    )
+
+
+def package(
+    model: str | os.PathLike | None = None,
+    *,
+    name: str | None = None,
+    out: str | os.PathLike = "model_store",
+    fmt: str = "onnx",
+    config: ArchiveConfig | None = None,
+    service: ServiceConfig | None = None,
+    handler: str | os.PathLike | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> PackageResult:
+    """Build `out/NAME.mar` from an early-exit `.onnx` export, a checkpoint or a bundled model name
+    (default: the bundled model, packaged as `crbp-panoptic`)."""
+    from ..export import export_onnx, read_sidecar, sidecar_path
+    from ..panoptic.predict import DEFAULT_BUDGET, model_budget
+
+    say = progress or (lambda msg: None)
+    config = config or ArchiveConfig()
+    service = service or ServiceConfig()
+    if fmt not in FORMATS:
+        raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    handler_path = Path(handler) if handler else default_handler()
+    if not handler_path.is_file():
+        raise CrbpError(f"handler {handler_path} not found; it ships with the source tree (give --handler PATH)")
+    kind, file, source, stem = _resolve(model)
+    name = name or (DEFAULT_NAME if source == f"bundled:{DEFAULT_NAME}" else stem)
+    if not NAME_RE.match(name):
+        raise InputError(f"model name {name!r} must start with a letter or digit and use only letters, digits, _ . -")
+    if kind == "onnx" and fmt == "checkpoint":
+        raise InputError(f"{source} is already an ONNX export; --format checkpoint needs a .pt checkpoint")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    export_info = None
+    with tempfile.TemporaryDirectory(prefix="crbp-mar-") as tmp:
+        stage, extra = Path(tmp), Path(tmp) / "extra"
+        extra.mkdir()
+        if kind == "onnx":
+            sidecar = read_sidecar(file)
+            if sidecar is None or not ((sidecar.get("model") or {}).get("meta") or {}).get("categories"):
+                raise CrbpError(f"{file}: its sidecar {sidecar_path(file).name} with the model card (categories) is missing")
+            if sidecar.get("strategy") != "loop":
+                raise CrbpError(f"{file} is a fixed-count ({sidecar.get('strategy')}) export; serve an early-exit (loop) export")
+            model_file = stage / f"{name}.onnx"
+            shutil.copy2(file, model_file)
+            shutil.copy2(sidecar_path(file), extra / f"{model_file.name}.json")
+        else:
+            from .. import checkpoint
+
+            obj = checkpoint.load(file)
+            meta = getattr(obj, "meta", None) or {}
+            if not meta.get("categories"):
+                raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
+            if fmt == "onnx":
+                budget = model_budget(meta)
+                if "max_iters" not in budget:
+                    budget = dict(DEFAULT_BUDGET)
+                say(f"exporting {source} to ONNX (early-exit loop, max_iters={budget['max_iters']}, tol={budget['tol']})")
+                model_file = stage / f"{name}.onnx"
+                result = export_onnx(obj, model_file, strategy="loop", max_iters=int(budget["max_iters"]),
+                                     tol=float(budget["tol"]), source=source)
+                export_info = result.to_dict()
+                shutil.move(str(result.sidecar), extra / f"{model_file.name}.json")
+            else:
+                model_file = stage / f"{name}.pt"
+                shutil.copy2(file, model_file)
+        _check_limit(service, sidecar_meta(extra / f"{model_file.name}.json") if kind == "onnx" or fmt == "onnx" else meta)
+        copy_package(extra)
+        import yaml
+
+        (stage / "model-config.yaml").write_text(yaml.safe_dump(model_config(config, service), sort_keys=False))
+        requirements = _requirements(fmt)
+        args = [
+            sys.executable, "-m", "model_archiver.model_packaging",
+            "--model-name", name, "--version", config.version,
+            "--handler", str(handler_path), "--serialized-file", str(model_file),
+            "--extra-files", str(extra), "--config-file", str(stage / "model-config.yaml"),
+            "--export-path", str(out), "--force",
+        ]
+        if requirements:
+            (stage / "requirements.txt").write_text(requirements)
+            args += ["--requirements-file", str(stage / "requirements.txt")]
+        say(f"archiving {name}.mar with torch-model-archiver")
+        done = subprocess.run(args, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise CrbpError(f"torch-model-archiver failed: {(done.stderr or done.stdout).strip()[-800:]}")
+        files = sorted(str(p.relative_to(extra)) for p in extra.rglob("*") if p.is_file())
+    path = out / f"{name}.mar"
+    if not path.is_file():
+        raise CrbpError(f"torch-model-archiver reported success but {path} is missing")
+    return PackageResult(
+        path=path, name=name, format=fmt, model_file=model_file.name, source=source, size_bytes=path.stat().st_size,
+        config=config, service=service, export=export_info,
+        files=[model_file.name, handler_path.name, "model-config.yaml", *files],
+    )

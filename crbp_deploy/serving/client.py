@@ -1,0 +1,182 @@
+"""A small HTTP client for a served panoptic model: standard library only, keep-alive per client.
+
+Used by `crbp-deploy predict --url`, the demo, the tests and the serving benchmark.
+"""
+from __future__ import annotations
+
+import base64
+import http.client
+import json
+import math
+import os
+import socket
+import time
+import urllib.parse
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from ..errors import CrbpError
+from ..panoptic.encoding import decode_png
+from ..panoptic.predict import Prediction
+
+TOKEN_ENV = "CRBP_DEPLOY_TOKEN"
+DEFAULT_MODEL = "crbp-panoptic"
+
+
+class ServerError(CrbpError):
+    """The server answered with an error status; `status` and `body` are its answer."""
+
+    def __init__(self, status: int, body: dict[str, Any]):
+        message = body.get("message") or body.get("error") or json.dumps(body)[:300]
+        super().__init__(f"server answered {status}: {message}")
+        self.status = status
+        self.body = body
+
+
+def sniff_content_type(data: bytes) -> str:
+    """The image MIME type from the first bytes (what a browser or curl would send)."""
+    if data.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "image/png"
+    if data.startswith(b"\xff\xd8\xff"):
+        return "image/jpeg"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "image/webp"
+    if data.startswith(b"BM"):
+        return "image/bmp"
+    if data[:4] in (b"II*\x00", b"MM\x00*"):
+        return "image/tiff"
+    return "application/octet-stream"
+
+
+def predictions_url(url: str, model: str | None = None) -> str:
+    """`http://host:port` -> `http://host:port/predictions/<model>`; a full URL is kept as it is."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise CrbpError(f"{url!r} is not an http(s) URL (e.g. http://127.0.0.1:8080/predictions/{DEFAULT_MODEL})")
+    if parts.path.strip("/") == "":
+        return urllib.parse.urlunsplit((parts.scheme, parts.netloc, f"/predictions/{model or DEFAULT_MODEL}", "", ""))
+    return url
+
+
+def find_token(url: str) -> str | None:
+    """$CRBP_DEPLOY_TOKEN, else the inference key of a server `crbp-deploy serve` started here on that port."""
+    if os.environ.get(TOKEN_ENV):
+        return os.environ[TOKEN_ENV]
+    parts = urllib.parse.urlsplit(url)
+    if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.port is None:
+        return None
+    from .server import default_run_dir, read_keys
+
+    keys = read_keys(default_run_dir(parts.port))
+    return keys.get("inference") if keys else None
+
+
+@dataclass
+class Answer:
+    status: int
+    body: dict[str, Any]
+    seconds: float
+
+    @property
+    def ok(self) -> bool:
+        return self.status == 200
+
+    def prediction(self) -> Prediction:
+        """The COCO panoptic result as a `Prediction` (id map decoded from the PNG)."""
+        if not self.ok:
+            raise ServerError(self.status, self.body)
+        return to_prediction(self.body)
+
+
+def to_prediction(body: dict[str, Any]) -> Prediction:
+    try:
+        pan_ids = decode_png(base64.b64decode(body["panoptic_png"], validate=True))
+        residual = body["residual"]
+        return Prediction(
+            pan_ids=pan_ids,
+            segments_info=body["segments_info"],
+            iterations=int(body["iterations"]),
+            residual=float("inf") if residual is None else float(residual),
+            converged=bool(body["converged"]),
+            timings_ms=dict(body.get("timings_ms") or {}),
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CrbpError(f"the server's answer is not a panoptic prediction ({exc!r})") from None
+
+
+class Client:
+    """One keep-alive connection to one model endpoint; use one Client per thread."""
+
+    def __init__(self, url: str, *, token: str | None = None, timeout: float = 120.0):
+        self.url = url
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise CrbpError(f"{url!r} is not an http(s) URL")
+        self._https = parts.scheme == "https"
+        self._host, self._port = parts.hostname, parts.port
+        self._path = parts.path or "/"
+        if parts.query:
+            self._path += "?" + parts.query
+        self.token = token
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
+            self._conn = cls(self._host, self._port, timeout=self.timeout)
+        return self._conn
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def post(self, data: bytes, *, content_type: str | None = None, headers: dict[str, str] | None = None,
+             max_iters: int | None = None, tol: float | None = None) -> Answer:
+        """POST one image; the budget goes in X-Max-Iters / X-Tol (TorchServe drops query strings
+        on /predictions)."""
+        sent = {"Content-Type": content_type or sniff_content_type(data)}
+        if self.token:
+            sent["Authorization"] = f"Bearer {self.token}"
+        if max_iters is not None:
+            sent["X-Max-Iters"] = str(max_iters)
+        if tol is not None:
+            sent["X-Tol"] = repr(float(tol)) if isinstance(tol, float) and math.isfinite(tol) else str(tol)
+        sent.update(headers or {})
+        started = time.perf_counter()
+        for attempt in (0, 1):  # a kept-alive connection the server closed is retried once, fresh
+            try:
+                conn = self._connection()
+                conn.request("POST", self._path, body=data, headers=sent)
+                response = conn.getresponse()
+                raw = response.read()
+                if response.getheader("connection", "").lower() == "close":
+                    self.close()
+                break
+            except (http.client.HTTPException, ConnectionError, socket.timeout, OSError) as exc:
+                self.close()
+                if attempt or not isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
+                    raise CrbpError(f"cannot reach {self.url}: {exc}") from None
+        seconds = time.perf_counter() - started
+        try:
+            body = json.loads(raw.decode("utf-8"))
+            if not isinstance(body, dict):
+                body = {"message": str(body)}
+        except (UnicodeDecodeError, ValueError):
+            body = {"message": raw[:300].decode("utf-8", "replace")}
+        return Answer(response.status, body, seconds)
+
+
+def predict_file(url: str, path: str | Path, *, token: str | None = None, **budget: Any) -> Answer:
+    """Send one image file (the convenience behind `crbp-deploy predict --url`)."""
+    data = Path(path).read_bytes()
+    with Client(url, token=token) as client:
+        return client.post(data, **budget)

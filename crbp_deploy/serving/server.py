@@ -1,0 +1,390 @@
+"""Start, check and stop a real TorchServe with a generated configuration.
+
+Why each choice (measured on TorchServe 0.12):
+- Everything lives in a run folder (config.properties, metrics.yaml, key_file.json, logs/, the pid
+  file, the worker sockets, the unpacked archives): TorchServe silently reads a config.properties
+  in its working directory and writes its pid file and sockets to the shared temp folder, so it is
+  started with the run folder as working directory, TMPDIR and TEMP, and an explicit --ts-config.
+- Models are registered at startup (`load_models`) with their archive's model-config.yaml (workers,
+  batch size, delay, timeout); the management API's register/unregister calls stay off
+  (`enable_model_api=false`, TorchServe's default), the read-only calls are used to wait until
+  every worker is READY.
+- Token auth stays on unless asked: TorchServe writes key_file.json (inference, management and API
+  keys) into the run folder; even /ping answers 400 without the inference key.
+- `metrics_mode=prometheus` with a metrics YAML that declares this project's model metrics, so
+  /metrics on the metrics port shows them (TorchServe exposes only declared backend metrics).
+- TorchServe always opens gRPC ports; they are put at P+3 / P+4 on 127.0.0.1 so two servers on
+  different ports do not collide on 7070/7071.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..config import StrictConfig
+from ..errors import ConfigError, CrbpError
+from . import metrics as model_metrics
+
+JAVA_MAIN = "org.pytorch.serve.ModelServer"
+STATE_ENV = "CRBP_DEPLOY_STATE"
+PID_FILE = ".model_server.pid"
+KEY_FILE = "key_file.json"
+
+
+@dataclass(frozen=True)
+class ServerConfig(StrictConfig):
+    """TorchServe settings this project controls; ports are P (inference), P+1 (management), P+2 (metrics)."""
+
+    port: int = 8080
+    host: str = "127.0.0.1"
+    auth: bool = True
+    token_expiration_min: int = 24 * 60  # TorchServe's default of 60 makes a day-long server reject its own key
+    max_request_bytes: int = 21 * 1024 * 1024  # the handler's 20 MiB image limit plus multipart overhead
+    max_response_bytes: int = 64 * 1024 * 1024
+    job_queue_size: int = 1000
+    startup_timeout_s: float = 300.0
+    envelope: str = ""  # "kservev2": KServe's Open Inference Protocol v2 on /v2/models/NAME/infer (as on KServe)
+
+    def validate(self) -> None:
+        if not 1024 <= self.port <= 65535 - 4:
+            raise ConfigError(f"port must be in 1024..65531 (P..P+4 are used), got {self.port}")
+        if self.token_expiration_min < 1 or self.job_queue_size < 1 or self.startup_timeout_s <= 0:
+            raise ConfigError("token_expiration_min, job_queue_size and startup_timeout_s must be positive")
+        if self.envelope not in ("", "kserve", "kservev2"):
+            raise ConfigError(f"envelope must be '', 'kserve' or 'kservev2', got {self.envelope!r}")
+
+    def ports(self) -> dict[str, int]:
+        p = self.port
+        return {"inference": p, "management": p + 1, "metrics": p + 2, "grpc_inference": p + 3, "grpc_management": p + 4}
+
+
+@dataclass
+class Server:
+    """A running TorchServe started by `start`."""
+
+    run_dir: Path
+    config: ServerConfig
+    pid: int
+    models: list[str]
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def url(self, api: str = "inference") -> str:
+        return f"http://{self.config.host}:{self.config.ports()[api]}"
+
+    def predictions_url(self, model: str) -> str:
+        return f"{self.url()}/predictions/{model}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{self.url('metrics')}/metrics"
+
+    @property
+    def token(self) -> str | None:
+        return self.keys.get("inference")
+
+    @property
+    def key_file(self) -> Path | None:
+        return self.run_dir / KEY_FILE if self.config.auth else None
+
+    def stop(self, timeout: float = 60.0) -> bool:
+        return stop(self.run_dir, timeout=timeout)
+
+
+def default_run_dir(port: int) -> Path:
+    """Where `crbp-deploy serve --port P` keeps its files: $CRBP_DEPLOY_STATE or ~/.cache/crbp-deploy."""
+    base = Path(os.environ.get(STATE_ENV) or Path.home() / ".cache" / "crbp-deploy")
+    return base / f"torchserve-{port}"
+
+
+def check_installed() -> None:
+    """TorchServe, its Java 17 runtime and pyyaml must be importable/runnable from this Python."""
+    missing = []
+    for module, package in (("ts", "torchserve"), ("model_archiver", "torch-model-archiver"), ("yaml", "pyyaml")):
+        try:
+            __import__(module)
+        except ImportError:
+            missing.append(package)
+    if missing:
+        raise CrbpError(f"serving needs {', '.join(missing)}: pip install 'crbp-deploy[serve]'")
+    java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
+    if not java or not Path(java).exists():
+        raise CrbpError("TorchServe needs Java 17 (no `java` on PATH and no JAVA_HOME); install openjdk-17-jre-headless")
+
+
+def metrics_yaml() -> str:
+    """TorchServe's default metrics YAML plus this project's model metrics."""
+    import yaml
+
+    import ts
+
+    default = Path(ts.__file__).parent / "configs" / "metrics.yaml"
+    doc = yaml.safe_load(default.read_text())
+    model = doc.setdefault("model_metrics", {}) or {}
+    doc["model_metrics"] = model
+    for kind, entries in model_metrics.yaml_entries().items():
+        listed = model.setdefault(kind, []) or []
+        model[kind] = [e for e in listed if e["name"] not in {x["name"] for x in entries}] + entries
+    return yaml.safe_dump(doc, sort_keys=False)
+
+
+def config_properties(config: ServerConfig, model_store: Path, models: list[str], metrics_config: Path) -> str:
+    """The generated config.properties (every value this project relies on is explicit)."""
+    host, ports = config.host, config.ports()
+    props = {
+        "inference_address": f"http://{host}:{ports['inference']}",
+        "management_address": f"http://{host}:{ports['management']}",
+        "metrics_address": f"http://{host}:{ports['metrics']}",
+        "grpc_inference_address": host,
+        "grpc_management_address": host,
+        "grpc_inference_port": ports["grpc_inference"],
+        "grpc_management_port": ports["grpc_management"],
+        "model_store": str(model_store),
+        "load_models": ",".join(f"{m}.mar" for m in models),
+        "enable_model_api": "false",
+        "disable_token_authorization": "false" if config.auth else "true",
+        "token_expiration_min": config.token_expiration_min,
+        "metrics_mode": "prometheus",
+        "enable_metrics_api": "true",
+        "metrics_config": str(metrics_config),
+        "max_request_size": config.max_request_bytes,
+        "max_response_size": config.max_response_bytes,
+        "job_queue_size": config.job_queue_size,
+        "install_py_dep_per_model": "false",
+        "enable_envvars_config": "false",
+    }
+    if config.envelope:
+        props["service_envelope"] = config.envelope
+    lines = ["# generated by crbp-deploy serve; TorchServe reads only this file (--ts-config)"]
+    lines += [f"{k}={v}" for k, v in props.items()]
+    return "\n".join(lines) + "\n"
+
+
+def _port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _server_process(run_dir: Path):
+    """The live TorchServe Java process recorded in `run_dir`, or None (a stale pid file is removed)."""
+    import psutil
+
+    pid_file = run_dir / PID_FILE
+    try:
+        pid = int(pid_file.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    try:
+        proc = psutil.Process(pid)
+        if JAVA_MAIN in proc.cmdline() and proc.status() != psutil.STATUS_ZOMBIE:
+            return proc
+    except psutil.Error:
+        pass
+    pid_file.unlink(missing_ok=True)
+    return None
+
+
+def running_pid(run_dir: Path) -> int | None:
+    proc = _server_process(Path(run_dir))
+    return proc.pid if proc else None
+
+
+def read_keys(run_dir: Path) -> dict[str, str]:
+    """{"inference", "management", "API"} keys from the run folder's key_file.json ({} if none)."""
+    try:
+        doc = json.loads((Path(run_dir) / KEY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: entry["key"] for name, entry in doc.items() if isinstance(entry, dict) and "key" in entry}
+
+
+def _get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return status, raw.decode("utf-8", "replace")
+
+
+def _log_tail(run_dir: Path, lines: int = 25) -> str:
+    chunks = []
+    for name in ("launcher.log", "logs/ts_log.log", "logs/model_log.log"):
+        path = run_dir / name
+        if path.is_file():
+            text = path.read_text(errors="replace").splitlines()[-lines:]
+            chunks.append(f"--- {path} (last {len(text)} lines) ---\n" + "\n".join(text))
+    return "\n".join(chunks)
+
+
+def _load_failure(run_dir: Path, name: str) -> str | None:
+    """The worker's exception when TorchServe reports that `name` failed to load, else None."""
+    try:
+        if f"Load model failed: {name}," not in (run_dir / "logs" / "ts_log.log").read_text(errors="replace"):
+            return None
+        lines = (run_dir / "logs" / "model_log.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    errors = [line.split("MODEL_LOG - ", 1)[1] for line in lines if "MODEL_LOG - " in line]
+    errors = [e for e in errors if re.match(r"^[A-Za-z_][\w.]*(Error|Exception): ", e)]
+    return errors[-1] if errors else "the worker died while loading it"
+
+
+def store_models(model_store: Path) -> list[str]:
+    return sorted(p.stem for p in Path(model_store).glob("*.mar"))
+
+
+def start(
+    model_store: str | os.PathLike,
+    config: ServerConfig | None = None,
+    *,
+    run_dir: str | os.PathLike | None = None,
+    models: list[str] | None = None,
+    env: dict[str, str] | None = None,
+    progress=None,
+) -> Server:
+    """Start TorchServe, wait until /ping is healthy and every model's workers are READY.
+
+    `models` defaults to every .mar in the store. `env` adds environment variables for the server
+    (and its workers). `progress(msg)` is called with status lines. On failure the server is stopped
+    and the error carries the tail of its logs.
+    """
+    check_installed()
+    config = config or ServerConfig()
+    say = progress or (lambda msg: None)
+    store = Path(model_store).resolve()
+    if not store.is_dir():
+        raise CrbpError(f"model store {store} does not exist; build an archive first: crbp-deploy package")
+    available = store_models(store)
+    models = list(models) if models is not None else available
+    if not models:
+        raise CrbpError(f"no .mar archives in {store}; build one first: crbp-deploy package")
+    missing = sorted(set(models) - set(available))
+    if missing:
+        raise CrbpError(f"not in {store}: {', '.join(m + '.mar' for m in missing)} (found: {', '.join(available) or 'none'})")
+    run = Path(run_dir) if run_dir else default_run_dir(config.port)
+    run = run.resolve()
+    run.mkdir(parents=True, exist_ok=True)
+    live = running_pid(run)
+    if live:
+        raise CrbpError(f"a TorchServe from {run} is already running (pid {live}); stop it: crbp-deploy serve --stop --port {config.port}")
+    busy = [f"{name} {port}" for name, port in config.ports().items() if not _port_free(config.host, port)]
+    if busy:
+        raise CrbpError(f"port(s) in use on {config.host}: {', '.join(busy)}; choose another --port")
+    (run / KEY_FILE).unlink(missing_ok=True)  # never read a previous server's keys
+    shutil.rmtree(run / "models", ignore_errors=True)  # archives a previous server unpacked here
+    (run / "metrics.yaml").write_text(metrics_yaml())
+    cfg = run / "config.properties"
+    cfg.write_text(config_properties(config, store, models, run / "metrics.yaml"))
+    server_env = {**os.environ, **(env or {})}
+    server_env.update(TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"), METRICS_LOCATION=str(run / "logs"))
+    server_env.pop("TS_CONFIG_FILE", None)  # would override --ts-config
+    say(f"starting TorchServe (run folder {run})")
+    with open(run / "launcher.log", "wb") as log:
+        launcher = subprocess.run(
+            [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(cfg), "--model-store", str(store), "--ncs"],
+            cwd=run, env=server_env, stdout=log, stderr=subprocess.STDOUT, timeout=120,
+        )
+    proc = _server_process(run)
+    if launcher.returncode != 0 or proc is None:
+        raise CrbpError(f"TorchServe did not start (launcher exit code {launcher.returncode})\n{_log_tail(run)}")
+    server = Server(run_dir=run, config=config, pid=proc.pid, models=models)
+    try:
+        _wait_ready(server, proc, say)
+    except BaseException:
+        stop(run)
+        raise
+    return server
+
+
+def _wait_ready(server: Server, proc, say) -> None:
+    deadline = time.monotonic() + server.config.startup_timeout_s
+
+    def alive() -> None:
+        if not proc.is_running() or proc.status() == "zombie":
+            raise CrbpError(f"TorchServe exited during startup\n{_log_tail(server.run_dir)}")
+        if time.monotonic() > deadline:
+            raise CrbpError(
+                f"TorchServe was not ready within {server.config.startup_timeout_s:.0f} s\n{_log_tail(server.run_dir)}"
+            )
+
+    while True:  # health: /ping with the inference key (TorchServe refuses it without one)
+        alive()
+        if server.config.auth:
+            server.keys = read_keys(server.run_dir)
+            if not server.keys:
+                time.sleep(0.2)
+                continue
+        try:
+            status, body = _get(f"{server.url()}/ping", server.token)
+            if status == 200 and isinstance(body, dict) and body.get("status") == "Healthy":
+                break
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.3)
+    say(f"healthy; waiting for {', '.join(server.models)} to load")
+    pending = set(server.models)
+    while pending:  # registration happened at startup (load_models); wait until each model's workers are READY
+        alive()
+        for name in sorted(pending):
+            failure = _load_failure(server.run_dir, name)
+            if failure:
+                raise CrbpError(f"model {name} failed to load: {failure} (log: {server.run_dir / 'logs' / 'model_log.log'})")
+            try:
+                status, body = _get(f"{server.url('management')}/models/{name}", server.keys.get("management"))
+            except (urllib.error.URLError, OSError):
+                continue
+            if status == 200 and isinstance(body, list) and body:
+                workers = body[0].get("workers") or []
+                want = int(body[0].get("minWorkers") or 1)
+                if sum(w.get("status") == "READY" for w in workers) >= want:
+                    pending.discard(name)
+        if pending:
+            time.sleep(0.5)
+
+
+def stop(run_dir: str | os.PathLike, timeout: float = 60.0) -> bool:
+    """Stop the TorchServe recorded in `run_dir` and wait until the Java process and its workers have
+    exited (SIGTERM, then SIGKILL after `timeout`). False if none was running."""
+    import psutil
+
+    run = Path(run_dir)
+    proc = _server_process(run)
+    if proc is None:
+        return False
+    try:
+        workers = proc.children(recursive=True)
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except psutil.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+    except psutil.NoSuchProcess:
+        workers = []
+    _, alive = psutil.wait_procs(workers, timeout=15)
+    for worker in alive:
+        worker.kill()
+    psutil.wait_procs(alive, timeout=5)
+    (run / PID_FILE).unlink(missing_ok=True)
+    (run / KEY_FILE).unlink(missing_ok=True)  # the keys die with the server
+    return True
