@@ -15,7 +15,6 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/crbp-deploy info crbp-panoptic --no-check
 	$(BIN)/crbp-deploy demo
 
 test: $(STAMP)

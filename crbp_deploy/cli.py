@@ -102,14 +102,10 @@ def create(
     import torch
 
     from . import checkpoint
+    from .commands import json_object
     from .models import create_model
 
-    try:
-        overrides = json.loads(config) if config else {}
-    except json.JSONDecodeError as exc:
-        raise CrbpError(f"--config is not valid JSON: {exc}") from None
-    if not isinstance(overrides, dict):
-        raise CrbpError("--config must be a JSON object")
+    overrides = json_object(config, "--config")
     torch.manual_seed(seed)
     model = create_model(name, overrides)
     path = checkpoint.save(model, out, meta={"training": "none (random init)", "seed": seed})

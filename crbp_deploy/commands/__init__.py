@@ -4,6 +4,21 @@ from __future__ import annotations
 import typer
 
 
+def json_object(text: str | None, option: str) -> dict:
+    """A CLI option holding a JSON object of overrides; a clear ConfigError otherwise."""
+    import json
+
+    from ..errors import ConfigError
+
+    try:
+        value = json.loads(text) if text else {}
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{option} is not valid JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{option} must be a JSON object")
+    return value
+
+
 def not_built(command: str, issue: int) -> None:
     typer.echo(f"crbp-deploy {command}: not built yet (tracked in issue #{issue}).", err=True)
     raise typer.Exit(2)

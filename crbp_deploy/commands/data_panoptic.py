@@ -1,13 +1,13 @@
 """`crbp-deploy data panoptic`: write the synthetic panoptic set in the COCO panoptic layout."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ..errors import ConfigError
+from . import json_object
+
 
 
 def panoptic(
@@ -26,12 +26,7 @@ def panoptic(
 
     from ..data.panoptic_synth import SynthConfig, check_args, contact_sheet, generate_sample, write_dataset
 
-    try:
-        overrides = json.loads(config) if config else {}
-    except json.JSONDecodeError as exc:
-        raise ConfigError(f"--config is not valid JSON: {exc}") from None
-    if not isinstance(overrides, dict):
-        raise ConfigError("--config must be a JSON object")
+    overrides = json_object(config, "--config")
     cfg = SynthConfig.from_dict(overrides)
     check_args(out, count, size, val_fraction)
     columns = (TextColumn("[bold]panoptic"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())

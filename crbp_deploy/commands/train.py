@@ -8,7 +8,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import CrbpError
+from . import json_object
+
 
 
 def train(
@@ -42,12 +43,7 @@ def train(
 
     from ..training.trainer import TrainConfig, train as run_training
 
-    try:
-        overrides = json.loads(model_config) if model_config else {}
-    except json.JSONDecodeError as exc:
-        raise CrbpError(f"--model-config is not valid JSON: {exc}") from None
-    if not isinstance(overrides, dict):
-        raise CrbpError("--model-config must be a JSON object")
+    overrides = json_object(model_config, "--model-config")
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(
