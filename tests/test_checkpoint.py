@@ -1,16 +1,13 @@
-import io
 import os
 import pickle
 import subprocess
 import sys
-import zipfile
 
 import pytest
 import torch
 
 from crbp_deploy import checkpoint
 from crbp_deploy.errors import CheckpointError
-from crbp_deploy.models import create_model
 
 from conftest import tiny_model
 
