@@ -111,6 +111,17 @@ class Backend(ABC):
             tol=base.tol if tol is None else tol,
         )
 
+    def adopt_artifact(self, meta) -> None:
+        """Take strategy, input spec and default budget from an exported artifact's metadata."""
+        self.meta = meta
+        self.strategy = meta.strategy
+        self.in_channels = meta.in_channels
+        self.size_multiple = meta.size_multiple
+        if meta.strategy == "unrolled":
+            self.default_budget = Budget(iters=meta.iters)
+        else:
+            self.default_budget = Budget(max_iters=meta.max_iters, tol=meta.tol)
+
     def describe_artifact(self) -> str:
         return f"the {self.name} backend"
 

@@ -79,13 +79,7 @@ class OrtBackend(Backend):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CrbpError(f"{self.path}: onnxruntime cannot load it ({first})") from None
         self.meta = ArtifactMeta.from_props(self.session.get_modelmeta().custom_metadata_map, str(self.path))
-        self.strategy = self.meta.strategy
-        self.in_channels = self.meta.in_channels
-        self.size_multiple = self.meta.size_multiple
-        if self.strategy == "unrolled":
-            self.default_budget = Budget(iters=self.meta.iters)
-        else:
-            self.default_budget = Budget(max_iters=self.meta.max_iters, tol=self.meta.tol)
+        self.adopt_artifact(self.meta)
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_shape = list(self.session.get_inputs()[0].shape)  # ints where the export was static
 

@@ -76,13 +76,7 @@ class TrtBackend(Backend):
         if missing:
             raise CrbpError(f"{self.path}: the engine lacks tensor(s) {missing}; it was not built from a crbp-deploy artifact")
         self.budget_inputs = all(n in self.input_names for n in BUDGET_INPUTS)
-        self.strategy = self.meta.strategy
-        self.in_channels = self.meta.in_channels
-        self.size_multiple = self.meta.size_multiple
-        if self.strategy == "unrolled":
-            self.default_budget = Budget(iters=self.meta.iters)
-        else:
-            self.default_budget = Budget(max_iters=self.meta.max_iters, tol=self.meta.tol)
+        self.adopt_artifact(self.meta)
         lo, _, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape("images", 0))
         self.profile = (lo, hi)
         self.input_shape = [a if a == b else "dynamic" for a, b in zip(lo, hi)]  # ints where the engine is static
