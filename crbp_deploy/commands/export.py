@@ -94,10 +94,9 @@ def export(
         budget = {"max_iters": max_iters or card.get("max_iters"), "tol": card.get("tol") if tol is None else tol}
     if postprocess:
         from ..export.panoptic_graph import WithPanopticLabels
-        from ..panoptic.postprocess import PostprocessConfig
+        from ..panoptic.predict import model_postprocess
 
-        post = (m.meta.get("inference") or {}).get("postprocess") if getattr(m, "meta", None) else None
-        m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
+        m = WithPanopticLabels(m, model_postprocess(getattr(m, "meta", None)))
     name = Path(source.split(":")[-1]).stem
     out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}.onnx"
     result = export_onnx(

@@ -48,7 +48,12 @@ class Prediction:
 
 def model_budget(meta: Mapping[str, Any] | None) -> dict[str, Any]:
     """The inference budget recorded in a model card, else the default."""
-    return dict((meta or {}).get("inference", {}).get("budget", DEFAULT_BUDGET))
+    return dict(((meta or {}).get("inference") or {}).get("budget", DEFAULT_BUDGET))
+
+
+def model_postprocess(meta: Mapping[str, Any] | None) -> PostprocessConfig:
+    """The grouping options recorded in a model card, else the defaults."""
+    return PostprocessConfig.from_dict(((meta or {}).get("inference") or {}).get("postprocess") or {})
 
 
 def merge_budget(default: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
@@ -89,9 +94,8 @@ class PanopticPredictor:
             with torch.no_grad():
                 return model(images, **budget)
 
-        post = meta.get("inference", {}).get("postprocess")
         kwargs.setdefault("budget", model_budget(meta))
-        kwargs.setdefault("postprocess_config", PostprocessConfig.from_dict(post) if post else None)
+        kwargs.setdefault("postprocess_config", model_postprocess(meta))
         return cls(run, meta.get("categories", []), stride=getattr(model, "stride", 1), **kwargs)
 
     @classmethod
@@ -101,12 +105,11 @@ class PanopticPredictor:
         def run(images, **budget):
             return backend.run(images.numpy(), **budget).outputs
 
-        post = (meta.get("inference") or {}).get("postprocess")
         if backend.strategy == "unrolled":
             kwargs.setdefault("budget", backend.default_budget.kwargs())
         else:
             kwargs.setdefault("budget", model_budget(meta))
-        kwargs.setdefault("postprocess_config", PostprocessConfig.from_dict(post) if post else None)
+        kwargs.setdefault("postprocess_config", model_postprocess(meta))
         stride = getattr(backend, "size_multiple", None) or 1
         return cls(run, meta.get("categories", []), stride=stride, **kwargs)
 

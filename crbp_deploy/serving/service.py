@@ -31,8 +31,7 @@ from ..errors import ConfigError, CrbpError, InputError
 from ..imageio import ImageLimits, decode_image
 from ..models.contract import MAX_ITERATIONS, check_budget
 from ..panoptic.encoding import encode_png
-from ..panoptic.postprocess import PostprocessConfig
-from ..panoptic.predict import DEFAULT_BUDGET, PanopticPredictor, Prediction, model_budget
+from ..panoptic.predict import DEFAULT_BUDGET, PanopticPredictor, Prediction, model_budget, model_postprocess
 
 log = logging.getLogger(__name__)
 
@@ -184,13 +183,12 @@ class PanopticService:
         if not categories:
             raise CrbpError(f"{self.path}: its model card lists no categories; not a trained panoptic model")
         self.default_budget = self._default_budget(meta)
-        post = (meta.get("inference") or {}).get("postprocess")
         self.predictor = PanopticPredictor(
             self.backend.run,
             categories,
             stride=self.backend.size_multiple,
             budget=self.default_budget,
-            postprocess_config=PostprocessConfig.from_dict(post) if post else None,
+            postprocess_config=model_postprocess(meta),
         )
         self.categories = [dict(c) for c in categories]
         # Only ONNX Runtime on CPU with one intra-op thread computes each sample of a batch exactly as
