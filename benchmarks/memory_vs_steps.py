@@ -46,6 +46,7 @@ def worker(mode: str, steps: int, size: int, batch: int, channels: int) -> dict:
 
     from crbp_deploy.models import create_model
     from crbp_deploy.training import solve
+    from crbp_deploy.training.memory import saved_for_backward_bytes
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -76,18 +77,7 @@ def worker(mode: str, steps: int, size: int, batch: int, channels: int) -> dict:
 
     # deterministic cross-check, a separate forward: distinct storages autograd saves for
     # backward, without the parameters and the input batch (they are in the baseline)
-    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), images]}
-    saved: dict[int, object] = {}  # data_ptr -> storage, kept alive so addresses cannot repeat
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in known:
-            saved[storage.data_ptr()] = storage
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        solve(model, images, steps=steps, grad=mode, lcp_lambda=0.9)
-    saved_bytes = sum(s.nbytes() for s in saved.values())
+    saved_bytes = saved_for_backward_bytes(model, images, steps=steps, grad=mode, lcp_lambda=0.9)
     return {
         "mode": mode,
         "steps": steps,

@@ -290,23 +290,14 @@ def saved_for_backward_mib(args, method: str, steps: int) -> float:
     import torch
 
     from crbp_deploy.models import create_model
-    from crbp_deploy.training.solve import solve
+    from crbp_deploy.training.memory import saved_for_backward_bytes
 
     torch.manual_seed(0)
     model = create_model("hgru-pathfinder", args.model_config)
     images = torch.rand(args.batch_size, 1, args.size, args.size)
-    known = {t.untyped_storage().data_ptr() for t in [*model.parameters(), images]}
-    saved: dict[int, object] = {}
-
-    def pack(t):
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in known:
-            saved[storage.data_ptr()] = storage
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        solve(model, images, steps=steps, grad=method, lcp_lambda=args.lcp_lambda, lcp_reduction=args.lcp_reduction)
-    return sum(s.nbytes() for s in saved.values()) / 2**20
+    saved = saved_for_backward_bytes(model, images, steps=steps, grad=method, lcp_lambda=args.lcp_lambda,
+                                     lcp_reduction=args.lcp_reduction)
+    return saved / 2**20
 
 
 def init_contraction_stats(args, length: int) -> dict:
