@@ -7,7 +7,11 @@ import typer
 
 
 def pathfinder(
-    length: int = typer.Option(14, "--length", help="Paddles per contour (the paper's 9, 14, 20, 25; any >= 3)."),
+    length: str = typer.Option(
+        "14", "--length",
+        help="Paddles per contour (the paper's 9, 14, 20, 25; any >= 3), or a list such as 6,9,14,20,25: "
+        "lengths mixed, balanced, each image's length recorded in index.json.",
+    ),
     size: int = typer.Option(64, "--size", help="Image side in pixels (PF20/PF25: 128 holds several distractors)."),
     count: int = typer.Option(..., "--count", help="Number of images."),
     out: Path = typer.Option(..., "--out", help="Output folder (images/, masks/, index.json)."),
@@ -23,13 +27,18 @@ def pathfinder(
     no_progress: bool = typer.Option(False, "--no-progress", help="No progress bar."),
 ) -> None:
     """Generate a Pathfinder segmentation dataset: mask = the contour marked by the dots."""
-    from ..data.pathfinder import PathfinderConfig, write_dataset
+    from ..data.pathfinder import PathfinderConfig, length_configs, parse_lengths, write_dataset
     from ..errors import InputError
 
     if count < 1:
         raise InputError(f"--count must be >= 1, got {count}")
+    lengths = parse_lengths(length)
     config = PathfinderConfig.from_dict(
-        length=length, size=size, distractors=distractors, markers=markers, max_turn_deg=max_turn, scale=scale
+        length=lengths[0], size=size, distractors=distractors, markers=markers, max_turn_deg=max_turn, scale=scale
     )
-    index = write_dataset(out, config, count, seed=seed, progress=not no_progress, overwrite=overwrite, workers=workers)
-    typer.echo(f"wrote {count} images ({config.geometry()['distractors']} distractors each) and {index}")
+    configs = length_configs(config, lengths)  # every length validated before anything is written
+    index = write_dataset(
+        out, config, count, seed=seed, progress=not no_progress, overwrite=overwrite, workers=workers, lengths=lengths
+    )
+    clutter = ", ".join(f"PF{n}: {c.distractor_count}" for n, c in configs.items())
+    typer.echo(f"wrote {count} images (distractors each: {clutter}) and {index}")

@@ -30,6 +30,7 @@ be generated lazily, in any order, or in parallel, and always give identical byt
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import multiprocessing
@@ -427,6 +428,44 @@ def generate(config: PathfinderConfig, index: int, seed: int) -> tuple[np.ndarra
     return render(config, sample_scene(config, index, seed))
 
 
+# ---------------------------------------------------------------- mixed lengths
+
+
+def parse_lengths(text: str | int | Iterable[int]) -> list[int]:
+    """Contour lengths from "14" or "6,9,14,20,25" (or ints): distinct, in the order given, each >= 3."""
+    if isinstance(text, int):
+        items: list = [text]
+    elif isinstance(text, str):
+        items = [t.strip() for t in text.split(",")]
+    else:
+        items = list(text)
+    lengths: list[int] = []
+    for item in items:
+        try:
+            value = int(item)
+        except (TypeError, ValueError):
+            raise ConfigError(f"length must be a whole number of paddles (e.g. 14 or 6,9,14), got {item!r}") from None
+        if value < 3:
+            raise ConfigError(f"length must be >= 3 paddles, got {value}")
+        if value not in lengths:
+            lengths.append(value)
+    if not lengths:
+        raise ConfigError("length list is empty")
+    return lengths
+
+
+def length_configs(config: PathfinderConfig, lengths: Iterable[int] | None) -> dict[int, PathfinderConfig]:
+    """One validated config per contour length (the geometry of `config`, each its own length)."""
+    lengths = parse_lengths(lengths if lengths is not None else [config.length])
+    return {n: config if n == config.length else dataclasses.replace(config, length=n) for n in lengths}
+
+
+def length_of(lengths: list[int], index: int) -> int:
+    """The contour length of image `index` in a mixed set: lengths take turns, so every prefix of
+    the set is balanced across them (counts differ by at most one)."""
+    return lengths[index % len(lengths)]
+
+
 # ---------------------------------------------------------------- datasets
 
 
@@ -435,14 +474,17 @@ def _to_tensors(image: np.ndarray, mask: np.ndarray) -> tuple[torch.Tensor, torc
 
 
 class PathfinderDataset(Dataset):
-    """`count` samples generated on the fly: (image float32 1xHxW, mask int64 HxW, 1 = target)."""
+    """`count` samples generated on the fly: (image float32 1xHxW, mask int64 HxW, 1 = target).
+    With `lengths`, image i has contour length `length_of(lengths, i)` (a mixed-difficulty set)."""
 
-    def __init__(self, config: PathfinderConfig, count: int, seed: int = 0):
+    def __init__(self, config: PathfinderConfig, count: int, seed: int = 0, lengths: Iterable[int] | None = None):
         if count < 1:
             raise InputError(f"count must be >= 1, got {count}")
         if seed < 0:
             raise InputError(f"seed must be >= 0, got {seed}")
         self.config, self.count, self.seed = config, count, seed
+        self.configs = length_configs(config, lengths)
+        self.lengths = list(self.configs)
 
     def __len__(self) -> int:
         return self.count
@@ -450,7 +492,7 @@ class PathfinderDataset(Dataset):
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
         if not 0 <= index < self.count:
             raise IndexError(index)
-        return _to_tensors(*generate(self.config, index, self.seed))
+        return _to_tensors(*generate(self.configs[length_of(self.lengths, index)], index, self.seed))
 
 
 class PathfinderFolder(Dataset):
@@ -473,12 +515,19 @@ class PathfinderFolder(Dataset):
         self.config = PathfinderConfig.from_dict(index["config"])
         self.seed = int(index["seed"])
         self.files = [(self.root / f["image"], self.root / f["mask"]) for f in index["files"]]
+        # contour length per image (older single-length indexes list none: all have config.length)
+        self.lengths = [int(f.get("length", self.config.length)) for f in index["files"]]
         missing = [str(p) for pair in self.files for p in pair if not p.is_file()]
         if missing:
             raise InputError(f"{len(missing)} file(s) listed in {path} are missing, e.g. {missing[0]}")
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def config_of(self, index: int) -> PathfinderConfig:
+        """The config image `index` was generated with (its own contour length)."""
+        n = self.lengths[index]
+        return self.config if n == self.config.length else dataclasses.replace(self.config, length=n)
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """Sample `index` as NumPy arrays, as `generate` gives them."""
@@ -502,12 +551,12 @@ def _save_png(array: np.ndarray, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def _write_sample(job: tuple[Path, PathfinderConfig, int, int, str]) -> dict[str, str]:
+def _write_sample(job: tuple[Path, PathfinderConfig, int, int, str]) -> dict[str, str | int]:
     out, config, seed, index, name = job
     image, mask = generate(config, index, seed)
     _save_png(np.round(image * 255).astype(np.uint8), out / "images" / name)
     _save_png(mask.astype(np.uint8) * 255, out / "masks" / name)
-    return {"image": f"images/{name}", "mask": f"masks/{name}"}
+    return {"image": f"images/{name}", "mask": f"masks/{name}", "length": config.length}
 
 
 def _prepare_out(out: Path, overwrite: bool) -> None:
@@ -534,11 +583,17 @@ def write_dataset(
     progress: bool = True,
     overwrite: bool = False,
     workers: int = 1,
+    lengths: Iterable[int] | None = None,
 ) -> Path:
     """Write `count` samples as PNGs (images/*.png, masks/*.png with 255 = target), then index.json
-    (format, config, seed, count, file list). Each file and the index are written atomically and
-    the index last, so it lists only files that exist. `workers` > 1 generates in that many
-    processes (identical output). Returns the index path."""
+    (format, config, seed, count, lengths, file list with each image's contour length). Each file
+    and the index are written atomically and the index last, so it lists only files that exist.
+    `workers` > 1 generates in that many processes (identical output). `lengths` (e.g. [6, 9, 14,
+    20, 25]) mixes contour lengths, balanced: image i has `length_of(lengths, i)`, drawn with
+    `config`'s geometry at that length (auto distractors keep the clutter alike). Every length is
+    validated before anything is written. Returns the index path."""
+    configs = length_configs(config, lengths)
+    order = list(configs)
     if count < 1:
         raise InputError(f"count must be >= 1, got {count}")
     if seed < 0:
@@ -548,7 +603,7 @@ def write_dataset(
     out = Path(out_dir)
     _prepare_out(out, overwrite)
     digits = max(6, len(str(count - 1)))
-    jobs = [(out, config, seed, i, f"{i:0{digits}d}.png") for i in range(count)]
+    jobs = [(out, configs[length_of(order, i)], seed, i, f"{i:0{digits}d}.png") for i in range(count)]
     with contextlib.ExitStack() as stack:
         if workers == 1:
             results: Iterable = map(_write_sample, jobs)
@@ -556,13 +611,16 @@ def write_dataset(
             # spawn, not fork: the parent may hold torch's thread pools
             pool = stack.enter_context(ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")))
             results = pool.map(_write_sample, jobs, chunksize=max(1, min(64, count // (4 * workers))))
-        files = list(_progress(results, count, f"pathfinder PF{config.length} {config.size}px", progress))
+        label = "PF" + "/".join(map(str, order))
+        files = list(_progress(results, count, f"pathfinder {label} {config.size}px", progress))
     index = {
         "format": FORMAT,
         "version": FORMAT_VERSION,
         "task": "segment the marked contour; mask 255 = the target snake (paddles and markers)",
-        "config": config.to_dict(),
-        "geometry_px": config.geometry(),
+        "config": configs[max(order)].to_dict(),  # the geometry; its length is the longest of `lengths`
+        "geometry_px": configs[max(order)].geometry(),
+        "lengths": order,
+        "distractors_per_length": {str(n): c.distractor_count for n, c in configs.items()},
         "seed": seed,
         "count": count,
         "files": files,
