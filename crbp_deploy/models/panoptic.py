@@ -61,6 +61,7 @@ def _conv_block(cin: int, cout: int, stride: int, norm: str, kernel: int = 3) ->
 
 class _PanopticBase(RecurrentSegmenter):
     in_channels = 3
+    task = "panoptic"  # what eval / calibrate / bench score it on (PQ)
 
     def __init__(self, config: PanopticConfig):
         super().__init__(config)

@@ -41,6 +41,8 @@ class PathfinderConfig(StrictConfig):
 class HGRUPathfinder(RecurrentSegmenter):
     """Pathfinder segmenter: per-pixel logits for 'on the marked contour'."""
 
+    task = "pathfinder"  # what eval / calibrate / bench score it on (IoU)
+
     def __init__(self, config: PathfinderConfig):
         super().__init__(config)
         self.in_channels = config.in_channels
