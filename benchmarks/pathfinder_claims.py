@@ -197,7 +197,7 @@ def evaluate_run(job: dict) -> dict:
     import torch
 
     from crbp_deploy import checkpoint
-    from crbp_deploy.models.contract import relative_change
+    from crbp_deploy.models.solver import relative_change
     from crbp_deploy.training.losses import iou_counts
     from crbp_deploy.training.tasks import EVAL_BATCH, evaluate_pathfinder, load_pathfinder
 

@@ -4,8 +4,9 @@
 - `loop`: encoder -> ONNX `Loop`(step) -> readout. The three pieces are exported with the
   dynamo exporter and composed in `loop.py`; `max_iters` and `tol` are graph inputs whose
   initializers hold the defaults, so every call can set its own budget. Each Loop trip runs
-  `substeps` steps, every one with the exact per-sample bookkeeping of
-  `RecurrentSegmenter._run_until_converged` (residual, freeze, count), so iteration counts match.
+  `substeps` steps of the solver's `advance` (models/solver.py), the same per-sample bookkeeping
+  as the eager model, so iteration counts match. The body is compacted (only the samples still
+  running are stepped) or masked (`execution`).
 
 The artifact describes itself twice: `metadata_props` in the .onnx (read by the runtime) and a
 JSON sidecar `<name>.onnx.json` (model card, I/O schema, defaults, verification numbers).
@@ -32,7 +33,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from ..errors import CrbpError, InputError
-from ..models import RecurrentSegmenter, check_budget, relative_change
+from ..models import RecurrentSegmenter, check_budget, solver
 from .loop import PieceNames, compose_loop
 
 STRATEGIES = ("loop", "unrolled")
@@ -68,6 +69,7 @@ class ArtifactMeta:
     tol: float | None = None
     substeps: int = 1
     arch: str = ""
+    execution: str = "masked"  # loop body: "compact" or "masked" (solver.EXECUTIONS); older artifacts are masked
 
     def to_props(self) -> dict[str, str]:
         return {META_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
@@ -128,38 +130,29 @@ class _Pieces(nn.Module):
     """Encoder, `substeps` steps and readout side by side (inputs/outputs: see loop.PieceNames);
     the readout reads its own copy of ctx so the pieces stay independent.
 
-    The step repeats RecurrentSegmenter._run_until_converged exactly: per-sample residual,
-    converged samples frozen, iterations counted, `active` cleared once residual <= tol.
+    The step is the solver's `advance` (models/solver.py), so iteration counts match the eager
+    model; `execution` chooses a compacted (active rows only) or a masked body. With sub-steps
+    the budget can end inside a trip: an active sample has run exactly as many steps as the
+    trip count implies, so `iterations < max_iters` is the per-sample budget test.
     """
 
-    def __init__(self, model: RecurrentSegmenter, spec: pytree.TreeSpec, heads: tuple[str, ...], substeps: int):
+    def __init__(self, model: RecurrentSegmenter, spec: pytree.TreeSpec, heads: tuple[str, ...], substeps: int,
+                 execution: str):
         super().__init__()
-        self.m, self.spec, self.heads, self.substeps = model, spec, heads, substeps
+        self.m, self.spec, self.heads, self.substeps, self.execution = model, spec, heads, substeps, execution
 
     def encoder(self, images: Tensor):
         ctx = self.m.encode(images)
         h = self.m.init_state(ctx)
-        batch = h.shape[0]
-        active = torch.ones(batch, dtype=torch.bool, device=h.device)
-        iterations = torch.zeros(batch, dtype=torch.int64, device=h.device)
-        residual = torch.full((batch,), math.inf, device=h.device)
-        return (*pytree.tree_leaves(ctx), h, active, iterations, residual)
+        return (*pytree.tree_leaves(ctx), h, *solver.start(h))
 
     def step(self, ctx, h, active, iterations, residual, tol, trip=None, max_iters=None):
-        for j in range(self.substeps):
-            new = self.m.step(ctx, h)
-            r = relative_change(new, h)
-            if self.substeps == 1:
-                live = active
-                still = active & (r > tol)
-            else:  # the budget can end inside a trip: later sub-steps of that trip change nothing
-                live = active & (trip * self.substeps + j < max_iters)
-                still = active & ((r > tol) | ~live)
-            keep = live.view(-1, *([1] * (h.dim() - 1)))
-            h = torch.where(keep, new, h)
-            iterations = iterations + live.long()
-            residual = torch.where(live, r, residual)
-            active = still
+        for _ in range(self.substeps):
+            if self.substeps > 1:
+                active = active & (iterations < max_iters)
+            h, active, iterations, residual = solver.advance(
+                self.m.step, ctx, h, active, iterations, residual, tol, execution=self.execution
+            )
         return active.any(), h, active, iterations, residual
 
     def forward(self, images: Tensor, *args: Tensor):
@@ -170,24 +163,15 @@ class _Pieces(nn.Module):
 
 
 class _Unrolled(nn.Module):
-    """Fixed `iters` steps, same semantics as RecurrentSegmenter._run_fixed."""
+    """Fixed `iters` steps of the solver, one flat graph."""
 
     def __init__(self, model: RecurrentSegmenter, iters: int, heads: tuple[str, ...]):
         super().__init__()
         self.m, self.iters, self.heads = model, iters, heads
 
     def forward(self, images: Tensor):
-        ctx = self.m.encode(images)
-        h = self.m.init_state(ctx)
-        residual = None
-        for i in range(self.iters):
-            new = self.m.step(ctx, h)
-            if i == self.iters - 1:
-                residual = relative_change(new, h)
-            h = new
-        out = self.m.readout(ctx, h)
-        iterations = torch.full((h.shape[0],), self.iters, dtype=torch.int64, device=h.device)
-        return (*(out[k] for k in self.heads), iterations, residual)
+        out = self.m.run(images, iters=self.iters)
+        return tuple(out[k] for k in (*self.heads, "iterations", "residual"))
 
 
 # --- helpers --------------------------------------------------------------------------------
@@ -376,6 +360,7 @@ def export_onnx(
     example_size: tuple[int, int] = (64, 64),
     batch: int = 1,
     substeps: int = DEFAULT_SUBSTEPS,
+    execution: str | None = None,
     source: str | None = None,
 ) -> ExportResult:
     """Export `model` to `path` (.onnx) plus a sidecar `path.json`; both written atomically.
@@ -383,7 +368,11 @@ def export_onnx(
     Graph input `images`: float32 N x C x H x W in [0, 1]. Outputs: the readout heads by name,
     `iterations` (int64 [N]) and `residual` (float32 [N]). `loop` also takes optional inputs
     `max_iters` (int64 scalar) and `tol` (float scalar) defaulting to the values given here.
-    With `dynamic=False` the graph is fixed to `batch` x `example_size`.
+    With `dynamic=False` the graph is fixed to `batch` x `example_size`. `execution` (loop only):
+    "compact" steps only the samples still running (the batch shrinks inside the Loop; best on
+    ONNX Runtime), "masked" steps every row and freezes converged ones (fixed shapes, for TensorRT).
+    Default: compact, masked with `substeps` > 1 (a later sub-step could find no sample left,
+    and an empty batch breaks reshapes in the step).
     """
     if strategy == "loop":
         max_iters = DEFAULT_MAX_ITERS if max_iters is None else max_iters
@@ -391,6 +380,11 @@ def export_onnx(
     height, width = _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_size, substeps, path)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
+    execution = execution or ("compact" if substeps == 1 else "masked")
+    if execution not in solver.EXECUTIONS:
+        raise InputError(f"execution must be one of {', '.join(solver.EXECUTIONS)}, got {execution!r}")
+    if execution == "compact" and substeps > 1:
+        raise InputError("a compacted Loop runs one step per trip: use substeps=1 or execution='masked'")
     path = Path(path)
     _check_writable(path)
     started = time.perf_counter()
@@ -398,7 +392,7 @@ def export_onnx(
     model.eval()
     try:
         proto, meta, inputs, outputs = _build(
-            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps
+            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps, execution
         )
     finally:
         model.train(was_training)
@@ -418,6 +412,7 @@ def export_onnx(
         "model": card,
         "strategy": strategy,
         "substeps": meta.substeps if strategy == "loop" else None,
+        "execution": meta.execution if strategy == "loop" else None,
         "defaults": _defaults(meta),
         "opset": opset,
         "ir_version": proto.ir_version,
@@ -444,7 +439,7 @@ def export_onnx(
     )
 
 
-def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps):
+def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution):
     mult = int(getattr(model, "stride", 1) or 1)
     h, w = size
     gen = torch.Generator().manual_seed(0)
@@ -504,6 +499,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         tol=float(tol) if tol is not None else None,
         substeps=substeps if strategy == "loop" else 1,
         arch=model.arch,
+        execution=execution if strategy == "loop" else "masked",
     )
     images_dyn = _dynamic(ex_a, ex_b, dynamic)
     if strategy == "unrolled":
@@ -518,7 +514,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         inputs = [images_spec]
     else:
         proto = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
-                             dynamic, opset, substeps, max_iters, tol, images_spec, outputs)
+                             dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs)
         inputs = [
             images_spec,
             {"name": "max_iters", "dtype": "int64", "shape": [], "default": max_iters, "optional": True},
@@ -531,7 +527,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
     return proto, meta, inputs, outputs
 
 
-def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, substeps, max_iters, tol,
+def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, substeps, execution, max_iters, tol,
                  images_spec, outputs):
     (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b) = ex, leaves, hs
     names = PieceNames(ctx_names, heads, substeps)
@@ -551,7 +547,7 @@ def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, 
         h_dyn = _dynamic(h_a, h_b, True)
         rest = [*ctx_dyn, h_dyn, vec, vec, vec, None] + ([None, None] if substeps > 1 else [])
         dyn = (_dynamic(ex_a, ex_b, True), tuple([*rest, *ctx_dyn, h_dyn]))
-    pieces = _dynamo("encoder/step/readout", _Pieces(model, spec, heads, substeps), tuple(args),
+    pieces = _dynamo("encoder/step/readout", _Pieces(model, spec, heads, substeps, execution), tuple(args),
                      names.inputs, names.outputs, dyn, opset)
     try:
         return compose_loop(pieces, names, max_iters=max_iters, tol=float(tol),

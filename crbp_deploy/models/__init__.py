@@ -1,5 +1,7 @@
 """Model registry and the recurrent-segmenter contract; importing this registers every model."""
-from .contract import MAX_ITERATIONS, RecurrentSegmenter, check_budget, relative_change
+from .contract import MAX_ITERATIONS, RecurrentSegmenter, check_budget
+from .solver import fixed_point, relative_change
+from . import solver
 from .registry import create_model, get_entry, list_models, register_model
 from . import panoptic, pathfinder  # noqa: F401  (registers the models)
 
@@ -8,8 +10,10 @@ __all__ = [
     "RecurrentSegmenter",
     "check_budget",
     "create_model",
+    "fixed_point",
     "get_entry",
     "list_models",
     "register_model",
     "relative_change",
+    "solver",
 ]

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 
 from ..config import StrictConfig
 from ..errors import InputError
+from .solver import fixed_point
 
 #: The largest iteration budget any run accepts; more is a mistake, not a request.
 MAX_ITERATIONS = 10_000
@@ -35,13 +36,6 @@ def check_budget(iters: int | None, max_iters: int | None, tol: float | None) ->
             raise InputError("early exit needs tol (relative state change at which to stop)")
         if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
             raise InputError(f"tol must be a finite number >= 0, got {tol!r}")
-
-
-def relative_change(new: Tensor, old: Tensor) -> Tensor:
-    """Per-sample ||new - old|| / ||old|| (inf-safe when old is all zeros)."""
-    diff = (new - old).flatten(1).norm(dim=1)
-    base = old.flatten(1).norm(dim=1)
-    return diff / base.clamp_min(1e-12)
 
 
 class RecurrentSegmenter(nn.Module):
@@ -87,50 +81,27 @@ class RecurrentSegmenter(nn.Module):
         iters: int | None = None,
         max_iters: int | None = None,
         tol: float | None = None,
+        execution: str = "compact",
     ) -> dict[str, Tensor]:
         """`iters=N`: N steps. `max_iters=M, tol=eps`: per sample until relative change <= eps or M.
 
-        Returns the readout heads plus `iterations` (int64 [B]) and `residual` (float [B], the
-        relative state change of each sample's last step).
+        Returns the readout heads plus `iterations` (int64 [B]) and `residual` (float32 [B], the
+        relative state change of each sample's last step; non-finite where the sample diverged).
+        `execution="compact"` steps only the samples still running (a batch costs the sum of its
+        iterations); "masked" steps every row and freezes converged ones (see solver.py).
         """
         check_budget(iters, max_iters, tol)
         self.check_images(images)
+        return self.run(images, iters=iters, max_iters=max_iters, tol=tol, execution=execution)
+
+    def run(self, images: Tensor, *, execution: str = "compact", **budget) -> dict[str, Tensor]:
+        """encode -> solve -> readout, unchecked (`forward` validates; exporters trace this)."""
         ctx = self.encode(images)
-        h = self.init_state(ctx)
-        if iters is not None:
-            h, iterations, residual = self._run_fixed(ctx, h, iters)
-        else:
-            h, iterations, residual = self._run_until_converged(ctx, h, max_iters, float(tol))
+        h, stats = fixed_point(self.step, ctx, self.init_state(ctx), execution=execution, **budget)
         out = self.readout(ctx, h)
-        out["iterations"] = iterations
-        out["residual"] = residual
+        out["iterations"] = stats.iterations
+        out["residual"] = stats.residual
         return out
-
-    def _run_fixed(self, ctx: Tensor, h: Tensor, iters: int):
-        residual = torch.full((h.shape[0],), math.inf, device=h.device)
-        for _ in range(iters):
-            new = self.step(ctx, h)
-            residual = relative_change(new, h).detach()
-            h = new
-        iterations = torch.full((h.shape[0],), iters, dtype=torch.int64, device=h.device)
-        return h, iterations, residual
-
-    def _run_until_converged(self, ctx: Tensor, h: Tensor, max_iters: int, tol: float):
-        batch = h.shape[0]
-        active = torch.ones(batch, dtype=torch.bool, device=h.device)
-        iterations = torch.zeros(batch, dtype=torch.int64, device=h.device)
-        residual = torch.full((batch,), math.inf, device=h.device)
-        for _ in range(max_iters):
-            new = self.step(ctx, h)
-            r = relative_change(new, h).detach()
-            keep = active.view(-1, *([1] * (h.dim() - 1)))
-            h = torch.where(keep, new, h)  # converged samples stay frozen
-            iterations = iterations + active.long()
-            residual = torch.where(active, r, residual)
-            active = active & (r > tol)
-            if not bool(active.any()):
-                break
-        return h, iterations, residual
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
