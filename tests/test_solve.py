@@ -239,7 +239,7 @@ def test_penalty_is_positive_and_trains_the_model(mode):
     "a, kwargs, stop, terms, factor",
     [
         (0.5, {"neumann_steps": 3}, "steps", 3, 1 + 0.5 + 0.25 + 0.125),
-        (1.5, {}, "growth", 0, 1.0),  # ‖v_1‖ = 1.5 ‖v_0‖: diverging, keep g_0
+        (1.5, {"neumann_rule": "public"}, "growth", 0, 1.0),  # ‖v_1‖ = 1.5 ‖v_0‖: diverging, keep g_0
         (0.9, {"neumann_cap": 2.0}, "cap", 1, 1.9),  # ‖g_2‖ = 2.71 ‖v_0‖ > 2 ‖v_0‖: keep g_1
         (1e-6, {}, "floor", 1, 1 + 1e-6),  # ‖v_2‖ = 1e-12 ‖v_0‖ < 1e-9: keep g_1
     ],

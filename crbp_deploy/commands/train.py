@@ -21,9 +21,18 @@ def train(
     grad: str = typer.Option("crbp", "--grad", help="bptt | cbptt | rbp | crbp"),
     steps: int = typer.Option(20, "--steps", help="Recurrent steps per training forward."),
     neumann_steps: int = typer.Option(15, "--neumann-steps", help="Neumann-series terms (rbp/crbp)."),
+    neumann_rule: str = typer.Option(
+        "patient", "--neumann-rule",
+        help="Neumann stop on growth: patient (after --neumann-patience growing terms in a row) | public "
+        "(the paper's code: at the first growing term).",
+    ),
+    neumann_patience: int = typer.Option(3, "--neumann-patience", help="Growing terms in a row that stop the series."),
+    neumann_growth_limit: float = typer.Option(
+        4.0, "--neumann-growth-limit", help="A term above this many times the first stops the series at once."
+    ),
     lcp_lambda: float = typer.Option(0.9, "--lcp-lambda", help="LCP threshold lambda (cbptt/crbp)."),
     lcp_reduction: str = typer.Option("mean", "--lcp-reduction", help="LCP reduction: mean | batch | sum."),
-    penalty_weight: float = typer.Option(10.0, "--penalty-weight", help="Weight of the LCP in the loss."),
+    penalty_weight: float = typer.Option(100.0, "--penalty-weight", help="Weight of the LCP in the loss."),
     loss: str = typer.Option("focal", "--loss", help="Pathfinder loss: focal | bce."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     batch_size: int = typer.Option(32, "--batch-size", help="Global batch size (split over torchrun processes)."),
@@ -48,7 +57,8 @@ def train(
         torch.set_num_threads(threads)
     cfg = TrainConfig.from_dict(
         task=task, data=str(data), model=model, model_config=overrides, grad=grad, steps=steps,
-        neumann_steps=neumann_steps, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
+        neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
+        neumann_growth_limit=neumann_growth_limit, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
         batch_size=batch_size, epochs=epochs, clip_grad=clip_grad, seed=seed, max_train=max_train,
     )
     record = run_training(cfg, out, resume=resume, progress=not quiet)

@@ -3,9 +3,23 @@
 At a fixed point h* = F(x, h*) the implicit function theorem gives the gradient that BPTT
 unrolled forever would: dL/dh* (I − J)⁻¹, J = dF/dh. Its truncated Neumann series
 g = Σ_k (Jᵀ)ᵏ v₀ needs only vector-Jacobian products of ONE recorded step, so memory does not
-grow with the number of forward steps. Stopping rules follow the paper's public code (stop and
-keep g_{k−1}), with the absolute gradient-norm cap of that code (‖g‖ > 1, which ties the
-solver to the loss scale) replaced by a cap relative to ‖v₀‖.
+grow with the number of forward steps.
+
+Two stopping rules (NEUMANN_RULES):
+
+- "public": the paper's public code — stop and keep g_{k−1} the first time ‖v_k‖ > ‖v_{k−1}‖.
+  The series converges when the spectral radius ρ(J) < 1, but a non-normal J (‖J‖ > 1 > ρ)
+  makes the first terms grow before they decay; this rule then throws the whole series away
+  (measured on the bundled panoptic model: 0 terms on every batch, see docs/contraction.md).
+- "patient" (default): stop on growth only when ‖v_k‖ has grown `patience` terms in a row, or
+  passed `growth_limit`·‖v₀‖. It then keeps g up to the term before that run of growth began —
+  the smallest-term truncation of a series that looks divergent — so a divergent series costs
+  at most `patience` extra VJPs and never changes g, while a convergent series with a short
+  transient keeps all its terms.
+
+Both rules share the other stops. The public code's absolute limits (‖g‖ > 1, ‖v‖ < 1e-9) tie
+the solver to the loss scale (a loss ×1e-9 stopped at 0 terms); here the cap and the floor are
+relative to ‖v₀‖, so the solve is invariant to the scale of the loss.
 """
 from __future__ import annotations
 
@@ -15,10 +29,19 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-#: Why the series stopped. "steps": all `steps` terms were added; "growth": ‖v_k‖ > ‖v_{k−1}‖
-#: (the series diverges: F is not contractive there); "cap": ‖g_k‖ > cap·‖v₀‖; "floor":
-#: ‖v_k‖ < floor (nothing left to add); "nonfinite": v_k has inf/nan. All but "steps" drop v_k.
+#: Why the series stopped. "steps": all `steps` terms were added; "growth": the terms grew (see
+#: the rules above); "cap": ‖g_k‖ > cap·‖v₀‖; "floor": ‖v_k‖ < floor·‖v₀‖ (nothing left to add);
+#: "nonfinite": v_k has inf/nan. On growth / cap / nonfinite g is rolled back to before the
+#: current run of growing terms (for the public rule: to g_{k−1}).
 STOP_REASONS = ("steps", "growth", "cap", "floor", "nonfinite")
+NEUMANN_RULES = ("patient", "public")
+
+#: Defaults shared by neumann_vjp, solve() and TrainConfig (the CLI repeats them; a test checks).
+DEFAULT_RULE = "patient"
+DEFAULT_PATIENCE = 3  # growing terms in a row before a series counts as divergent
+DEFAULT_GROWTH_LIMIT = 4.0  # a term above 4‖v₀‖ stops at once (see neumann_vjp)
+DEFAULT_CAP = 100.0
+DEFAULT_FLOOR = 1e-9
 
 
 @dataclass
@@ -27,8 +50,19 @@ class NeumannInfo:
 
     terms: int = 0  # VJPs accepted into g (0 = plain one-step backprop)
     stop: str | None = None
-    v_norms: list[float] = field(default_factory=list)  # ‖v_0‖, ‖v_1‖, ... incl. a rejected last one
+    v_norms: list[float] = field(default_factory=list)  # ‖v_0‖, ‖v_1‖, ... every VJP computed
     g_norm: float = math.nan
+
+    @property
+    def ratio(self) -> float:
+        """‖v_K‖/‖v₀‖ for the last accepted term K: how far the kept series had decayed (1 at K=0)."""
+        if not self.v_norms or not self.v_norms[0] > 0:
+            return math.nan
+        return self.v_norms[self.terms] / self.v_norms[0]
+
+    def summary(self) -> dict:
+        """terms, stop and ratio: the per-batch record the trainer keeps."""
+        return {"terms": self.terms, "stop": self.stop, "ratio": self.ratio}
 
 
 def neumann_vjp(
@@ -37,22 +71,34 @@ def neumann_vjp(
     v0: Tensor,
     *,
     steps: int = 15,
-    cap: float = 100.0,
-    floor: float = 1e-9,
+    cap: float = DEFAULT_CAP,
+    floor: float = DEFAULT_FLOOR,
+    rule: str = DEFAULT_RULE,
+    patience: int = DEFAULT_PATIENCE,
+    growth_limit: float = DEFAULT_GROWTH_LIMIT,
     info: NeumannInfo | None = None,
 ) -> tuple[Tensor, NeumannInfo]:
     """g = Σ_{k=0..K} (Jᵀ)ᵏ v₀ with J = d last / d prev, truncated by the rules in STOP_REASONS.
 
     Norms are over the whole tensor (the batch together), as in the public code. `cap` bounds
-    the amplification ‖g‖/‖v₀‖ (100 ≙ a contraction rate of 0.99); since the growth rule keeps
-    ‖v_k‖ ≤ ‖v₀‖, so ‖g_k‖ ≤ (k+1)‖v₀‖, it can only fire when `steps` ≥ cap. `info`, if given,
-    is filled in place.
+    the amplification ‖g‖/‖v₀‖ (100 ≙ a contraction rate of 0.99). `growth_limit` (patient rule)
+    stops a fast blow-up before `patience` runs out; 4 lets the transient of a convergent
+    non-normal series through (the bundled model's first term is 1.24‖v₀‖) while the rollback
+    keeps g unchanged either way. `info`, if given, is filled in place.
     """
+    if rule not in NEUMANN_RULES:
+        raise ValueError(f"rule must be one of {', '.join(NEUMANN_RULES)}, got {rule!r}")
     info = info if info is not None else NeumannInfo()
-    g, v = v0, v0
-    v_norm = float(v0.norm())
-    info.terms, info.stop, info.v_norms = 0, "steps", [v_norm]
-    limit = cap * v_norm
+    v0_norm = float(v0.norm())
+    info.terms, info.stop, info.v_norms = 0, "steps", [v0_norm]
+    g, v, v_norm = v0, v0, v0_norm
+    keep, keep_terms = v0, 0  # g before the current run of growing terms began
+    run = 0  # growing terms in a row (accepted provisionally by the patient rule)
+    limit = cap * v0_norm
+    if not math.isfinite(v0_norm):
+        info.stop, steps = "nonfinite", 0
+    elif v0_norm == 0.0:
+        info.stop, steps = "floor", 0  # nothing to solve: g = v₀ = 0
     for k in range(1, steps + 1):
         (v_next,) = torch.autograd.grad(last, prev, v, retain_graph=True)
         n = float(v_next.norm())
@@ -60,10 +106,11 @@ def neumann_vjp(
         if not math.isfinite(n):
             info.stop = "nonfinite"
             break
-        if n < floor:
+        if n < floor * v0_norm:
             info.stop = "floor"
             break
-        if n > v_norm:
+        run = run + 1 if n > v_norm else 0
+        if run and (rule == "public" or run >= patience or n > growth_limit * v0_norm):
             info.stop = "growth"
             break
         g_next = g + v_next
@@ -71,21 +118,26 @@ def neumann_vjp(
             info.stop = "cap"
             break
         g, v, v_norm, info.terms = g_next, v_next, n, k
+        if run == 0:
+            keep, keep_terms = g, k
+    if info.stop in ("growth", "cap", "nonfinite"):
+        g, info.terms = keep, keep_terms
     info.g_norm = float(g.norm())
     return g, info
 
 
-def implicit_state(last: Tensor, prev: Tensor, *, steps: int, cap: float, floor: float, info: NeumannInfo) -> Tensor:
+def implicit_state(last: Tensor, prev: Tensor, *, steps: int, info: NeumannInfo, **rules) -> Tensor:
     """`last` as a new tensor whose incoming gradient is replaced by its Neumann solve.
 
     Heads read the returned alias, so only the task gradient is solved; a gradient reaching
     `last` by another path (e.g. the LCP through a step's saved output) passes unchanged. The
     replaced gradient then flows through the one recorded step to the parameters and the encoder.
+    `rules`: cap, floor, rule, patience, growth_limit of neumann_vjp.
     """
     state = last.clone()
 
     def hook(grad: Tensor) -> Tensor:
-        g, _ = neumann_vjp(last, prev, grad, steps=steps, cap=cap, floor=floor, info=info)
+        g, _ = neumann_vjp(last, prev, grad, steps=steps, info=info, **rules)
         return g
 
     state.register_hook(hook)

@@ -22,8 +22,17 @@ from torch import Tensor, nn
 
 from ..errors import InputError
 from ..models.contract import MAX_ITERATIONS, RecurrentSegmenter, relative_change
-from .lcp import LCP_REDUCTIONS, lipschitz_penalty
-from .rbp import NeumannInfo, implicit_state
+from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, LCP_REDUCTIONS, lipschitz_penalty
+from .rbp import (
+    DEFAULT_CAP,
+    DEFAULT_FLOOR,
+    DEFAULT_GROWTH_LIMIT,
+    DEFAULT_PATIENCE,
+    DEFAULT_RULE,
+    NEUMANN_RULES,
+    NeumannInfo,
+    implicit_state,
+)
 
 GRAD_MODES = ("bptt", "cbptt", "rbp", "crbp")
 
@@ -55,7 +64,8 @@ def _check_number(name: str, value, *, low: float = -math.inf, strict: bool = Fa
         raise InputError(f"{name} must be {kind}{bound}, got {value!r}")
 
 
-def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor):
+def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
+                neumann_rule, neumann_patience, neumann_growth_limit):
     if grad not in GRAD_MODES:
         raise InputError(f"grad must be one of {', '.join(GRAD_MODES)}, got {grad!r}")
     _check_int("steps", steps, 1, MAX_ITERATIONS)
@@ -63,6 +73,10 @@ def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduc
     _check_number("lcp_lambda", lcp_lambda)
     _check_number("neumann_cap", neumann_cap, low=0, strict=True, inf_ok=True)
     _check_number("neumann_floor", neumann_floor, low=0)
+    if neumann_rule not in NEUMANN_RULES:
+        raise InputError(f"neumann_rule must be one of {', '.join(NEUMANN_RULES)}, got {neumann_rule!r}")
+    _check_int("neumann_patience", neumann_patience, 1, MAX_ITERATIONS)
+    _check_number("neumann_growth_limit", neumann_growth_limit, low=1, inf_ok=True)
     if lcp_reduction not in LCP_REDUCTIONS:
         raise InputError(f"lcp_reduction must be one of {', '.join(LCP_REDUCTIONS)}, got {lcp_reduction!r}")
     if not isinstance(model, nn.Module):
@@ -90,18 +104,25 @@ def solve(
     steps: int,
     grad: str = "crbp",
     neumann_steps: int = 15,
-    lcp_lambda: float = 0.9,
-    lcp_reduction: str = "batch",
-    neumann_cap: float = 100.0,
-    neumann_floor: float = 1e-9,
+    lcp_lambda: float = DEFAULT_LAMBDA,
+    lcp_reduction: str = DEFAULT_REDUCTION,
+    neumann_cap: float = DEFAULT_CAP,
+    neumann_floor: float = DEFAULT_FLOOR,
+    neumann_rule: str = DEFAULT_RULE,
+    neumann_patience: int = DEFAULT_PATIENCE,
+    neumann_growth_limit: float = DEFAULT_GROWTH_LIMIT,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
-    neumann_steps: most Neumann terms K (public code: 15); neumann_cap: stop when ‖g‖ exceeds
-    neumann_cap·‖dL/dh_T‖ (inf: off); neumann_floor: stop when ‖v_k‖ falls below it (rbp/crbp).
+    Neumann series (rbp/crbp; see rbp.py): neumann_steps: most terms K (public code: 15);
+    neumann_cap: stop when ‖g‖ exceeds neumann_cap·‖dL/dh_T‖ (inf: off); neumann_floor: stop when
+    ‖v_k‖ < neumann_floor·‖dL/dh_T‖ (relative, so the loss scale does not matter); neumann_rule:
+    "patient" (stop on growth after neumann_patience growing terms in a row or a term above
+    neumann_growth_limit·‖dL/dh_T‖) or "public" (stop at the first growing term).
     lcp_lambda / lcp_reduction: the LCP's λ and reduction (cbptt/crbp only; see lcp.py).
     """
-    _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor)
+    _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
+                neumann_rule, neumann_patience, neumann_growth_limit)
     ctx = model.encode(images)
     h = model.init_state(ctx)
     info = None
@@ -118,7 +139,10 @@ def solve(
         prev = h.detach().requires_grad_()
         last = model.step(ctx, prev)
         info = NeumannInfo()
-        state = implicit_state(last, prev, steps=neumann_steps, cap=neumann_cap, floor=neumann_floor, info=info)
+        state = implicit_state(
+            last, prev, steps=neumann_steps, info=info, cap=neumann_cap, floor=neumann_floor,
+            rule=neumann_rule, patience=neumann_patience, growth_limit=neumann_growth_limit,
+        )
     if grad in ("cbptt", "crbp"):
         penalty = lipschitz_penalty(last, prev, lcp_lambda, lcp_reduction)
     else:

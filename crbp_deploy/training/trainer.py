@@ -1,12 +1,19 @@
 """The training loop: any task, any grad mode, one process or many (torchrun), resumable.
 
 Each epoch ends with a validation pass and an atomic checkpoint (`last.pt`, which `crbp-deploy
-info` reads) plus the optimizer state (`last.state.pt`) for `--resume`.
+info` reads) plus the optimizer state (`last.state.pt`) for `--resume`. The checkpoint's card
+holds the measured contraction report (contraction.py) at the fixed points of 4 training images.
+
+rbp/crbp: every batch's Neumann solve (terms, stop reason, ‖v_K‖/‖v₀‖) goes to the progress bar
+and the history; each epoch is summarised, and a NeumannWarning is raised (and kept in the
+record) when the series stops on growth within 3 terms in more than 10% of the batches — then
+the gradient is close to one-step back-propagation, not RBP.
 """
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -15,13 +22,26 @@ import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .. import checkpoint
+from ..contraction import contraction_report
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
 from ..models import create_model
 from .distributed import World, all_sum, average_gradients, barrier, init_world, shutdown
-from .lcp import LCP_REDUCTIONS
+from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT, LCP_REDUCTIONS
+from .rbp import DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
 from .solve import GRAD_MODES, solve
 from .tasks import TASKS
+
+#: An epoch warns when more than this share of its batches stop on growth within EARLY_TERMS terms.
+EARLY_GROWTH_SHARE = 0.1
+EARLY_TERMS = 3
+#: The share of batches with at least this many terms is reported (the target of the LCP defaults).
+GOOD_TERMS = 10
+REPORT_IMAGES = 4  # training images the checkpoint's contraction report is measured on
+
+
+class NeumannWarning(UserWarning):
+    """The Neumann series of RBP/C-RBP stops too early: the gradient is near one-step backprop."""
 
 
 @dataclass(frozen=True)
@@ -33,9 +53,12 @@ class TrainConfig(StrictConfig):
     grad: str = "crbp"
     steps: int = 20
     neumann_steps: int = 15
-    lcp_lambda: float = 0.9
-    lcp_reduction: str = "mean"  # "mean" with weight 10 (paper, Pathfinder); "batch"/"sum" with 0.001 (panoptic)
-    penalty_weight: float = 10.0
+    neumann_rule: str = DEFAULT_RULE  # "patient" | "public" (the paper's code: stop at the first growing term)
+    neumann_patience: int = DEFAULT_PATIENCE
+    neumann_growth_limit: float = DEFAULT_GROWTH_LIMIT
+    lcp_lambda: float = DEFAULT_LAMBDA
+    lcp_reduction: str = DEFAULT_REDUCTION  # per element: one weight fits every model and image size (lcp.py)
+    penalty_weight: float = DEFAULT_WEIGHT  # measured so the series runs >= 10 terms (docs/contraction.md)
     loss: str = "focal"  # pathfinder: focal | bce
     lr: float = 1e-3
     batch_size: int = 32  # global, split evenly over processes
@@ -56,6 +79,10 @@ class TrainConfig(StrictConfig):
             raise ConfigError("neumann_steps, penalty_weight, clip_grad and max_train must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
+        if self.neumann_rule not in NEUMANN_RULES:
+            raise ConfigError(f"neumann_rule must be one of {', '.join(NEUMANN_RULES)}, got {self.neumann_rule!r}")
+        if self.neumann_patience < 1 or not self.neumann_growth_limit >= 1:
+            raise ConfigError("neumann_patience and neumann_growth_limit must be >= 1")
         if self.lcp_reduction not in LCP_REDUCTIONS:
             raise ConfigError(f"lcp_reduction must be one of {', '.join(LCP_REDUCTIONS)}, got {self.lcp_reduction!r}")
         if self.loss not in ("focal", "bce"):
@@ -71,6 +98,48 @@ def _progress(enabled: bool) -> Progress:
         TimeElapsedColumn(),
         TimeRemainingColumn(),
         disable=not enabled,
+    )
+
+
+class _NeumannLog:
+    """One epoch's Neumann solves: per-batch lists (this process) and totals summed over processes."""
+
+    def __init__(self) -> None:
+        self.terms: list[int] = []
+        self.stop: list[str] = []
+        self.ratio: list[float] = []
+
+    def add(self, info: NeumannInfo) -> str:
+        self.terms.append(info.terms)
+        self.stop.append(info.stop or "none")
+        self.ratio.append(round(info.ratio, 4))
+        return f"K={info.terms} {info.stop}"
+
+    def summary(self, world: World) -> dict[str, Any]:
+        early = sum(s == "growth" and t < EARLY_TERMS for s, t in zip(self.stop, self.terms))
+        counts = [len(self.terms), sum(self.terms), sum(t >= GOOD_TERMS for t in self.terms), early,
+                  sum(r for r in self.ratio if math.isfinite(r)), *[self.stop.count(s) for s in STOP_REASONS]]
+        totals = all_sum([float(c) for c in counts], world)
+        n = max(totals[0], 1.0)
+        return {
+            "terms_mean": totals[1] / n,
+            f"share_terms_ge_{GOOD_TERMS}": totals[2] / n,
+            f"share_growth_under_{EARLY_TERMS}": totals[3] / n,
+            "ratio_mean": totals[4] / n,
+            "stop_share": {s: totals[5 + i] / n for i, s in enumerate(STOP_REASONS)},
+            "batches": {"terms": self.terms, "stop": self.stop, "ratio": self.ratio},  # this process's batches
+        }
+
+
+def _neumann_warning(epoch: int, summary: dict[str, Any], rule: str) -> str | None:
+    share = summary[f"share_growth_under_{EARLY_TERMS}"]
+    if share <= EARLY_GROWTH_SHARE:
+        return None
+    return (
+        f"epoch {epoch}: the Neumann series stopped on growth within {EARLY_TERMS} terms in {share:.0%} of the "
+        f"batches (mean {summary['terms_mean']:.1f} terms): the gradient is close to one-step backprop. "
+        "Raise --penalty-weight (the LCP makes the step contract)"
+        + (" or use --neumann-rule patient." if rule == "public" else ".")
     )
 
 
@@ -125,6 +194,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
             job = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, stats="")
             order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
             sums = {"loss": 0.0, "penalty": 0.0}
+            neumann = _NeumannLog()
             t0 = time.perf_counter()
             model.train()
             for b in range(batches):
@@ -134,6 +204,8 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                 sol = solve(
                     model, batch["images"], steps=cfg.steps, grad=cfg.grad,
                     neumann_steps=cfg.neumann_steps, lcp_lambda=cfg.lcp_lambda, lcp_reduction=cfg.lcp_reduction,
+                    neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
+                    neumann_growth_limit=cfg.neumann_growth_limit,
                 )
                 loss, stats = task.loss(sol.outputs, batch)
                 optimizer.zero_grad(set_to_none=True)
@@ -145,7 +217,10 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                 stats = {"loss": loss.item(), **stats, "penalty": sol.penalty.item()}
                 sums["loss"] += stats["loss"]
                 sums["penalty"] += stats["penalty"]
-                bar.update(job, advance=1, stats=" ".join(f"{k}={v:.3g}" for k, v in stats.items()))
+                text = " ".join(f"{k}={v:.3g}" for k, v in stats.items())
+                if sol.neumann is not None:
+                    text += " " + neumann.add(sol.neumann)
+                bar.update(job, advance=1, stats=text)
             totals = all_sum([sums["loss"], sums["penalty"]], world)
             record = {
                 "epoch": epoch + 1,
@@ -154,6 +229,16 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                 "seconds": round(time.perf_counter() - t0, 2),
                 **{f"val_{k}": v for k, v in task.evaluate(model.eval(), val_set, cfg.steps).items()},
             }
+            if neumann.terms:
+                summary = neumann.summary(world)
+                record["neumann_terms"] = summary["terms_mean"]
+                record[f"neumann_ge_{GOOD_TERMS}"] = summary[f"share_terms_ge_{GOOD_TERMS}"]
+                record["neumann"] = summary
+                message = _neumann_warning(epoch + 1, summary, cfg.neumann_rule)
+                if message:
+                    record["warnings"] = [message]
+                    if world.is_main:
+                        warnings.warn(message, NeumannWarning, stacklevel=2)
             history.append(record)
             if world.is_main:
                 bar.update(job, stats=" ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
@@ -163,6 +248,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                     "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
                     "history": history,
                     **task.extra_meta(),
+                    "contraction": contraction_report(model, train_set["images"][:REPORT_IMAGES]),
                 }
                 checkpoint.save(model, out / "last.pt", meta=meta)
                 tmp = _state_path(out).with_suffix(".tmp")

@@ -1,0 +1,142 @@
+"""A measured contraction report: does the Neumann series of C-RBP run at this model's fixed points?
+
+RBP's gradient is Σ_k (Jᵀ)ᵏ v at the fixed point h* (J = dF/dh). Three numbers say whether
+that series runs, per input:
+
+- `spectral_radius` ρ(J), by power iteration with VJPs (v ← Jᵀv): the series converges iff ρ < 1.
+- `jacobian_norm` ‖J‖₂ = ‖Jᵀ‖₂, by power iteration on J Jᵀ (a VJP and a JVP per iteration):
+  ‖J‖ > 1 > ρ is a non-normal contraction — the first terms grow, then the series converges.
+- `max_column_sum` max(1ᵀJ), the quantity the LCP pushes below λ.
+
+and `neumann`: the terms a unit random gradient gets under the default stop rule (and under the
+public code's rule, for comparison), with the stop reason and ‖v_K‖/‖v₀‖.
+The fixed point is reached by iterating until the relative state change is below `tol`.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .training.rbp import DEFAULT_RULE, neumann_vjp
+
+
+def _vjp(last: Tensor, prev: Tensor, v: Tensor) -> Tensor:
+    return torch.autograd.grad(last, prev, v, retain_graph=True)[0]
+
+
+def _jvp(last: Tensor, prev: Tensor, w: Tensor) -> Tensor:
+    """J w by double backward: vjp(u) = Jᵀu is linear in u, so d(vjp(u)·w)/du = J w."""
+    u = torch.zeros_like(last, requires_grad=True)
+    (vj,) = torch.autograd.grad(last, prev, u, retain_graph=True, create_graph=True)
+    return torch.autograd.grad(vj, u, w, retain_graph=True)[0]
+
+
+def _per_sample_norm(t: Tensor) -> Tensor:
+    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
+
+
+@torch.no_grad()
+def _fixed_point(model, ctx: Tensor, tol: float, max_iters: int) -> tuple[Tensor, int, list[float]]:
+    h = model.init_state(ctx)
+    change = torch.full((h.shape[0],), math.inf)
+    for it in range(1, max_iters + 1):
+        new = model.step(ctx, h)
+        change = ((new - h).flatten(1).float().norm(dim=1) / h.flatten(1).float().norm(dim=1).clamp_min(1e-30)).cpu()
+        h = new
+        if bool((change <= tol).all()):
+            break
+    return h, it, [float(f"{c:.3g}") for c in change.tolist()]
+
+
+def contraction_report(
+    model,
+    images: Tensor | None = None,
+    *,
+    inputs: int = 4,
+    size: int = 64,
+    tol: float = 1e-4,
+    max_iters: int = 300,
+    power_iters: int = 30,
+    neumann_steps: int = 15,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Measure ρ(J), ‖J‖₂, max 1ᵀJ and the Neumann terms at the fixed points of `images`.
+
+    Without `images`: `inputs` uniform random size x size images (seeded). Every random draw uses
+    its own generator, so a report never changes a training run's random stream.
+    """
+    was_training = model.training
+    model.eval()
+    try:
+        param = next(model.parameters())
+        gen = torch.Generator().manual_seed(seed)
+        source = "given images"
+        if images is None:
+            images = torch.rand(inputs, model.in_channels, size, size, generator=gen)
+            source = f"random {size}x{size}"
+        images = images.to(device=param.device, dtype=param.dtype)
+        with torch.no_grad():
+            ctx = model.encode(images)
+        h, iterations, residual = _fixed_point(model, ctx, tol, max_iters)
+        with torch.enable_grad():
+            prev = h.detach().requires_grad_()
+            last = model.step(ctx, prev)
+            rand = lambda: torch.randn(prev.shape, generator=gen).to(prev)  # noqa: E731
+            # spectral radius: v <- Jᵀv; geometric mean of the growth over the second half
+            v = rand()
+            v = v / _per_sample_norm(v)
+            logs = []
+            for _ in range(power_iters):
+                w = _vjp(last, prev, v)
+                n = _per_sample_norm(w)
+                logs.append(n.flatten().log())
+                v = w / n.clamp_min(1e-30)
+            radius = torch.stack(logs[power_iters // 2 :]).mean(0).exp()
+            # spectral norm: u <- J Jᵀ u; ‖Jᵀu‖ for the unit top singular vector u is σ_max
+            u = rand()
+            u = u / _per_sample_norm(u)
+            for _ in range(power_iters):
+                w = _vjp(last, prev, u)
+                sigma = _per_sample_norm(w).flatten()
+                u = _jvp(last, prev, w)
+                u = u / _per_sample_norm(u).clamp_min(1e-30)
+            colsum = _vjp(last, prev, torch.ones_like(last)).flatten(1).amax(dim=1)
+            neumann: dict[str, list] = {"terms": [], "stop": [], "ratio": [], "terms_public": [], "stop_public": []}
+            for i in range(prev.shape[0]):
+                g0 = torch.zeros_like(prev)
+                g0[i] = rand()[i]
+                g0 = g0 / g0.norm()
+                _, info = neumann_vjp(last, prev, g0, steps=neumann_steps, rule=DEFAULT_RULE)
+                _, pub = neumann_vjp(last, prev, g0, steps=neumann_steps, rule="public")
+                neumann["terms"].append(info.terms)
+                neumann["stop"].append(info.stop)
+                neumann["ratio"].append(float(f"{info.ratio:.3g}"))
+                neumann["terms_public"].append(pub.terms)
+                neumann["stop_public"].append(pub.stop)
+    finally:
+        model.train(was_training)
+    r3 = lambda t: [float(f"{x:.4g}") for x in t.tolist()]  # noqa: E731
+    return {
+        "inputs": int(images.shape[0]),
+        "images": source,
+        "fixed_point": {"tol": tol, "max_iters": max_iters, "iterations": iterations, "residual": residual},
+        "spectral_radius": r3(radius),
+        "jacobian_norm": r3(sigma),
+        "max_column_sum": r3(colsum),
+        "neumann": {"rule": DEFAULT_RULE, "steps": neumann_steps, **neumann},
+    }
+
+
+def summary_line(report: dict[str, Any]) -> str:
+    """One line for `crbp-deploy info`."""
+    n = report["neumann"]
+    return (
+        f"at the fixed point of {report['inputs']} {report['images']} inputs "
+        f"({report['fixed_point']['iterations']} steps, residual <= {max(report['fixed_point']['residual']):.2g}): "
+        f"spectral radius {report['spectral_radius']}, ‖J‖₂ {report['jacobian_norm']}, "
+        f"max 1ᵀJ {report['max_column_sum']}; Neumann terms of a unit gradient ({n['rule']} rule, "
+        f"{n['steps']} max) {n['terms']} stop {n['stop']}; public rule {n['terms_public']}"
+    )
