@@ -20,7 +20,7 @@ def json_object(text: str | None, option: str) -> dict:
 
 
 def register_all(app: typer.Typer) -> None:
-    from . import data, demo, evaluate, export, serve, train
+    from . import calibrate, data, demo, evaluate, export, serve, train
 
-    for module in (data, train, evaluate, export, serve, demo):
+    for module in (data, train, evaluate, calibrate, export, serve, demo):
         module.register(app)

@@ -18,9 +18,13 @@ def _budget(iters: Optional[int], max_iters: Optional[int], tol: Optional[float]
 
 def _predictor(model_spec: Optional[str]):
     from ..cli import resolve_model
+
+    return _panoptic_predictor(*resolve_model(model_spec))
+
+
+def _panoptic_predictor(model, source: str):
     from ..panoptic.predict import PanopticPredictor
 
-    model, source = resolve_model(model_spec)
     if "categories" not in (getattr(model, "meta", None) or {}):
         raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
     return PanopticPredictor.from_model(model), source
@@ -37,15 +41,22 @@ def evaluate(
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
-    """PQ / SQ / RQ (all, things, stuff, per class) and iterations-to-converge statistics."""
+    """Panoptic models: PQ / SQ / RQ (all, things, stuff, per class). Pathfinder models: IoU and F1 overall
+    and per contour length, mean iterations per length, Spearman(length, iterations). Both: iterations stats."""
     from rich.console import Console
 
-    from ..panoptic.evaluate import evaluate_predictor, open_dataset
+    from ..cli import resolve_model
+    from ..panoptic.evaluate import evaluate_predictor
     from ..panoptic.pq import format_table
+    from ..quality import model_task, open_data
 
-    predictor, source = _predictor(model)
-    dataset = open_dataset(data, split)
     budget = _budget(iters, max_iters, tol)
+    m, source = resolve_model(model)
+    if model_task(m) == "pathfinder":
+        _evaluate_pathfinder(m, source, data, split, budget, limit, as_json)
+        return
+    predictor, source = _panoptic_predictor(m, source)
+    dataset = open_data("panoptic", data, split)
     result = evaluate_predictor(predictor, dataset, progress=not as_json, limit=limit, **budget)
     result["model"], result["data"] = source, str(data)
     result["budget"] = {k: v for k, v in budget.items() if v is not None} or predictor.budget
@@ -61,6 +72,28 @@ def evaluate(
         f"iterations: mean {it['mean']:.1f}, median {it['median']:.0f}, p90 {it['p90']:.0f}, "
         f"range {it['min']}..{it['max']}; converged {100 * it['converged_fraction']:.0f}% "
         f"(budget {result['budget']}, {result['images']} images)"
+    )
+
+
+def _evaluate_pathfinder(model, source: str, data: Path, split: str, budget: dict, limit: int, as_json: bool) -> None:
+    from rich.console import Console
+
+    from ..pathfinder_eval import format_table
+    from ..quality import resolve_budget, scorer_for
+
+    budget = resolve_budget(model, budget)
+    result = scorer_for(model, data, split=split, limit=limit, progress=not as_json).evaluate(**budget)
+    result["model"], result["data"] = source, str(data)
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    console = Console()
+    console.print(format_table(result, title=f"Pathfinder: {source} on {data}, budget {budget}"))
+    it, rho = result["iterations"], result["spearman_length_iterations"]
+    console.print(
+        f"iterations: mean {it['mean']:.1f}, median {it['median']:.0f}, p90 {it['p90']:.0f}, range {it['min']}..{it['max']}; "
+        f"converged {100 * it['converged_fraction']:.0f}%; Spearman(length, iterations) per image: "
+        + ("n/a (constant)" if rho is None else f"{rho:.3f}")
     )
 
 

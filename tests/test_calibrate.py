@@ -1,0 +1,149 @@
+"""`crbp-deploy calibrate`: the choice rule, the sweep on a small model, the card it writes, bad input."""
+import json
+import sys
+
+import pytest
+import torch
+
+from crbp_deploy import calibrate as cal
+from crbp_deploy import checkpoint, cli, zoo
+from crbp_deploy.data.pathfinder import PathfinderConfig, write_dataset
+from crbp_deploy.errors import InputError
+from crbp_deploy.models import create_model, get_entry
+from crbp_deploy.panoptic.predict import model_budget
+
+
+def point(quality, mean_iterations, iters=None, tol=None):
+    budget = {"iters": iters} if iters else {"max_iters": 40, "tol": tol}
+    return cal.Point(budget, quality, mean_iterations)
+
+
+SWEEP = [
+    point(10.0, 1, iters=1), point(40.0, 5, iters=5), point(49.6, 10, iters=10), point(50.0, 20, iters=20),
+    point(45.0, 4, tol=0.1), point(49.5, 7, tol=0.03), point(49.7, 9, tol=0.01), point(50.0, 14, tol=0.001),
+]
+
+
+def test_choose_the_loosest_tol_within_max_drop_and_the_equal_quality_fixed_count():
+    c = cal.choose(SWEEP, max_drop=0.5)
+    assert c["best_quality"] == 50.0 and c["within_max_drop"]
+    assert c["budget"] == {"max_iters": 40, "tol": 0.03}  # 49.5 >= 50 - 0.5; 0.1 (45.0) is too lossy
+    assert c["fixed_baseline"]["iters"] == 10  # smallest count >= 49.5 - 0.5
+    c = cal.choose(SWEEP, max_drop=0.3)
+    assert c["budget"]["tol"] == 0.01 and c["fixed_baseline"]["iters"] == 10
+    c = cal.choose(SWEEP, max_drop=0.0)
+    assert c["budget"]["tol"] == 0.001 and c["fixed_baseline"]["iters"] == 20
+    c = cal.choose(SWEEP, max_drop=10)
+    assert c["budget"]["tol"] == 0.1 and c["fixed_baseline"]["iters"] == 5
+
+
+def test_choose_flags_when_no_tolerance_is_good_enough():
+    c = cal.choose([point(60.0, 30, iters=30), point(50.0, 9, tol=0.01), point(52.0, 12, tol=0.001)], max_drop=0.5)
+    assert not c["within_max_drop"] and c["budget"]["tol"] == 0.001 and c["fixed_baseline"]["iters"] == 30
+    c = cal.choose([point(40.0, 5, iters=5), point(50.0, 9, tol=0.01)], max_drop=0.5)
+    assert c["within_max_drop"] and c["budget"]["tol"] == 0.01 and c["fixed_baseline"] is None
+
+
+def test_options_are_checked():
+    for kwargs, match in (({"max_drop": -0.1}, "--max-drop"), ({"tols": []}, "--tols"),
+                          ({"fixed": [0]}, "--fixed"), ({"max_iters": 0}, "--max-iters")):
+        args = {"max_drop": 0.5, "fixed": [1], "tols": [0.1], "max_iters": None, **kwargs}
+        with pytest.raises(InputError, match=match):
+            cal.check_options(**args)
+    assert cal.parse_list("1, 2,5", int, "--fixed") == [1, 2, 5]
+    with pytest.raises(InputError, match="--tols"):
+        cal.parse_list("0.1,x", float, "--tols")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pf")
+    write_dataset(root, PathfinderConfig(length=6), count=6, seed=2, progress=False, lengths=[6, 9])
+    return root
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    torch.manual_seed(0)
+    model = create_model("hgru-pathfinder", get_entry("hgru-pathfinder").tiny)
+    return checkpoint.save(model, tmp_path_factory.mktemp("ckpt") / "pf.pt",
+                           meta={"inference": {"budget": {"max_iters": 6, "tol": 0.5}, "postprocess": {"x": 1}}})
+
+
+def test_calibrate_a_small_model_and_write_the_card(data, ckpt):
+    model = checkpoint.load(ckpt)
+    res = cal.calibrate(model, data, fixed=[1, 3, 6], tols=[0.3, 0.05, 0.001], max_drop=0.5)
+    assert res["task"] == "pathfinder" and res["metric"] == "IoU" and res["images"] == 6
+    assert [p["budget"] for p in res["sweep"]][:3] == [{"iters": 1}, {"iters": 3}, {"iters": 6}]
+    early = [p for p in res["sweep"] if "tol" in p["budget"]]
+    assert all(p["budget"]["max_iters"] == 6 for p in early)  # the card's cap
+    # the choice follows the rule on the measured sweep
+    best = max(p["quality"] for p in res["sweep"])
+    ok = [p["budget"]["tol"] for p in early if p["quality"] >= best - 0.5 - 1e-9]
+    assert res["budget"]["tol"] == (max(ok) if ok else res["budget"]["tol"])
+    assert set(early[0]["per_length"]) == {"6", "9"}
+    # the fixed-count quality equals a plain eval at that count (one evaluation path)
+    from crbp_deploy.quality import scorer_for
+
+    scorer = scorer_for(model, data)
+    assert res["sweep"][1]["quality"] == pytest.approx(round(scorer.quality(scorer.evaluate(iters=3)), 4))
+    meta = cal.card_meta(model.meta, res)
+    json.dumps(meta)
+    assert model_budget(meta) == res["budget"] and meta["inference"]["postprocess"] == {"x": 1}
+    assert meta["inference"]["calibration"]["sweep"] == res["sweep"]
+
+
+def run_cli(monkeypatch, capsys, *args):
+    monkeypatch.setattr(sys, "argv", ["crbp-deploy", *args])
+    with pytest.raises(SystemExit) as info:
+        cli.main()
+    out = capsys.readouterr()
+    return info.value.code or 0, out.out, out.err
+
+
+def test_cli_writes_a_calibrated_copy_json_and_plot(data, ckpt, tmp_path, monkeypatch, capsys):
+    before = ckpt.read_bytes()
+    out, png = tmp_path / "cal.pt", tmp_path / "cal.png"
+    code, stdout, err = run_cli(monkeypatch, capsys, "calibrate", str(ckpt), "--data", str(data), "--fixed", "1,4",
+                                "--tols", "0.2,0.01", "--out", str(out), "--plot", str(png), "--json")
+    assert code == 0, err
+    res = json.loads(stdout)
+    assert res["written"] == str(out) and png.stat().st_size > 0 and ckpt.read_bytes() == before
+    assert checkpoint.load(out).meta["inference"]["budget"] == res["budget"]
+    assert res["fixed_baseline"] is None or res["fixed_baseline"]["iters"] in (1, 4)
+    code, stdout, err = run_cli(monkeypatch, capsys, "calibrate", str(out), "--data", str(data), "--fixed", "1",
+                                "--tols", "0.2", "--dry-run")
+    assert code == 0, err
+    assert "chosen budget" in stdout and "tol=0.2" in stdout
+
+
+def one_error_line(code, err, match):
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
+
+
+@pytest.mark.parametrize("case, match", [
+    ("max_drop", "--max-drop must be a number >= 0"),
+    ("empty", "no Pathfinder data"),
+    ("panoptic_data", "holds COCO panoptic data"),
+    ("pathfinder_data", "holds Pathfinder data"),
+    ("bundled_out", "bundled model inside the package"),
+])
+def test_cli_bad_input_one_line_nothing_written(case, match, data, ckpt, tmp_path, monkeypatch, capsys):
+    model, folder, out = str(ckpt), tmp_path / "data", tmp_path / "cal.pt"
+    folder.mkdir()
+    extra = []
+    if case == "max_drop":
+        folder, extra = data, ["--max-drop", "-1"]
+    elif case == "panoptic_data":
+        (folder / "annotations.json").write_text("{}")
+    elif case == "pathfinder_data":
+        model, folder = "crbp-panoptic", data
+    elif case == "bundled_out":
+        folder, out = data, zoo.path("crbp-panoptic")
+    before = out.read_bytes() if out.exists() else None
+    code, _, err = run_cli(monkeypatch, capsys, "calibrate", model, "--data", str(folder), "--fixed", "1", "--tols",
+                           "0.1", "--out", str(out), "--plot", str(tmp_path / "p.png"), *extra)
+    one_error_line(code, err, match)
+    assert (out.read_bytes() if out.exists() else None) == before
+    assert not (tmp_path / "p.png").exists()
