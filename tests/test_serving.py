@@ -3,7 +3,8 @@ inputs get 4xx JSON errors and the server keeps serving, 200 concurrent requests
 batching all come back right, metrics are on /metrics, and `serve --stop` waits for the exit.
 
 One server per module (started with `crbp-deploy serve`, stopped at the end even on failure), with
-two tiny models: `tiny` (early-exit ONNX, batchSize 8) and `tiny-pt` (the checkpoint, PyTorch).
+three tiny models: `tiny` (early-exit ONNX, batchSize 8), `tiny-pt` (the checkpoint, PyTorch) and
+`tiny-nan` (a checkpoint whose state turns NaN: it must answer `diverged`, never `converged`).
 """
 import io
 import json
@@ -125,7 +126,10 @@ def artifacts(tmp_path_factory):
     pt = checkpoint.save(model, folder / "tiny.pt", meta=meta)
     onnx = folder / "tiny.onnx"
     export_onnx(checkpoint.load(pt), onnx, strategy="loop", source=str(pt), **BUDGET)
-    return {"pt": pt, "onnx": onnx, "folder": folder}
+    with torch.no_grad():
+        model.cell.gamma.fill_(float("nan"))  # the first recurrent step turns the state NaN
+    nan_pt = checkpoint.save(model, folder / "tiny-nan.pt", meta=meta)
+    return {"pt": pt, "onnx": onnx, "folder": folder, "nan_pt": nan_pt}
 
 
 @pytest.fixture(scope="module")
@@ -136,6 +140,7 @@ def server(artifacts, tmp_path_factory):
              "--batch-size", "8", "--max-batch-delay", "40", "--max-iters-limit", "50")
     assert r.returncode == 0, r.stderr
     package(artifacts["pt"], name="tiny-pt", out=store, fmt="checkpoint", config=ArchiveConfig(batch_size=4))
+    package(artifacts["nan_pt"], name="tiny-nan", out=store, fmt="checkpoint", config=ArchiveConfig(batch_size=1))
     port = _free_ports()
     run = tmp_path_factory.mktemp("run")
     started = _cli("serve", "--model-store", str(store), "--port", str(port), "--run-dir", str(run))
@@ -413,6 +418,16 @@ def test_invocations_query_parameters(server):
     assert answer.body["budget"]["requested"] == {"max_iters": 2, "tol": 0.0}
 
 
+def test_a_diverging_state_is_never_converged_over_http(server):
+    with Client(server["url"] + "tiny-nan", token=server["token"]) as client:
+        answer = client.post(_sample(3, 32))
+    assert answer.status == 200, answer.body
+    body = answer.body
+    assert body["diverged"] is True and body["converged"] is False
+    assert body["iterations"] == 1 and body["residual"] is None  # stopped at the first non-finite step
+    assert body["segments_info"] == []  # a NaN state has nothing to segment
+
+
 def test_metrics_on_prometheus_endpoint(server):
     url = f"http://127.0.0.1:{server['port'] + 2}/metrics"
     deadline = time.monotonic() + 20
@@ -423,6 +438,7 @@ def test_metrics_on_prometheus_endpoint(server):
             'IterationsToConverge_count{ModelName="tiny"',
             'BudgetUsed_bucket{ModelName="tiny"',
             'NotConverged{ModelName="tiny"',
+            'Diverged{ModelName="tiny-nan"',
             'StageLatency_bucket{ModelName="tiny",Stage="model"',
             'StageLatency_sum{ModelName="tiny",Stage="decode"',
         ]

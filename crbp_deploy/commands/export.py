@@ -58,6 +58,9 @@ def export(
     max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Early exit: default cap (a graph input)."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Early exit: default tolerance (a graph input)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Graph for a fixed count: unrolled (default) | loop."),
+    loop: Optional[str] = typer.Option(
+        None, "--loop", help="Loop body: compact (only unconverged samples are stepped; default for ONNX Runtime) | "
+        "masked (fixed shapes; default for --format tensorrt, whose loops take no shrinking batch)."),
     postprocess: bool = typer.Option(False, "--postprocess", help="Panoptic models: also output the panoptic labels."),
     dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch and image size."),
     size: str = typer.Option("64x64", "--size", help="Example (or, with --static, fixed) image size HxW."),
@@ -99,11 +102,15 @@ def export(
         m = WithPanopticLabels(m, model_postprocess(getattr(m, "meta", None)))
     name = Path(source.split(":")[-1]).stem
     out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}.onnx"
+    if loop is not None and strategy != "loop":
+        raise InputError("--loop applies to the loop strategy (early exit or --strategy loop)")
+    execution = (loop or ("masked" if fmt == "tensorrt" else "compact")) if strategy == "loop" else None
     result = export_onnx(
         m, out, strategy=strategy, opset=opset, dynamic=dynamic, fp16=fp16, example_size=_parse_size(size),
-        batch=batch, source=source, **budget,
+        batch=batch, source=source, execution=execution, **budget,
     )
-    typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}, {budget}) in {result.seconds:.1f} s")
+    body = f" ({execution})" if execution else ""
+    typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}{body}, {budget}) in {result.seconds:.1f} s")
     from ..export.trt_lint import lint_tensorrt
 
     lint = lint_tensorrt(result.path)  # checkable without a GPU: what TensorRT's ONNX parser would reject

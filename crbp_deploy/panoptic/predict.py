@@ -33,6 +33,7 @@ class Prediction:
     iterations: int
     residual: float
     converged: bool
+    diverged: bool = False  # the state turned non-finite: stopped, never counted as converged
     timings_ms: dict[str, float] = field(default_factory=dict)
 
     def to_json(self, categories: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
@@ -41,6 +42,7 @@ class Prediction:
             "iterations": self.iterations,
             "residual": self.residual,
             "converged": self.converged,
+            "diverged": self.diverged,
             "categories": [dict(c) for c in categories],
             "timings_ms": self.timings_ms,
         }
@@ -65,6 +67,11 @@ def merge_budget(default: Mapping[str, Any], override: Mapping[str, Any]) -> dic
         return dict(default)
     early = default if "max_iters" in default else DEFAULT_BUDGET
     return {"max_iters": override.get("max_iters", early["max_iters"]), "tol": override.get("tol", early["tol"])}
+
+
+def _void(h: int, w: int, n: int) -> list:
+    """n all-void results (no segments), the answer for images whose state diverged."""
+    return [(np.zeros((h, w), dtype=np.int64), []) for _ in range(n)]
 
 
 class PanopticPredictor:
@@ -137,7 +144,12 @@ class PanopticPredictor:
         out = {k: torch.as_tensor(v) for k, v in self.run(padded, **budget).items()}
         t1 = time.perf_counter()
         heads = {k: out[k][..., :h, :w] for k in ("semantic", "center", "offset")}
-        grouped = postprocess(heads, self.categories, self.post)
+        finite = torch.isfinite(torch.as_tensor(out["residual"]))
+        grouped = _void(int(h), int(w), len(batch))  # a diverged state has no segmentation to group
+        if bool(finite.any()):
+            kept = postprocess({k: v[finite] for k, v in heads.items()}, self.categories, self.post)
+            for i, result in zip(finite.nonzero().flatten().tolist(), kept):
+                grouped[i] = result
         t2 = time.perf_counter()
         tol = budget.get("tol", 0.0)
         per_image = {"model": (t1 - t0) * 1e3 / len(batch), "postprocess": (t2 - t1) * 1e3 / len(batch)}
@@ -152,6 +164,7 @@ class PanopticPredictor:
                     iterations=int(out["iterations"][i]),
                     residual=residual if math.isfinite(residual) else float("inf"),
                     converged=converged,
+                    diverged=not math.isfinite(residual),
                     timings_ms={k: round(v, 3) for k, v in per_image.items()},
                 )
             )

@@ -184,6 +184,7 @@ class Backend(ABC):
             "iterations": [int(i) for i in iterations],
             "residual": [float(r) for r in residual],
             "converged": [bool(r <= budget.tol) for r in residual] if budget.early_exit else None,
+            "diverged": [not np.isfinite(r) for r in residual],
             "timings": {
                 "total_ms": 1000 * (done - started),
                 "prepare_ms": 1000 * (ready - started),

@@ -99,6 +99,7 @@ def to_prediction(body: dict[str, Any]) -> Prediction:
             iterations=int(body["iterations"]),
             residual=float("inf") if residual is None else float(residual),
             converged=bool(body["converged"]),
+            diverged=bool(body.get("diverged", False)),
             timings_ms=dict(body.get("timings_ms") or {}),
         )
     except (KeyError, TypeError, ValueError) as exc:

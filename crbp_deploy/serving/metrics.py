@@ -32,10 +32,12 @@ BUDGET_USED = MetricSpec("BudgetUsed", "histogram", "fraction", (MODEL_DIM,),
                          "iterations / max_iters per image; 1.0 = the cap was reached")
 NOT_CONVERGED = MetricSpec("NotConverged", "counter", "images", (MODEL_DIM,),
                            "images whose state change never fell below tol within max_iters")
+DIVERGED = MetricSpec("Diverged", "counter", "images", (MODEL_DIM,),
+                      "images whose recurrent state turned non-finite (stopped; never counted as converged)")
 STAGE_LATENCY = MetricSpec("StageLatency", "histogram", "seconds", (MODEL_DIM, STAGE_DIM),
                            "per-image latency of each stage: decode, model, postprocess, encode")
 
-MODEL_METRICS = (ITERATIONS, BUDGET_USED, NOT_CONVERGED, STAGE_LATENCY)
+MODEL_METRICS = (ITERATIONS, BUDGET_USED, NOT_CONVERGED, DIVERGED, STAGE_LATENCY)
 
 
 def yaml_entries() -> dict[str, list[dict[str, Any]]]:

@@ -351,6 +351,7 @@ class PanopticService:
             "iterations": pred.iterations,
             "residual": residual,
             "converged": pred.converged,
+            "diverged": pred.diverged,
             "budget": {**parsed.budget, "clamped": parsed.clamped, "requested": parsed.requested},
             "batch_size": batch,
             "timings_ms": timings,
