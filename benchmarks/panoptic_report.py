@@ -23,6 +23,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from crbp_deploy import checkpoint  # noqa: E402
+from crbp_deploy.calibrate import Point, choose  # noqa: E402
 from crbp_deploy.panoptic.evaluate import evaluate_predictor, open_dataset  # noqa: E402
 from crbp_deploy.panoptic.postprocess import PostprocessConfig  # noqa: E402
 from crbp_deploy.panoptic.predict import PanopticPredictor, segment_colors  # noqa: E402
@@ -109,12 +110,14 @@ def main() -> None:
 
     fixed = {int(s): run(predictor, dataset, iters=int(s)) for s in args.steps.split(",")}
     early = {str(t): run(predictor, dataset, max_iters=4 * train_steps, tol=t) for t in TOLS}
-    best = early[str(min(TOLS))]["pq"]["all"]
-    chosen = max(t for t in TOLS if early[str(t)]["pq"]["all"] >= best - PQ_SLACK)
-    budget = {"max_iters": 4 * train_steps, "tol": chosen}
-    chosen_res = early[str(chosen)]
-    # the smallest fixed count that reaches the early-exit PQ (what early exit has to beat on speed)
-    matching = [s for s, r in sorted(fixed.items()) if r["pq"]["all"] >= chosen_res["pq"]["all"] - PQ_SLACK]
+    # one rule with `crbp-deploy calibrate`: the loosest tol within PQ_SLACK of the sweep's best PQ, and the
+    # smallest fixed count within PQ_SLACK of that (what early exit has to beat on speed)
+    points = [Point({"iters": s}, r["pq"]["all"], r["iterations"]["mean"]) for s, r in fixed.items()]
+    points += [Point({"max_iters": 4 * train_steps, "tol": float(t)}, r["pq"]["all"], r["iterations"]["mean"])
+               for t, r in early.items()]
+    choice = choose(points, PQ_SLACK)
+    budget = choice["budget"]
+    matching = [choice["fixed_baseline"]["iters"]] if choice["fixed_baseline"] else []
     baseline = None
     if args.baseline:
         ff = checkpoint.load(args.baseline)
@@ -230,7 +233,8 @@ def write_markdown(report: dict, path: Path) -> None:
     lines += [
         "",
         f"Deployed budget (recorded in the model card): `{report['chosen_budget']}` — the loosest tolerance whose PQ "
-        f"is within {PQ_SLACK} of the tightest tolerance's. The smallest fixed count reaching that PQ: "
+        f"is within {PQ_SLACK} of the best PQ of the sweep (the rule of `crbp-deploy calibrate`). The smallest fixed "
+        f"count within {PQ_SLACK} of that PQ: "
         f"{report['fixed_count_matching_early_exit']} steps.",
         "",
         "![PQ vs steps](panoptic_pq_vs_steps.png)",
