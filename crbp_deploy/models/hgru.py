@@ -7,6 +7,23 @@
 Fixed relative to the public code: gate-bias init really applies (in place), normalisation is
 per sample (GroupNorm, never batch statistics), one norm shared by all steps (no per-step
 parameters, so the model runs for any number of steps), no device hard-coding.
+
+Two more places where the public code (c-rbp/pathfinder_experiments, hgrucleanSEG.py) differs:
+
+- It ends the step with `h = softplus(h)`. The paper's equations (NeurIPS 2020, appendix; the
+  hGRU paper, 2018) have no such term, and it is not needed for the sign: h0 = 0 and each update
+  is a convex combination of h and softplus(...) > 0, so h stays >= 0. It would also move the
+  fixed point (softplus(h) > h everywhere) and scale J by sigmoid(h) in (0.5, 1) — a contraction
+  that the LCP should buy explicitly, not a hidden one. Not applied: the bundled checkpoints were
+  trained without it, and the equations are the reference.
+- Its mix-gate bias is tied to the gain gate's, u2.bias = -u1.bias (chronos initialisation,
+  Tallec & Ollivier 2018: input-gate bias = minus forget-gate bias). Here u2.bias is drawn from
+  the same distribution, -log U(1, T-1), independently. Kept: the paper specifies the
+  distribution, not the per-channel coupling; the public code's tie acted on biases its
+  `.log()` never applied (so it did not train with chronos either); it only affects
+  initialisation (checkpoints are unchanged); and tying it changes every randomly initialised
+  model's dynamics (measured: the tiny hgru-panoptic then needs the same early-exit budget on
+  every input, which tests/test_models.py relies on not happening).
 """
 from __future__ import annotations
 
@@ -68,7 +85,7 @@ class HGRUCell(nn.Module):
             nn.init.orthogonal_(gate.weight.view(self.channels, -1))
             # "chronos" init: log(U(1, T-1)); the public code computed this but never stored it.
             gate.bias.uniform_(1.0, gate_bias_max - 1.0).log_()
-        self.u2.bias.neg_()
+        self.u2.bias.neg_()  # mix gate starts mostly closed (keeps h); drawn independently, see docstring
 
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         g1 = torch.sigmoid(self.u1(h))
