@@ -2,8 +2,9 @@
 
 Every number of a table comes from the same process and data, so the ratios between rows are the
 result (absolute times depend on the machine and its load). Quality is PQ for panoptic models
-(panopticapi rules, on a generated held-out split) and the same for every row of a model, up to
-the runtime's float rounding.
+(panopticapi rules) and IoU x 100 for Pathfinder models (on mixed contour lengths), on a held-out
+set (generated when no --data is given), and the same for every row of a model, up to the
+runtime's float rounding.
 """
 from __future__ import annotations
 
@@ -22,12 +23,13 @@ import torch
 
 from .errors import CrbpError
 from .export import export_onnx
-from .panoptic.evaluate import evaluate_predictor, open_dataset
-from .panoptic.predict import PanopticPredictor, model_budget
+from .panoptic.predict import model_budget
+from .quality import model_task, open_data, scorer_for
 from .runtime import OrtBackend, TorchBackend
 
-PQ_MATCH = 0.5  # a fixed count "reaches the same PQ" as early exit when within this many points
+PQ_MATCH = 0.5  # a fixed count "reaches the same quality" as early exit when within this many points
 FIXED_CANDIDATES = (5, 10, 15, 20, 25, 30, 40, 60, 80)
+PATHFINDER_LENGTHS = (6, 9, 14, 20, 25)  # the generated held-out set mixes these (difficulty varies)
 
 
 @dataclass
@@ -36,7 +38,7 @@ class Row:
     strategy: str
     budget: str
     size_mb: float
-    pq: float
+    quality: float  # PQ, or IoU x 100 (result["metric"] says which)
     mean_iterations: float
     p50_b1_ms: float
     p90_b1_ms: float
@@ -57,46 +59,65 @@ def _latency(backend, batches: list[np.ndarray], budget: dict, repeats: int) -> 
     return statistics.median(times), float(np.percentile(times, 90))
 
 
-def _quality(backend, meta, dataset, budget: dict, stride: int, limit: int) -> tuple[float, float]:
-    predictor = PanopticPredictor.from_backend(backend, meta, budget=budget)
-    predictor.stride = stride
-    res = evaluate_predictor(predictor, dataset, limit=limit)
-    return res["pq"]["all"], res["iterations"]["mean"]
+def _quality(model, backend, data: Path, budget: dict, limit: int) -> tuple[float, float]:
+    scorer = scorer_for(model, data, backend=backend, limit=limit)
+    res = scorer.evaluate(**budget)
+    return scorer.quality(res), scorer.mean_iterations(res)
+
+
+def _held_out(task: str, work: Path, count: int, size: int) -> Path:
+    """A generated held-out set: synthetic panoptic scenes, or Pathfinder with mixed contour lengths."""
+    if task == "pathfinder":
+        from .data.pathfinder import PathfinderConfig, write_dataset as write_pathfinder
+
+        write_pathfinder(work / "data", PathfinderConfig(length=PATHFINDER_LENGTHS[0], size=size), count, seed=4242,
+                         progress=False, lengths=PATHFINDER_LENGTHS)
+        return work / "data"
+    from .data.panoptic_synth import write_dataset
+
+    write_dataset(work / "data", count=count, size=size, seed=4242, val_fraction=1.0, progress=None)
+    return work / "data" / "val"
+
+
+def _latency_images(task: str, dataset, count: int = 16) -> np.ndarray:
+    """The first `count` held-out images as N x C x H x W float32 in [0, 1]."""
+    n = min(count, len(dataset))
+    if task == "pathfinder":
+        return np.stack([dataset.load(i)[0] for i in range(n)])[:, None]
+    rgb = [dataset.load(i)[0] for i in range(n)]
+    return np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
 def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int = 10, limit: int = 48,
               size: int = 64, workdir: Path | None = None, progress=print) -> dict[str, Any]:
     meta = getattr(model, "meta", None) or {}
-    if "categories" not in meta:
+    task = model_task(model)
+    if task == "panoptic" and "categories" not in meta:
         raise CrbpError("bench measures PQ: it needs a trained panoptic model (its card lists categories)")
+    metric = "PQ" if task == "panoptic" else "IoU"
     torch.set_num_threads(threads)
-    stride = int(getattr(model, "stride", 1))
     tmp = tempfile.TemporaryDirectory()
     work = Path(workdir or tmp.name)
     if data is None:
-        from .data.panoptic_synth import write_dataset
-
-        write_dataset(work / "data", count=limit, size=size, seed=4242, val_fraction=1.0, progress=None)
-        data = work / "data" / "val"
-    dataset = open_dataset(data)
-    rgb = [dataset.load(i)[0] for i in range(min(16, len(dataset)))]
-    stack = np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
+        data = _held_out(task, work, limit, size)
+    dataset = open_data(task, data)
+    stack = _latency_images(task, dataset)
     singles = [stack[i : i + 1] for i in range(len(stack))]
     eights = [stack[i : i + 8] for i in range(0, len(stack) - 7, 8)]
     early = model_budget(meta)
     torch_backend = TorchBackend(model, threads=threads)
     ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
-    # 1. the smallest fixed count whose PQ reaches early exit's (torch; same numbers on every runtime)
-    pq_early, it_early = _quality(torch_backend, meta, dataset, early, stride, limit)
-    progress(f"early exit {early}: PQ {pq_early:.2f}, {it_early:.1f} iterations")
-    fixed_pq = {}
+    # 1. the smallest fixed count whose quality reaches early exit's (torch; same numbers on every runtime)
+    q_early, it_early = _quality(model, torch_backend, data, early, limit)
+    progress(f"early exit {early}: {metric} {q_early:.2f}, {it_early:.1f} iterations")
+    fixed_quality = {}
     for n in FIXED_CANDIDATES:
-        fixed_pq[n] = _quality(torch_backend, meta, dataset, {"iters": n}, stride, limit)[0]
-        progress(f"fixed {n}: PQ {fixed_pq[n]:.2f}")
-        if fixed_pq[n] >= pq_early - PQ_MATCH:
+        fixed_quality[n] = _quality(model, torch_backend, data, {"iters": n}, limit)[0]
+        progress(f"fixed {n}: {metric} {fixed_quality[n]:.2f}")
+        if fixed_quality[n] >= q_early - PQ_MATCH:
             break
-    n_fixed = next((n for n, pq in fixed_pq.items() if pq >= pq_early - PQ_MATCH), max(fixed_pq))
+    n_fixed = next((n for n, q in fixed_quality.items() if q >= q_early - PQ_MATCH), max(fixed_quality))
 
     # 2. artifacts: unrolled at that count, the early-exit loop
     unrolled = export_onnx(model, work / "unrolled.onnx", strategy="unrolled", iters=n_fixed)
@@ -114,36 +135,38 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
     rows = []
     for name, strategy, backend, budget, mb in plan:
         shown = budget or backend.default_budget.kwargs()
-        pq, iters = _quality(backend, meta, dataset, budget or backend.default_budget.kwargs(), stride, limit)
+        quality, iters = _quality(model, backend, data, budget or backend.default_budget.kwargs(), limit)
         p50_1, p90_1 = _latency(backend, singles, budget, max(1, repeats // 4))
         p50_8, p90_8 = _latency(backend, eights, budget, max(2, repeats // 2))
-        rows.append(Row(name, strategy, json.dumps(shown), round(mb, 3), round(pq, 2), round(iters, 2),
+        rows.append(Row(name, strategy, json.dumps(shown), round(mb, 3), round(quality, 2), round(iters, 2),
                         round(p50_1, 2), round(p90_1, 2), round(p50_8, 2), round(p90_8, 2), round(8e3 / p50_8, 1)))
-        progress(f"{name} / {strategy}: PQ {pq:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms")
+        progress(f"{name} / {strategy}: {metric} {quality:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms")
     by = {(r.backend, r.strategy): r for r in rows}
     t_fixed, o_unrolled = by[("torch eager", "fixed")], by[("onnxruntime", "unrolled")]
     o_loop_fixed, o_early = by[("onnxruntime", "loop, fixed")], by[("onnxruntime", "loop, early exit")]
     ratios = {
         "ort_vs_torch_same_iterations_b1": round(t_fixed.p50_b1_ms / o_unrolled.p50_b1_ms, 2),
         "ort_vs_torch_same_iterations_b8": round(t_fixed.p50_b8_ms / o_unrolled.p50_b8_ms, 2),
-        "early_exit_vs_fixed_same_pq_b1": round(o_unrolled.p50_b1_ms / o_early.p50_b1_ms, 2),
-        "early_exit_vs_fixed_same_pq_b8": round(o_unrolled.p50_b8_ms / o_early.p50_b8_ms, 2),
+        "early_exit_vs_fixed_same_quality_b1": round(o_unrolled.p50_b1_ms / o_early.p50_b1_ms, 2),
+        "early_exit_vs_fixed_same_quality_b8": round(o_unrolled.p50_b8_ms / o_early.p50_b8_ms, 2),
         "loop_vs_unrolled_per_iteration_b1": round(o_loop_fixed.p50_b1_ms / o_unrolled.p50_b1_ms, 2),
         "loop_vs_unrolled_per_iteration_b8": round(o_loop_fixed.p50_b8_ms / o_unrolled.p50_b8_ms, 2),
     }
     goals = {
         "ort_2x_torch": ratios["ort_vs_torch_same_iterations_b1"] >= 2.0,
-        "early_exit_1.5x_fixed": ratios["early_exit_vs_fixed_same_pq_b1"] >= 1.5,
+        "early_exit_1.5x_fixed": ratios["early_exit_vs_fixed_same_quality_b1"] >= 1.5,
+        "early_exit_1.5x_fixed_b8": ratios["early_exit_vs_fixed_same_quality_b8"] >= 1.5,
         "loop_within_1.25x_unrolled": ratios["loop_vs_unrolled_per_iteration_b1"] <= 1.25,
     }
     tmp.cleanup()
     return {
+        "metric": metric,
         "rows": [asdict(r) for r in rows],
         "ratios": ratios,
         "goals_met": goals,
         "fixed_count_matching_early_exit": n_fixed,
-        "fixed_pq": fixed_pq,
-        "early_exit": {"budget": early, "pq": pq_early, "mean_iterations": it_early},
+        "fixed_quality": fixed_quality,
+        "early_exit": {"budget": early, "quality": q_early, "mean_iterations": it_early},
         "setup": {"threads": threads, "repeats": repeats, "images": min(limit, len(dataset)), "data": str(data),
                   "image_size": list(stack.shape[-2:]), "latency_images": len(singles), "torch": torch.__version__, "arch": model.arch},
     }
@@ -158,10 +181,11 @@ def to_csv(result: dict) -> str:
 
 
 def to_markdown(result: dict) -> str:
-    head = ("| backend | strategy | budget | MB | PQ | mean it. | p50 b1 ms | p90 b1 ms | p50 b8 ms | p90 b8 ms | img/s (b8) |\n"
+    metric = result.get("metric", "PQ") + (" x 100" if result.get("metric") == "IoU" else "")
+    head = (f"| backend | strategy | budget | MB | {metric} | mean it. | p50 b1 ms | p90 b1 ms | p50 b8 ms | p90 b8 ms | img/s (b8) |\n"
             "|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [head] + [
-        f"| {r['backend']} | {r['strategy']} | `{r['budget']}` | {r['size_mb']} | {r['pq']} | {r['mean_iterations']} | "
+        f"| {r['backend']} | {r['strategy']} | `{r['budget']}` | {r['size_mb']} | {r['quality']} | {r['mean_iterations']} | "
         f"{r['p50_b1_ms']} | {r['p90_b1_ms']} | {r['p50_b8_ms']} | {r['p90_b8_ms']} | {r['images_per_s']} |"
         for r in result["rows"]
     ]

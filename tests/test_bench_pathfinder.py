@@ -1,0 +1,27 @@
+"""`crbp-deploy bench` on a Pathfinder model: IoU (x 100) on mixed contour lengths instead of PQ."""
+import pytest
+import torch
+
+from crbp_deploy.bench import run_bench, to_markdown
+from crbp_deploy.models import create_model, get_entry
+
+
+@pytest.mark.slow  # two ONNX exports: about 17 s on this CPU
+def test_bench_runs_a_pathfinder_model_on_generated_mixed_lengths(tmp_path):
+    torch.manual_seed(0)
+    model = create_model("hgru-pathfinder", get_entry("hgru-pathfinder").tiny).eval()
+    model.meta = {"inference": {"budget": {"max_iters": 4, "tol": 0.2}}}
+    res = run_bench(model, threads=1, repeats=1, limit=8, workdir=tmp_path, progress=lambda s: None)
+    assert res["metric"] == "IoU" and res["setup"]["images"] == 8
+    rows = {(r["backend"], r["strategy"]): r for r in res["rows"]}
+    assert len(rows) == 5 and all(0 <= r["quality"] <= 100 for r in rows.values())
+    # the same model at the same budget scores the same on every runtime
+    fixed = rows[("torch eager", "fixed")]
+    assert rows[("onnxruntime", "unrolled")]["quality"] == fixed["quality"]
+    assert rows[("onnxruntime", "loop, early exit")]["quality"] == rows[("torch eager", "early exit")]["quality"]
+    assert res["fixed_count_matching_early_exit"] in res["fixed_quality"]
+    assert "IoU x 100" in to_markdown(res)
+    # the held-out set mixes contour lengths
+    import json
+
+    assert json.loads((tmp_path / "data" / "index.json").read_text())["lengths"] == [6, 9, 14, 20, 25]
