@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 import os
-from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -23,40 +22,12 @@ from .panoptic.evaluate import iteration_stats
 EVAL_BATCH = 32
 
 
-def find_data(data: str | os.PathLike, split: str = "val") -> tuple[str | None, Path]:
-    """What a dataset folder holds: ("pathfinder" | "panoptic" | None, the folder that holds it).
-    A folder counts if it holds the data itself or in SPLIT/ (as `crbp-deploy data ...` writes it)."""
-    root = Path(data)
-    if not root.is_dir():
-        raise InputError(f"{root}: no such dataset folder")
-    for base in (root, root / split):
-        if (base / "index.json").is_file():
-            return "pathfinder", base
-        if (base / "annotations.json").is_file():
-            return "panoptic", base
-    return None, root
-
-
 def open_pathfinder(data: str | os.PathLike, split: str = "val"):
     """A folder written by `crbp-deploy data pathfinder` (or a root holding SPLIT/), with one clear
     error for a missing, empty or panoptic folder."""
-    from .data.pathfinder import PathfinderFolder
+    from .quality import open_data
 
-    kind, base = find_data(data, split)
-    if kind == "panoptic":
-        raise InputError(
-            f"{data} holds COCO panoptic data (annotations.json), but the model is a Pathfinder segmenter: "
-            "give a folder written by `crbp-deploy data pathfinder`"
-        )
-    if kind is None:
-        raise InputError(
-            f"{data} holds no Pathfinder data (no index.json in it or in {split}/): "
-            "write one with `crbp-deploy data pathfinder`"
-        )
-    folder = PathfinderFolder(base)
-    if len(folder) == 0:
-        raise InputError(f"{base} holds no images")
-    return folder
+    return open_data("pathfinder", data, split)
 
 
 def model_runner(model) -> Callable[..., Mapping[str, Any]]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from .errors import InputError
@@ -80,28 +81,50 @@ class Scorer:
         return cls("pathfinder", "IoU", evaluate, n, data, details)
 
 
-def open_data(task: str, data: str | os.PathLike, split: str = "val"):
-    """The held-out dataset for a task, with one clear error for a missing, empty or mismatched folder."""
-    from .pathfinder_eval import find_data, open_pathfinder
+_DATA = {  # what each task reads, and how to make it
+    "pathfinder": ("index.json", "Pathfinder data (index.json)", "a folder written by `crbp-deploy data pathfinder`"),
+    "panoptic": ("annotations.json", "COCO panoptic data (annotations.json)",
+                 "a COCO panoptic folder (annotations.json, images/, panoptic/), e.g. from `crbp-deploy data panoptic`"),
+}
 
-    if task == "pathfinder":
-        return open_pathfinder(data, split)
-    from .panoptic.evaluate import open_dataset
 
-    kind, _ = find_data(data, split)
-    if kind == "pathfinder":
-        raise InputError(
-            f"{data} holds Pathfinder data (index.json), but the model is a panoptic segmenter: "
-            "give a COCO panoptic folder (annotations.json, images/, panoptic/)"
-        )
+def find_data(data: str | os.PathLike, split: str = "val") -> tuple[str | None, Path]:
+    """What a dataset folder holds: ("pathfinder" | "panoptic" | None, the folder that holds it).
+    A folder counts if it holds the data itself or in SPLIT/ (as `crbp-deploy data ...` writes it)."""
+    root = Path(data)
+    if not root.is_dir():
+        raise InputError(f"{root}: no such dataset folder")
+    for base in (root, root / split):
+        for task, (marker, _, _) in _DATA.items():
+            if (base / marker).is_file():
+                return task, base
+    return None, root
+
+
+def data_folder(task: str, data: str | os.PathLike, split: str = "val") -> Path:
+    """The folder holding `task`'s data, or one InputError for a missing, empty or other task's folder."""
+    kind, base = find_data(data, split)
+    marker, label, how = _DATA[task]
     if kind is None:
-        raise InputError(
-            f"{data} holds no COCO panoptic data (no annotations.json in it or in {split}/): "
-            "write one with `crbp-deploy data panoptic`"
-        )
-    dataset = open_dataset(data, split)
+        raise InputError(f"{data} holds no {label.split(' (')[0]} (no {marker} in it or in {split}/): give {how}")
+    if kind != task:
+        raise InputError(f"{data} holds {_DATA[kind][1]}, but the model is a {task} segmenter: give {how}")
+    return base
+
+
+def open_data(task: str, data: str | os.PathLike, split: str = "val"):
+    """The held-out dataset for a task (see `data_folder` for the checks)."""
+    base = data_folder(task, data, split)
+    if task == "pathfinder":
+        from .data.pathfinder import PathfinderFolder
+
+        dataset = PathfinderFolder(base)
+    else:
+        from .panoptic.evaluate import open_dataset
+
+        dataset = open_dataset(base)
     if len(dataset) == 0:
-        raise InputError(f"{data} holds no images")
+        raise InputError(f"{base} holds no images")
     return dataset
 
 

@@ -17,3 +17,31 @@ def model_name(request):
 @pytest.fixture(autouse=True)
 def _threads():
     torch.set_num_threads(1)  # small tensors: a second thread costs more than it gains, and never oversubscribes
+
+
+@pytest.fixture
+def run_cli(monkeypatch, capsys):
+    """`run_cli(*args)`: run `crbp-deploy ARGS` in this process -> (exit code, stdout, stderr)."""
+    import sys
+
+    from crbp_deploy import cli
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["crbp-deploy", *map(str, args)])
+        with pytest.raises(SystemExit) as info:
+            cli.main()
+        out = capsys.readouterr()
+        return info.value.code or 0, out.out, out.err
+
+    return run
+
+
+@pytest.fixture
+def one_error_line():
+    """`one_error_line(code, stderr, match)`: exit 1 and exactly one line, `error: ...` containing `match`."""
+
+    def check(code, err, match):
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
+
+    return check

@@ -1,12 +1,11 @@
 """`crbp-deploy calibrate`: the choice rule, the sweep on a small model, the card it writes, bad input."""
 import json
-import sys
 
 import pytest
 import torch
 
 from crbp_deploy import calibrate as cal
-from crbp_deploy import checkpoint, cli, zoo
+from crbp_deploy import checkpoint, zoo
 from crbp_deploy.data.pathfinder import PathfinderConfig, write_dataset
 from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model, get_entry
@@ -93,33 +92,20 @@ def test_calibrate_a_small_model_and_write_the_card(data, ckpt):
     assert meta["inference"]["calibration"]["sweep"] == res["sweep"]
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["crbp-deploy", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code or 0, out.out, out.err
-
-
-def test_cli_writes_a_calibrated_copy_json_and_plot(data, ckpt, tmp_path, monkeypatch, capsys):
+def test_cli_writes_a_calibrated_copy_json_and_plot(data, ckpt, tmp_path, run_cli):
     before = ckpt.read_bytes()
     out, png = tmp_path / "cal.pt", tmp_path / "cal.png"
-    code, stdout, err = run_cli(monkeypatch, capsys, "calibrate", str(ckpt), "--data", str(data), "--fixed", "1,4",
+    code, stdout, err = run_cli("calibrate", str(ckpt), "--data", str(data), "--fixed", "1,4",
                                 "--tols", "0.2,0.01", "--out", str(out), "--plot", str(png), "--json")
     assert code == 0, err
     res = json.loads(stdout)
     assert res["written"] == str(out) and png.stat().st_size > 0 and ckpt.read_bytes() == before
     assert checkpoint.load(out).meta["inference"]["budget"] == res["budget"]
     assert res["fixed_baseline"] is None or res["fixed_baseline"]["iters"] in (1, 4)
-    code, stdout, err = run_cli(monkeypatch, capsys, "calibrate", str(out), "--data", str(data), "--fixed", "1",
+    code, stdout, err = run_cli("calibrate", str(out), "--data", str(data), "--fixed", "1",
                                 "--tols", "0.2", "--dry-run")
     assert code == 0, err
     assert "chosen budget" in stdout and "tol=0.2" in stdout
-
-
-def one_error_line(code, err, match):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
 
 
 @pytest.mark.parametrize("case, match", [
@@ -129,7 +115,7 @@ def one_error_line(code, err, match):
     ("pathfinder_data", "holds Pathfinder data"),
     ("bundled_out", "bundled model inside the package"),
 ])
-def test_cli_bad_input_one_line_nothing_written(case, match, data, ckpt, tmp_path, monkeypatch, capsys):
+def test_cli_bad_input_one_line_nothing_written(case, match, data, ckpt, tmp_path, run_cli, one_error_line):
     model, folder, out = str(ckpt), tmp_path / "data", tmp_path / "cal.pt"
     folder.mkdir()
     extra = []
@@ -142,7 +128,7 @@ def test_cli_bad_input_one_line_nothing_written(case, match, data, ckpt, tmp_pat
     elif case == "bundled_out":
         folder, out = data, zoo.path("crbp-panoptic")
     before = out.read_bytes() if out.exists() else None
-    code, _, err = run_cli(monkeypatch, capsys, "calibrate", model, "--data", str(folder), "--fixed", "1", "--tols",
+    code, _, err = run_cli("calibrate", model, "--data", str(folder), "--fixed", "1", "--tols",
                            "0.1", "--out", str(out), "--plot", str(tmp_path / "p.png"), *extra)
     one_error_line(code, err, match)
     assert (out.read_bytes() if out.exists() else None) == before

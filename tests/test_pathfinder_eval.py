@@ -1,13 +1,12 @@
 """Pathfinder evaluation: IoU / F1 overall and per length, iterations per length, Spearman; `crbp-deploy eval`."""
 import json
 import math
-import sys
 
 import numpy as np
 import pytest
 import torch
 
-from crbp_deploy import checkpoint, cli
+from crbp_deploy import checkpoint
 from crbp_deploy.data.pathfinder import PathfinderConfig, PathfinderFolder, write_dataset
 from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model, get_entry
@@ -107,40 +106,27 @@ def test_data_errors(tmp_path, mixed):
         open_data("panoptic", mixed)
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["crbp-deploy", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code or 0, out.out, out.err
-
-
-def test_cli_eval_pathfinder_json(mixed, tiny_ckpt, monkeypatch, capsys):
-    code, out, err = run_cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(mixed), "--max-iters", "6",
+def test_cli_eval_pathfinder_json(mixed, tiny_ckpt, run_cli):
+    code, out, err = run_cli("eval", str(tiny_ckpt), "--data", str(mixed), "--max-iters", "6",
                              "--tol", "0.05", "--json")
     assert code == 0, err
     res = json.loads(out)
     assert res["budget"] == {"max_iters": 6, "tol": 0.05} and res["images"] == 9
     assert set(res["per_length"]) == {"6", "9", "14"} and 0 <= res["iou"] <= 1 and 0 <= res["f1"] <= 1
     assert all(1 <= r["mean_iterations"] <= 6 for r in res["per_length"].values())
-    code, out, err = run_cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(mixed), "--iters", "2")
+    code, out, err = run_cli("eval", str(tiny_ckpt), "--data", str(mixed), "--iters", "2")
     assert code == 0, err
     assert "IoU" in out and "Spearman" in out and "14" in out
 
 
-def one_error_line(code, err, match):
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
-
-
 @pytest.mark.parametrize("case, match", [("empty", "no Pathfinder data"), ("panoptic", "holds COCO panoptic data")])
-def test_cli_eval_bad_data_one_line(case, match, tmp_path, tiny_ckpt, monkeypatch, capsys):
+def test_cli_eval_bad_data_one_line(case, match, tmp_path, tiny_ckpt, run_cli, one_error_line):
     if case == "panoptic":
         (tmp_path / "annotations.json").write_text("{}")
-    code, _, err = run_cli(monkeypatch, capsys, "eval", str(tiny_ckpt), "--data", str(tmp_path), "--iters", "2")
+    code, _, err = run_cli("eval", str(tiny_ckpt), "--data", str(tmp_path), "--iters", "2")
     one_error_line(code, err, match)
 
 
-def test_cli_eval_panoptic_model_on_pathfinder_data(mixed, monkeypatch, capsys):
-    code, _, err = run_cli(monkeypatch, capsys, "eval", "crbp-panoptic", "--data", str(mixed), "--iters", "2")
+def test_cli_eval_panoptic_model_on_pathfinder_data(mixed, run_cli, one_error_line):
+    code, _, err = run_cli("eval", "crbp-panoptic", "--data", str(mixed), "--iters", "2")
     one_error_line(code, err, "holds Pathfinder data")

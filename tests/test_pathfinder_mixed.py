@@ -1,13 +1,11 @@
 """Mixed-length Pathfinder sets: balanced lengths, each image's length in index.json, the generator's bytes."""
 import json
-import sys
 from collections import Counter
 
 import numpy as np
 import pytest
 import torch
 
-from crbp_deploy import cli
 from crbp_deploy.data.pathfinder import (
     PathfinderConfig,
     PathfinderDataset,
@@ -62,26 +60,17 @@ def test_single_length_index_still_reads_without_per_file_lengths(tmp_path):
     assert PathfinderFolder(tmp_path).lengths == [9, 9]
 
 
-def _cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["crbp-deploy", *args])
-    with pytest.raises(SystemExit) as info:
-        cli.main()
-    out = capsys.readouterr()
-    return info.value.code or 0, out.out, out.err
-
-
-def test_cli_mixed_lengths(tmp_path, monkeypatch, capsys):
-    code, out, err = _cli(monkeypatch, capsys, "data", "pathfinder", "--length", "6,9,14", "--count", "6",
-                          "--out", str(tmp_path / "mix"), "--no-progress")
+def test_cli_mixed_lengths(tmp_path, run_cli):
+    code, out, err = run_cli("data", "pathfinder", "--length", "6,9,14", "--count", "6",
+                             "--out", str(tmp_path / "mix"), "--no-progress")
     assert code == 0, err
     assert PathfinderFolder(tmp_path / "mix").lengths == [6, 9, 14, 6, 9, 14]
 
 
 @pytest.mark.parametrize("value, match", [("6,9,2", "length must be >= 3"), ("6,25", "too small"), ("6,,9", "whole number")])
-def test_cli_bad_length_list_one_line_nothing_written(tmp_path, monkeypatch, capsys, value, match):
+def test_cli_bad_length_list_one_line_nothing_written(tmp_path, run_cli, one_error_line, value, match):
     out = tmp_path / "out"
-    code, _, err = _cli(monkeypatch, capsys, "data", "pathfinder", "--length", value, "--size", "32", "--count", "4",
-                        "--out", str(out), "--no-progress")
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], err
+    code, _, err = run_cli("data", "pathfinder", "--length", value, "--size", "32", "--count", "4",
+                           "--out", str(out), "--no-progress")
+    one_error_line(code, err, match)
     assert not out.exists()
