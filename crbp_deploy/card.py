@@ -38,4 +38,7 @@ def model_card(model: RecurrentSegmenter, source: str, *, check: bool = True) ->
     }
     if check:
         card["contraction"] = contraction_check(model)
+        from .contraction import contraction_report  # ρ(J), ‖J‖, max 1ᵀJ, Neumann terms at the fixed point
+
+        card["contraction_report"] = contraction_report(model)
     return card

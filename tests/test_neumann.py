@@ -171,7 +171,7 @@ def test_trainer_records_neumann_statistics_and_contraction(panoptic_data, tmp_p
     assert 0 <= record["neumann_terms"] <= 5 and record["warnings"]
     meta = checkpoint.load(tmp_path / "last.pt").meta
     assert meta["history"][-1]["neumann"]["batches"] == n["batches"]
-    report = meta["contraction"]
+    report = meta["contraction_report"]
     assert report["inputs"] == 4 and len(report["spectral_radius"]) == 4 and report["neumann"]["rule"] == "patient"
 
 

@@ -248,7 +248,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                     "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
                     "history": history,
                     **task.extra_meta(),
-                    "contraction": contraction_report(model, train_set["images"][:REPORT_IMAGES]),
+                    "contraction_report": contraction_report(model, train_set["images"][:REPORT_IMAGES]),
                 }
                 checkpoint.save(model, out / "last.pt", meta=meta)
                 tmp = _state_path(out).with_suffix(".tmp")
