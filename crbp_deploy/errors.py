@@ -15,3 +15,27 @@ class CheckpointError(CrbpError):
 
 class InputError(CrbpError, ValueError):
     """Images or run options (iterations, tolerance, ...) are not acceptable."""
+
+
+class RequestError(InputError):
+    """A request the service refuses; `status` is the HTTP status to answer with."""
+
+    def __init__(self, message: str, status: int = 400):
+        super().__init__(message)
+        self.status = status
+
+
+class DatasetError(CrbpError):
+    """A dataset file is missing, unreadable or inconsistent with its annotations."""
+
+
+class ServerError(CrbpError):
+    """The server answered with an error status; `status` and `body` are its answer."""
+
+    def __init__(self, status: int, body: dict):
+        import json
+
+        message = body.get("message") or body.get("error") or json.dumps(body)[:300]
+        super().__init__(f"server answered {status}: {message}")
+        self.status = status
+        self.body = body

@@ -14,8 +14,6 @@ KServe's Open Inference Protocol v2 envelope (a BYTES input holding the base64 i
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from ts.torch_handler.base_handler import BaseHandler
 
 from crbp_deploy.serving import metrics as specs
 from crbp_deploy.serving.service import PanopticService, RawRequest, Reply, ServiceConfig, error_reply
+from crbp_deploy.serving.v2 import from_v2_input, is_v2_input
 
 log = logging.getLogger(__name__)
 _KINDS = {"counter": MetricTypes.COUNTER, "gauge": MetricTypes.GAUGE, "histogram": MetricTypes.HISTOGRAM}
@@ -38,16 +37,8 @@ def _field_type(headers: dict, name: str) -> str:
 def to_raw_request(row: dict, headers: dict) -> RawRequest:
     """One TorchServe input row -> RawRequest (KServe v2 rows carry the image as a base64 string)."""
     plain = {k: v for k, v in headers.items() if isinstance(v, str)}
-    if "datatype" in row and "name" in row:  # Open Inference Protocol v2 input, via the kservev2 envelope
-        if row.get("datatype") != "BYTES" or not isinstance(row.get("data"), str):
-            return RawRequest({}, {}, plain, error=(
-                f"v2 input {row.get('name')!r} has datatype {row.get('datatype')}; send the image file as one "
-                "BYTES element, base64-encoded"))
-        try:
-            data = base64.b64decode(row["data"], validate=True)
-        except (binascii.Error, ValueError):
-            return RawRequest({}, {}, plain, error=f"v2 input {row.get('name')!r} is not valid base64")
-        return RawRequest({"body": data}, {"body": ""}, plain)
+    if is_v2_input(row):  # Open Inference Protocol v2 input, via the kservev2 envelope
+        return from_v2_input(row, plain)
     fields = dict(row)
     return RawRequest(fields, {name: _field_type(headers, name) for name in fields}, plain)
 

@@ -16,7 +16,8 @@ from crbp_deploy.data.panoptic_synth import CATEGORIES, generate_sample
 from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model
 from crbp_deploy.serving.archive import ArchiveConfig, package
-from crbp_deploy.serving.kserve import v2_answer, v2_request, write_kserve
+from crbp_deploy.serving.kserve import write_kserve
+from crbp_deploy.serving.v2 import v2_answer, v2_request
 
 TINY = {"encoder_channels": 8, "channels": 6, "kernel_size": 3, "head_channels": 8, "downsample": 1}
 CATS = sorted(CATEGORIES, key=lambda c: c["id"])

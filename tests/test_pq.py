@@ -7,7 +7,8 @@ import torch
 from rich.console import Console
 
 from crbp_deploy.errors import InputError
-from crbp_deploy.panoptic import evaluate_panoptic, format_table
+from crbp_deploy.panoptic import format_table
+from pq_oracle import evaluate_panoptic
 
 CATEGORIES = [
     {"id": 1, "name": "person", "isthing": 1},

@@ -1,4 +1,4 @@
-"""CLI command groups, one module per capability; each module has `register(app)`."""
+"""CLI commands, one module per verb (named after it); each module has `register(app)`."""
 from __future__ import annotations
 
 import typer
@@ -20,7 +20,7 @@ def json_object(text: str | None, option: str) -> dict:
 
 
 def register_all(app: typer.Typer) -> None:
-    from . import calibrate, data, demo, evaluate, export, serve, train
+    from . import bench, calibrate, data, demo, evaluate, export, info, package, predict, serve, train
 
-    for module in (data, train, evaluate, calibrate, export, serve, demo):
+    for module in (info, data, train, evaluate, predict, calibrate, export, bench, package, serve, demo):
         module.register(app)

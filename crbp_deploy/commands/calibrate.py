@@ -28,7 +28,7 @@ def calibrate(
 
     from .. import checkpoint
     from .. import calibrate as cal
-    from ..cli import resolve_model
+    from ..sources import resolve_model
 
     fixed_counts = cal.parse_list(fixed, int, "--fixed")
     tolerances = cal.parse_list(tols, float, "--tols")

@@ -65,12 +65,12 @@ def demo(
     from rich.console import Console
     from rich.table import Table
 
-    from ..cli import resolve_model
     from ..export import export_onnx, verify
-    from ..panoptic.predict import DEFAULT_BUDGET, model_budget
+    from ..modelcard import ModelCard
     from ..serving import server as ts
     from ..serving.archive import DEFAULT_NAME, package
     from ..serving.client import Client
+    from ..sources import resolve_model
 
     console = Console()
     started = time.perf_counter()
@@ -79,15 +79,14 @@ def demo(
         console.print(f"[bold cyan][{n}/6][/] {text}  [dim](+{time.perf_counter() - started:.0f} s)[/]")
 
     net, source = resolve_model(model)
-    meta = getattr(net, "meta", None) or {}
-    if not meta.get("categories"):
+    card = ModelCard.of(net)
+    if not card.categories:
         raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
     name = DEFAULT_NAME if model is None else Path(str(model)).stem
-    budget = model_budget(meta)
-    budget = budget if "max_iters" in budget else dict(DEFAULT_BUDGET)
+    budget = card.budget.early()
     onnx = export_dir / f"{name}-loop.onnx"
-    step(1, f"export {source} -> {onnx} (early-exit loop, max_iters={budget['max_iters']}, tol={budget['tol']})")
-    export_onnx(net, onnx, strategy="loop", max_iters=int(budget["max_iters"]), tol=float(budget["tol"]), source=source)
+    step(1, f"export {source} -> {onnx} (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
+    export_onnx(net, onnx, strategy="loop", source=source, **budget.kwargs())
     step(2, "verify the export against PyTorch")
     report = verify(onnx, net)
     console.print(report.summary())
@@ -98,7 +97,7 @@ def demo(
     server = ts.start(result.path.parent, ts.ServerConfig(port=port), models=[name], progress=console.print)
     try:
         console.print(f"up: {server.predictions_url(name)}; keys in {server.key_file}; metrics {server.metrics_url}")
-        side = size or int((meta.get("evaluation") or {}).get("image_size", 64))
+        side = size or card.image_size
         samples = _samples(images, side)
         step(5, f"send {len(samples)} sample images and one bad request")
         table = Table(title=f"{name} through TorchServe", box=box.SIMPLE)

@@ -21,13 +21,16 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 def _pq_data(model, pq_data: Optional[Path], workdir: Path) -> Optional[Path]:
     """The split for PQ parity: the given folder, or a small generated one for panoptic models."""
-    if "categories" not in (getattr(model, "meta", None) or {}):
+    from ..modelcard import ModelCard
+
+    card = ModelCard.of(model)
+    if not card.categories:
         return None
     if pq_data is not None:
         return pq_data
     from ..data.panoptic_synth import write_dataset
 
-    size = int((model.meta.get("evaluation") or {}).get("image_size", 64))
+    size = card.image_size
     write_dataset(workdir / "pq", count=24, size=size, seed=2024, val_fraction=1.0, progress=None)
     return workdir / "pq" / "val"
 
@@ -72,9 +75,9 @@ def export(
     pq_data: Optional[Path] = typer.Option(None, "--pq-data", help="COCO panoptic split for PQ parity (default: generated)."),
 ) -> None:
     """Export to ONNX (and a TensorRT engine) with a fixed count or an early-exit loop, then verify."""
-    from ..cli import resolve_model
+    from ..sources import resolve_model
     from ..export import export_onnx
-    from ..panoptic.predict import model_budget
+    from ..modelcard import ModelCard
 
     if fmt not in ("onnx", "tensorrt"):
         raise InputError(f"--format must be onnx or tensorrt, got {fmt!r}")
@@ -93,13 +96,11 @@ def export(
         if strategy not in (None, "loop"):
             raise InputError("early exit needs the loop strategy; use --iters N for an unrolled graph")
         strategy = "loop"
-        card = model_budget(getattr(m, "meta", None))
-        budget = {"max_iters": max_iters or card.get("max_iters"), "tol": card.get("tol") if tol is None else tol}
+        card = ModelCard.of(m).budget.early()
+        budget = {"max_iters": max_iters or card.max_iters, "tol": card.tol if tol is None else tol}
     if postprocess:
         from ..export.panoptic_graph import WithPanopticLabels
-        from ..panoptic.predict import model_postprocess
-
-        m = WithPanopticLabels(m, model_postprocess(getattr(m, "meta", None)))
+        m = WithPanopticLabels(m, ModelCard.of(m).postprocess)
     name = Path(source.split(":")[-1]).stem
     out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}.onnx"
     if loop is not None and strategy != "loop":
@@ -136,8 +137,8 @@ def verify(
     pq_data: Optional[Path] = typer.Option(None, "--pq-data", help="COCO panoptic split for PQ parity (default: generated)."),
 ) -> None:
     """Compare an artifact with PyTorch: outputs, per-sample iterations, and PQ parity for panoptic models."""
-    from ..cli import resolve_model
-    from ..export import read_sidecar
+    from ..sources import resolve_model
+    from ..artifact import read_card, read_sidecar
 
     if not artifact.is_file():
         raise InputError(f"{artifact}: no such artifact")
@@ -147,50 +148,11 @@ def verify(
         from ..export.panoptic_graph import WithPanopticLabels
         from ..panoptic.postprocess import PostprocessConfig
 
-        post = (sidecar.get("model", {}).get("meta", {}) or {}).get("postprocess_in_graph")
+        post = read_card(artifact).extra.get("postprocess_in_graph")
         m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
     _verify(artifact, m, pq_data, _verify_sizes(m), None)
-
-
-def bench(
-    model: Optional[str] = typer.Argument(None, help="Checkpoint or bundled model (default: the bundled model)."),
-    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data: a COCO panoptic split (PQ) or, for a Pathfinder model, a `data pathfinder` folder (IoU); default: generated (Pathfinder: lengths 6-25 mixed)."),
-    threads: int = typer.Option(2, "--threads", help="Threads for every backend."),
-    repeats: int = typer.Option(10, "--repeats", help="Timed runs per latency (after one warm-up)."),
-    limit: int = typer.Option(48, "--limit", help="Images scored for quality."),
-    min_metric: Optional[float] = typer.Option(None, "--min-metric", help="Fail (exit 1) if any row's quality (PQ, or IoU x 100) is below this."),
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
-    csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
-) -> None:
-    """One table: backend x strategy x (MB, PQ or IoU, iterations, latency p50/p90 at batch 1 and 8, images/s)."""
-    from rich.console import Console
-    from rich.table import Table
-
-    from ..bench import run_bench, to_csv
-    from ..cli import resolve_model
-
-    m, source = resolve_model(model)
-    console = Console(stderr=True)
-    result = run_bench(m, data=data, threads=threads, repeats=repeats, limit=limit, progress=lambda s: console.log(s))
-    result["model"] = source
-    table = Table(title=f"crbp-deploy bench: {source} ({threads} threads)")
-    for col in ("backend", "strategy", "budget", "MB", result["metric"] + (" x 100" if result["metric"] == "IoU" else ""), "mean it.", "p50 b1", "p90 b1", "p50 b8", "p90 b8", "img/s b8"):
-        table.add_column(col, justify="left" if col in ("backend", "strategy", "budget") else "right")
-    for r in result["rows"]:
-        table.add_row(*(str(v) for v in r.values()))
-    Console(width=200).print(table)
-    typer.echo(json.dumps({"ratios": result["ratios"], "goals_met": result["goals_met"]}, indent=2))
-    if json_out:
-        json_out.write_text(json.dumps(result, indent=2))
-    if csv_out:
-        csv_out.write_text(to_csv(result))
-    if min_metric is not None:
-        low = [r for r in result["rows"] if r["quality"] < min_metric]
-        if low:
-            raise CrbpError(f"--min-metric {min_metric}: {result['metric']} below it for " + ", ".join(f"{r['backend']}/{r['strategy']} ({r['quality']})" for r in low))
 
 
 def register(app: typer.Typer) -> None:
     app.command("export")(export)
     app.command("verify")(verify)
-    app.command("bench")(bench)

@@ -1,8 +1,6 @@
-"""`crbp-deploy package` (a TorchServe .mar, optionally KServe manifests) and `crbp-deploy serve`
-(start / stop a real TorchServe on 127.0.0.1)."""
+"""`crbp-deploy serve`: start / stop a real TorchServe on 127.0.0.1."""
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 from typing import Optional
@@ -10,50 +8,6 @@ from typing import Optional
 import typer
 
 from ..errors import CrbpError
-
-
-def package(
-    model: Optional[str] = typer.Argument(None, help="Early-exit .onnx export, checkpoint or bundled model (default: bundled)."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model name (default: crbp-panoptic for the bundled model, else the file name)."),
-    out: Path = typer.Option(Path("model_store"), "--out", help="Model store folder for NAME.mar."),
-    fmt: str = typer.Option("onnx", "--format", help="onnx (export a checkpoint first) | checkpoint (serve it with PyTorch)."),
-    workers: int = typer.Option(1, "--workers", help="TorchServe workers (processes) for this model."),
-    batch_size: int = typer.Option(8, "--batch-size", help="TorchServe batchSize: requests run together."),
-    max_batch_delay: int = typer.Option(10, "--max-batch-delay", help="TorchServe maxBatchDelay in ms."),
-    response_timeout: int = typer.Option(120, "--response-timeout", help="TorchServe responseTimeout in s."),
-    threads: int = typer.Option(1, "--threads", help="Runtime threads per worker."),
-    max_iters_limit: int = typer.Option(200, "--max-iters-limit", help="Largest max_iters a request gets (more is clamped)."),
-    handler: Optional[Path] = typer.Option(None, "--handler", help="Handler file (default: handlers/panoptic_handler.py)."),
-    kserve: Optional[Path] = typer.Option(None, "--kserve", help="Also write KServe manifests (InferenceService, v2) here."),
-    storage_uri: Optional[str] = typer.Option(None, "--storage-uri", help="KServe storageUri (default: pvc://crbp-models/NAME)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-) -> None:
-    """Build NAME.mar (model + card + handler + crbp_deploy sources + model-config.yaml) with torch-model-archiver."""
-    from ..serving.archive import ArchiveConfig, package as build
-    from ..serving.service import ServiceConfig
-
-    config = ArchiveConfig(workers=workers, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
-                           response_timeout_s=response_timeout)
-    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit)
-    result = build(model, name=name, out=out, fmt=fmt, config=config, service=service, handler=handler,
-                   progress=None if as_json else typer.echo)
-    doc = result.to_dict()
-    if kserve is not None:
-        from ..serving.kserve import write_kserve
-
-        bundle = write_kserve(result.path, kserve, storage_uri=storage_uri, version=config.version,
-                              workers=workers, response_timeout_s=response_timeout, threads=threads)
-        doc["kserve"] = {"manifest": str(bundle.manifest), "storage_dir": str(bundle.storage_dir),
-                         "storage_uri": bundle.storage_uri}
-    if as_json:
-        typer.echo(json.dumps(doc, indent=2))
-        return
-    typer.echo(f"wrote {result.path} ({result.size_bytes / 1e6:.1f} MB, {result.format}: {result.model_file} from {result.source})")
-    typer.echo(f"  TorchServe: workers {workers}, batchSize {batch_size}, maxBatchDelay {max_batch_delay} ms, "
-               f"responseTimeout {response_timeout} s; max_iters limit {max_iters_limit}, {threads} thread(s)/worker")
-    if kserve is not None:
-        typer.echo(f"  KServe: {doc['kserve']['manifest']} (upload {doc['kserve']['storage_dir']} to {doc['kserve']['storage_uri']})")
-    typer.echo(f"serve it: crbp-deploy serve --model-store {out}")
 
 
 def serve(
@@ -103,5 +57,4 @@ def serve(
 
 
 def register(app: typer.Typer) -> None:
-    app.command("package")(package)
     app.command("serve")(serve)

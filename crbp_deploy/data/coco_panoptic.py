@@ -20,13 +20,9 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from ..errors import CrbpError, InputError
+from ..errors import DatasetError, InputError  # noqa: F401  (DatasetError: re-exported)
 
 IGNORE = 255  # semantic label of void and crowd pixels
-
-
-class DatasetError(CrbpError):
-    """A dataset file is missing, unreadable or inconsistent with its annotations."""
 
 
 # ---------------------------------------------------------------- id <-> colour

@@ -1,23 +1,11 @@
 """ONNX export (fixed-count `unrolled` or early-exit `loop`) and verification against PyTorch."""
-from .onnx_export import (
-    DEFAULT_MAX_ITERS,
-    DEFAULT_OPSET,
-    DEFAULT_SUBSTEPS,
-    DEFAULT_TOL,
-    STRATEGIES,
-    ArtifactMeta,
-    ExportResult,
-    export_onnx,
-    read_sidecar,
-    sidecar_path,
-)
+from ..artifact import STRATEGIES, ArtifactMeta, read_sidecar, sidecar_path
+from .onnx_export import DEFAULT_OPSET, DEFAULT_SUBSTEPS, ExportResult, export_onnx
 from .verify import VerifyReport, verify
 
 __all__ = [
-    "DEFAULT_MAX_ITERS",
     "DEFAULT_OPSET",
     "DEFAULT_SUBSTEPS",
-    "DEFAULT_TOL",
     "STRATEGIES",
     "ArtifactMeta",
     "ExportResult",

@@ -15,14 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 import math
 import os
-import tempfile
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,62 +30,30 @@ from onnx import TensorProto, helper
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
+from ..artifact import (  # noqa: F401  (re-exported: the artifact format lived here)
+    META_PREFIX,
+    SIDECAR_FORMAT,
+    SIDECAR_VERSION,
+    STRATEGIES,
+    ArtifactMeta,
+    check_writable,
+    read_sidecar,
+    sidecar_bytes,
+    sidecar_path,
+    write_atomic,
+    write_sidecar,
+)
+from ..budget import Budget, check_budget
 from ..errors import CrbpError, InputError
-from ..models import RecurrentSegmenter, check_budget, solver
+from ..models import RecurrentSegmenter, solver
 from .loop import PieceNames, compose_loop
 
-STRATEGIES = ("loop", "unrolled")
 DEFAULT_OPSET = 18
-DEFAULT_MAX_ITERS = 100
-DEFAULT_TOL = 1e-3
 #: Steps per Loop trip. On ONNX Runtime CPU one step per trip already costs within 1.0-1.15x of
 #: the unrolled graph per iteration (body weights stay body initializers, so the NCHWc conv layout
 #: applies inside the Loop); more sub-steps gained nothing measurable and can waste up to k-1 steps.
 DEFAULT_SUBSTEPS = 1
-SIDECAR_FORMAT = "crbp-deploy/onnx-artifact"
-SIDECAR_VERSION = 1
-META_PREFIX = "crbp_deploy."
 RESERVED = {"images", "max_iters", "tol", "iterations", "residual"}
-
-
-def sidecar_path(path: str | os.PathLike) -> Path:
-    """`model.onnx` -> `model.onnx.json`."""
-    path = Path(path)
-    return path.with_name(path.name + ".json")
-
-
-@dataclass(frozen=True)
-class ArtifactMeta:
-    """What a runtime must know about an artifact; stored in the .onnx `metadata_props`."""
-
-    strategy: str
-    heads: tuple[str, ...]
-    in_channels: int
-    size_multiple: int = 1
-    iters: int | None = None  # unrolled
-    max_iters: int | None = None  # loop defaults
-    tol: float | None = None
-    substeps: int = 1
-    arch: str = ""
-    execution: str = "masked"  # loop body: "compact" or "masked" (solver.EXECUTIONS); older artifacts are masked
-
-    def to_props(self) -> dict[str, str]:
-        return {META_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
-
-    @classmethod
-    def from_props(cls, props: dict[str, str], where: str = "artifact") -> "ArtifactMeta":
-        values = {k[len(META_PREFIX):]: v for k, v in props.items() if k.startswith(META_PREFIX)}
-        if "strategy" not in values:
-            raise CrbpError(f"{where}: not a crbp-deploy ONNX export (no {META_PREFIX}strategy metadata)")
-        try:
-            data = {k: json.loads(v) for k, v in values.items() if k in cls.__dataclass_fields__}
-            data["heads"] = tuple(data.get("heads", ()))
-            meta = cls(**data)
-        except (TypeError, ValueError) as exc:
-            raise CrbpError(f"{where}: unreadable crbp-deploy metadata ({exc})") from None
-        if meta.strategy not in STRATEGIES:
-            raise CrbpError(f"{where}: unknown strategy {meta.strategy!r} (this crbp-deploy knows {', '.join(STRATEGIES)})")
-        return meta
 
 
 @dataclass
@@ -109,18 +75,12 @@ class ExportResult:
             "sidecar": str(self.sidecar),
             "strategy": self.strategy,
             "opset": self.opset,
-            "defaults": _defaults(self.meta),
+            "defaults": self.meta.defaults(),
             "inputs": self.inputs,
             "outputs": self.outputs,
             "seconds": round(self.seconds, 3),
             "size_bytes": self.size_bytes,
         }
-
-
-def _defaults(meta: ArtifactMeta) -> dict[str, Any]:
-    if meta.strategy == "unrolled":
-        return {"iters": meta.iters}
-    return {"max_iters": meta.max_iters, "tol": meta.tol}
 
 
 # --- the pieces, as modules the dynamo exporter can trace -------------------------------------
@@ -288,60 +248,6 @@ def _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_
     return h, w
 
 
-def _check_writable(path: Path) -> None:
-    """Fail before the (slow) export when the output cannot be written at all."""
-    folder = path.parent
-    while not folder.exists() and folder != folder.parent:
-        folder = folder.parent
-    if not folder.is_dir():
-        raise InputError(f"cannot write {path}: {folder} is not a directory")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise InputError(f"cannot write {path}: {folder} is not writable")
-    if path.is_dir():
-        raise InputError(f"cannot write {path}: it is a directory")
-
-
-def _write_atomic(items: list[tuple[Path, bytes]]) -> None:
-    """Write every file to a temp name first, then rename them all: nothing half-written remains."""
-    temps: list[tuple[str, Path]] = []
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        for target, data in items:
-            try:
-                target.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-            except OSError as exc:
-                raise InputError(f"cannot write {target}: {exc.strerror or exc}") from None
-            temps.append((tmp, target))
-            os.fchmod(fd, 0o666 & ~umask)  # mkstemp makes 0600; a model file is as shareable as any other
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-        for tmp, target in temps:
-            os.replace(tmp, target)
-    except BaseException:
-        for tmp, _ in temps:
-            Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def write_sidecar(path: str | os.PathLike, sidecar: dict[str, Any]) -> Path:
-    """(Re)write the JSON sidecar of an artifact atomically."""
-    target = sidecar_path(path)
-    _write_atomic([(target, (json.dumps(sidecar, indent=2, allow_nan=True) + "\n").encode())])
-    return target
-
-
-def read_sidecar(path: str | os.PathLike) -> dict[str, Any] | None:
-    target = sidecar_path(path)
-    if not target.exists():
-        return None
-    try:
-        return json.loads(target.read_text())
-    except (OSError, ValueError) as exc:
-        raise CrbpError(f"{target}: unreadable sidecar JSON ({exc})") from None
-
-
 # --- the API ----------------------------------------------------------------------------------
 
 
@@ -375,8 +281,8 @@ def export_onnx(
     and an empty batch breaks reshapes in the step).
     """
     if strategy == "loop":
-        max_iters = DEFAULT_MAX_ITERS if max_iters is None else max_iters
-        tol = DEFAULT_TOL if tol is None else tol
+        max_iters = Budget.DEFAULT.max_iters if max_iters is None else max_iters
+        tol = Budget.DEFAULT.tol if tol is None else tol
     height, width = _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_size, substeps, path)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
@@ -386,7 +292,7 @@ def export_onnx(
     if execution == "compact" and substeps > 1:
         raise InputError("a compacted Loop runs one step per trip: use substeps=1 or execution='masked'")
     path = Path(path)
-    _check_writable(path)
+    check_writable(path)
     started = time.perf_counter()
     was_training = model.training
     model.eval()
@@ -413,7 +319,7 @@ def export_onnx(
         "strategy": strategy,
         "substeps": meta.substeps if strategy == "loop" else None,
         "execution": meta.execution if strategy == "loop" else None,
-        "defaults": _defaults(meta),
+        "defaults": meta.defaults(),
         "opset": opset,
         "ir_version": proto.ir_version,
         "dynamic": dynamic,
@@ -424,7 +330,7 @@ def export_onnx(
         "exporter": f"torch {torch.__version__} (dynamo) + onnx {onnx.__version__}",
         "verification": None,
     }
-    _write_atomic([(path, data), (sidecar_path(path), (json.dumps(sidecar, indent=2) + "\n").encode())])
+    write_atomic([(path, data), (sidecar_path(path), sidecar_bytes(sidecar))])
     return ExportResult(
         path=path,
         sidecar=sidecar_path(path),

@@ -22,7 +22,6 @@ Engines are specific to the TensorRT version and GPU that built them; the sideca
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import time
 from dataclasses import dataclass, field
@@ -34,52 +33,24 @@ from onnx import GraphProto, TensorProto, helper
 
 from ..errors import CrbpError, InputError
 from ..models import MAX_ITERATIONS
-from .onnx_export import ArtifactMeta, _check_writable, _write_atomic, read_sidecar, sidecar_path
+from ..artifact import (  # noqa: F401  (ENGINE_SUFFIXES, read_engine_sidecar: re-exported)
+    BUDGET_INPUTS,
+    ENGINE_FORMAT,
+    ENGINE_SUFFIXES,
+    ENGINE_VERSION,
+    ArtifactMeta,
+    check_writable,
+    read_engine_sidecar,
+    read_sidecar,
+    sidecar_bytes,
+    sidecar_path,
+    write_atomic,
+)
+from ..runtime.trt_backend import require_tensorrt, tensorrt_available  # noqa: F401  (re-exported)
 from .trt_lint import LintReport, lint_tensorrt
 
-ENGINE_FORMAT = "crbp-deploy/tensorrt-engine"
-ENGINE_VERSION = 1
-ENGINE_SUFFIXES = (".engine", ".plan")
 DEFAULT_WORKSPACE_MB = 1024
-BUDGET_INPUTS = ("max_iters", "tol")
 _MAX_ITERS_INT64 = "max_iters/int64"
-
-
-# --- availability ---------------------------------------------------------------------------
-
-
-def _import_tensorrt():
-    try:
-        import tensorrt as trt  # noqa: PLC0415 -- optional dependency, imported only when asked for
-    except Exception as exc:  # ImportError, or OSError/RuntimeError from a broken CUDA/TensorRT install
-        return None, exc
-    return trt, None
-
-
-def tensorrt_available() -> bool:
-    """True when `import tensorrt` works and torch sees a CUDA device."""
-    trt, _ = _import_tensorrt()
-    if trt is None:
-        return False
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def require_tensorrt():
-    """The `tensorrt` module, or a CrbpError naming what is missing."""
-    trt, exc = _import_tensorrt()
-    if trt is None:
-        detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc else ""
-        raise CrbpError(
-            "TensorRT is not installed: the `tensorrt` Python package could not be imported"
-            f"{detail}; install TensorRT 10 on a machine with an NVIDIA GPU, or use the onnxruntime backend"
-        )
-    import torch
-
-    if not torch.cuda.is_available():
-        raise CrbpError("no CUDA device: TensorRT needs an NVIDIA GPU and a CUDA build of torch; use the onnxruntime backend")
-    return trt
 
 
 # --- planning (no TensorRT needed) -------------------------------------------------------------
@@ -235,7 +206,7 @@ def plan_engine(
         raise InputError(f"workspace_mb must be a positive integer (MiB), got {workspace_mb!r}")
     if not isinstance(fp16, bool):
         raise InputError(f"fp16 must be True or False, got {fp16!r}")
-    _check_writable(engine_path)
+    check_writable(engine_path)
     data = onnx_path.read_bytes()
     try:
         model = onnx.load_from_string(data)
@@ -325,8 +296,7 @@ def build_engine(
         "strategy": plan.meta.strategy,
         "heads": list(plan.meta.heads),
         "budget_inputs": plan.budget_inputs,
-        "defaults": ({"max_iters": plan.meta.max_iters, "tol": plan.meta.tol} if plan.meta.strategy == "loop"
-                     else {"iters": plan.meta.iters}),
+        "defaults": plan.meta.defaults(),
         "fp16": plan.fp16,
         "tf32": bool(tf32),
         "workspace_mb": plan.workspace_mb,
@@ -340,8 +310,7 @@ def build_engine(
         "build_seconds": round(time.perf_counter() - started, 3),
         "verification": None,
     }
-    _write_atomic([(plan.engine_path, data),
-                   (sidecar_path(plan.engine_path), (json.dumps(sidecar, indent=2) + "\n").encode())])
+    write_atomic([(plan.engine_path, data), (sidecar_path(plan.engine_path), sidecar_bytes(sidecar))])
     return EngineResult(path=plan.engine_path, sidecar=sidecar_path(plan.engine_path),
                         seconds=time.perf_counter() - started, size_bytes=len(data), fp16=plan.fp16,
                         profile=plan.profile(), budget_inputs=plan.budget_inputs, tensorrt=trt.__version__,
@@ -384,16 +353,3 @@ def _parser_error(error) -> str:
         if callable(getter) and getter():
             parts.append(f"{attr.split('_')[1]}={getter()}")
     return " ".join(parts)
-
-
-def read_engine_sidecar(engine_path: str | os.PathLike) -> dict[str, Any]:
-    """The sidecar `build_engine` wrote next to an engine, checked for format."""
-    path = Path(engine_path)
-    sidecar = read_sidecar(path)
-    if sidecar is None:
-        raise CrbpError(f"{path}: no sidecar {sidecar_path(path).name}; crbp-deploy needs the one build_engine writes")
-    if sidecar.get("format") != ENGINE_FORMAT:
-        raise CrbpError(f"{sidecar_path(path)}: not a crbp-deploy TensorRT engine sidecar (format {sidecar.get('format')!r})")
-    if int(sidecar.get("version", 0)) > ENGINE_VERSION:
-        raise CrbpError(f"{sidecar_path(path)}: sidecar version {sidecar.get('version')} is newer than this crbp-deploy reads")
-    return sidecar

@@ -283,7 +283,6 @@ _RESIZE_MODES = {"nearest", "linear"}
 _RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
 _NOT_FOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
                  "Multinomial", "Loop", "If", "Scan", "Shape", "Size"}
-SEVERITIES = ("error", "warning", "info")
 
 
 @dataclass(frozen=True)

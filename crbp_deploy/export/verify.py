@@ -20,8 +20,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
+from ..artifact import read_sidecar, write_sidecar
 from ..errors import CrbpError, InputError
-from .onnx_export import read_sidecar, write_sidecar
+from ..runtime import OrtBackend, TorchBackend
 
 Check = Callable[[Any, Any], dict]
 
@@ -116,8 +117,6 @@ def verify(
     budget is the artifact's default unless `max_iters` / `tol` are given (loop artifacts).
     Raises CrbpError (with `.report`) on any mismatch, after writing the report to the sidecar.
     """
-    from ..runtime import OrtBackend, TorchBackend  # here: runtime imports this package
-
     started = time.perf_counter()
     path = Path(artifact_path)
     candidate = backend if backend is not None else OrtBackend(path)

@@ -6,35 +6,12 @@ no per-step parameters) and `readout`. Training (RBP needs one recorded step), e
 """
 from __future__ import annotations
 
-import math
-
 from torch import Tensor, nn
 
+from ..budget import MAX_ITERATIONS, check_budget  # noqa: F401  (re-exported: the contract's budget rules)
 from ..config import StrictConfig
 from ..errors import InputError
 from .solver import fixed_point
-
-#: The largest iteration budget any run accepts; more is a mistake, not a request.
-MAX_ITERATIONS = 10_000
-
-
-def check_budget(iters: int | None, max_iters: int | None, tol: float | None) -> None:
-    """Reject impossible run options with a message naming the option."""
-    if (iters is None) == (max_iters is None):
-        raise InputError("give exactly one of iters=N (fixed steps) or max_iters=M (early exit)")
-    n = iters if iters is not None else max_iters
-    label = "iters" if iters is not None else "max_iters"
-    if isinstance(n, bool) or not isinstance(n, int):
-        raise InputError(f"{label} must be an integer, got {n!r}")
-    if not 1 <= n <= MAX_ITERATIONS:
-        raise InputError(f"{label}={n} is outside 1..{MAX_ITERATIONS}")
-    if iters is not None and tol is not None:
-        raise InputError("tol only applies to early exit (max_iters=M)")
-    if max_iters is not None:
-        if tol is None:
-            raise InputError("early exit needs tol (relative state change at which to stop)")
-        if not (isinstance(tol, (int, float)) and math.isfinite(tol) and tol >= 0):
-            raise InputError(f"tol must be a finite number >= 0, got {tol!r}")
 
 
 class RecurrentSegmenter(nn.Module):

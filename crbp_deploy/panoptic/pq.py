@@ -16,17 +16,7 @@ One deliberate deviation: panopticapi remembers only the last crowd segment of e
 image for the false-positive rule; here all crowd segments of the category count (the same when
 there is at most one per category).
 
-Cross-check (`cross_check=True`): the same pairs also go through `torchmetrics.detection.
-PanopticQuality` (1.9), a maintained implementation. Its rules differ from panopticapi's:
-(a) it has no crowd: crowd is passed as void, which also removes crowd pixels from a prediction's
-area in every IoU and lets any class's crowd excuse a false positive; (b) predicted void pixels are
-removed from the GT segment's area in the IoU, and a GT segment more than half covered by predicted
-void is not a false negative; (c) all segments of one stuff class are merged. (b) is neutralised here
-by passing predicted void as an extra category that no GT has (left out of the averages), so the two
-must agree exactly whenever no predicted pixel lies on a GT crowd region and each image has at most
-one segment per stuff class in GT and prediction (the COCO format and `to_coco` output satisfy the
-latter). `result["torchmetrics"]` holds its numbers, whether the case is `comparable` and whether
-they `agree`.
+tests/pq_oracle.py cross-checks these numbers against torchmetrics' PanopticQuality.
 """
 from __future__ import annotations
 
@@ -181,90 +171,19 @@ def summarize(stats: Mapping[int, ClassStat], categories: Sequence[Mapping[str, 
     return out
 
 
-class _TorchmetricsCheck:
-    """Feeds the same pairs to torchmetrics' PanopticQuality (see the module docstring for the mapping)."""
-
-    def __init__(self, categories: Sequence[Mapping[str, Any]]):
-        from torchmetrics.detection import PanopticQuality
-
-        self.categories = categories
-        self.things = sorted(int(c["id"]) for c in categories if c["isthing"])
-        self.stuffs = sorted(int(c["id"]) for c in categories if not c["isthing"])
-        self.pred_void = max(int(c["id"]) for c in categories) + 1  # an extra stuff class no GT has
-        self.metric = PanopticQuality(
-            things=set(self.things), stuffs=set(self.stuffs) | {self.pred_void},
-            return_sq_and_rq=True, return_per_class=True,
-        )
-        self.comparable = True
-
-    @staticmethod
-    def _pairs(ids: np.ndarray, table: dict[int, int]) -> Any:
-        import torch
-
-        uniq, inverse = np.unique(ids, return_inverse=True)
-        cats = np.array([table[int(u)] for u in uniq], dtype=np.int64)[inverse.reshape(ids.shape)]
-        return torch.from_numpy(np.stack([cats, ids], axis=-1))[None]
-
-    def update(self, gt_map, gt, pred_map, pred) -> None:
-        crowd = {g for g, s in gt.items() if s.get("iscrowd", 0)}
-        if crowd and np.any(np.isin(gt_map, list(crowd)) & (pred_map != 0)):
-            self.comparable = False
-        stuff = set(self.stuffs)
-        for segs in (gt, pred):
-            cats = [int(s["category_id"]) for g, s in segs.items() if g not in crowd and int(s["category_id"]) in stuff]
-            if len(cats) != len(set(cats)):
-                self.comparable = False
-        # GT void and crowd -> an unknown category (torchmetrics makes it void); predicted void -> pred_void.
-        gt_table = {0: -1, **{g: (-1 if g in crowd else int(s["category_id"])) for g, s in gt.items()}}
-        pred_table = {0: self.pred_void, **{p: int(s["category_id"]) for p, s in pred.items()}}
-        self.metric.update(self._pairs(pred_map, pred_table), self._pairs(gt_map, gt_table))
-
-    def result(self, reference: Mapping[str, Any]) -> dict[str, Any]:
-        order = self.things + self.stuffs + [self.pred_void]  # torchmetrics' class order
-        m = self.metric
-        stats = {
-            cat: ClassStat(float(m.iou_sum[i]), int(m.true_positives[i]), int(m.false_positives[i]),
-                           int(m.false_negatives[i]))
-            for i, cat in enumerate(order) if cat != self.pred_void
-        }
-        per_class = m.compute()  # [C, 3]: its own pq, sq, rq per class, same order
-        out = summarize(stats, self.categories)
-        for i, cat in enumerate(order[:-1]):
-            out["per_class"][cat].update(zip(("pq", "sq", "rq"), (100.0 * float(v) for v in per_class[i])))
-        out["comparable"] = self.comparable
-        out["agrees"] = self.comparable and _same(out, reference)
-        return out
-
-
-def _same(a: Mapping[str, Any], b: Mapping[str, Any], tol: float = 1e-4) -> bool:
-    """Equal counts per class and PQ/SQ/RQ within tol (torchmetrics divides in float32)."""
-    for cat, qa in a["per_class"].items():
-        qb = b["per_class"][cat]
-        if any(qa[k] != qb[k] for k in ("tp", "fp", "fn")):
-            return False
-        if any(abs(qa[k] - qb[k]) > tol for k in ("pq", "sq", "rq")):
-            return False
-    return True
-
-
 def evaluate_panoptic(
     pairs: Iterable[tuple[Any, Sequence[Mapping[str, Any]], Any, Sequence[Mapping[str, Any]]]],
     categories: Sequence[Mapping[str, Any]],
-    *,
-    cross_check: bool = False,
 ) -> dict[str, Any]:
     """PQ / SQ / RQ (percent) for all, things and stuff, plus per class, under the panopticapi rules.
 
     pairs: (gt_ids, gt_segments, pred_ids, pred_segments) per image; id maps are H x W integer ids
     (0 = void) or COCO RGB arrays; segments are COCO segments_info dicts (`iscrowd` read from GT).
     Returns {"pq"|"sq"|"rq": {"all", "things", "stuff"}, "n": classes averaged per group,
-    "per_class": {category_id: {pq, sq, rq, tp, fp, fn}}, "counts": {tp, fp, fn}, "images": int},
-    and "torchmetrics" (same layout + comparable, agrees) when cross_check is set. The cross-check is
-    slow (measured here: ~7 s for one 640 x 640 image with 85 segments, vs 0.06 s for the primary).
+    "per_class": {category_id: {pq, sq, rq, tp, fp, fn}}, "counts": {tp, fp, fn}, "images": int}.
     """
     cats = check_categories(categories)
     known = {int(c["id"]) for c in cats}
-    check = _TorchmetricsCheck(cats) if cross_check else None
     totals: dict[int, ClassStat] = {}
     images = 0
     for i, item in enumerate(pairs):
@@ -275,16 +194,11 @@ def evaluate_panoptic(
         try:
             for cat, s in match_image(gt_ids, gt_segments, pred_ids, pred_segments, known).items():
                 totals.setdefault(cat, ClassStat()).add(s)
-            if check is not None:
-                check.update(_ids(gt_ids, "gt_ids"), _segments(gt_segments, "gt", known),
-                             _ids(pred_ids, "pred_ids"), _segments(pred_segments, "pred", known))
         except InputError as exc:
             raise InputError(f"image {i}: {exc}") from None
         images += 1
     result = summarize(totals, cats)
     result["images"] = images
-    if check is not None:
-        result["torchmetrics"] = check.result(result) if images else None
     return result
 
 
@@ -312,7 +226,7 @@ def format_table(result: Mapping[str, Any], categories: Sequence[Mapping[str, An
     for group in ("all", "things", "stuff"):
         table.add_row(group, fmt(result["pq"][group]), fmt(result["sq"][group]), fmt(result["rq"][group]),
                       str(result["n"][group]))
-    tm = result.get("torchmetrics")
+    tm = result.get("torchmetrics")  # added by a cross-check (tests/pq_oracle.py)
     if tm:
         verdict = "agrees" if tm["agrees"] else ("differs" if tm["comparable"] else "not comparable (crowd/stuff)")
         table.caption = f"torchmetrics cross-check: PQ {fmt(tm['pq']['all'])} ({verdict})"

@@ -17,13 +17,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from ..budget import Budget, merge_budget, model_budget  # noqa: F401  (model_budget: re-exported)
 from ..errors import InputError
-from ..models.contract import check_budget
+from ..modelcard import ModelCard
 from .encoding import id_to_rgb
 from .postprocess import PostprocessConfig, postprocess
-
-#: Used when a model's card does not say how to run it: run until converged, with a cap.
-DEFAULT_BUDGET = {"max_iters": 60, "tol": 1e-3}
 
 
 @dataclass
@@ -48,27 +46,6 @@ class Prediction:
         }
 
 
-def model_budget(meta: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The inference budget recorded in a model card, else the default."""
-    return dict(((meta or {}).get("inference") or {}).get("budget", DEFAULT_BUDGET))
-
-
-def model_postprocess(meta: Mapping[str, Any] | None) -> PostprocessConfig:
-    """The grouping options recorded in a model card, else the defaults."""
-    return PostprocessConfig.from_dict(((meta or {}).get("inference") or {}).get("postprocess") or {})
-
-
-def merge_budget(default: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
-    """`iters` asks for a fixed count; `max_iters`/`tol` override the early-exit defaults one by one."""
-    override = {k: v for k, v in override.items() if v is not None}
-    if "iters" in override:
-        return {"iters": override["iters"]}
-    if not override:
-        return dict(default)
-    early = default if "max_iters" in default else DEFAULT_BUDGET
-    return {"max_iters": override.get("max_iters", early["max_iters"]), "tol": override.get("tol", early["tol"])}
-
-
 def _void(h: int, w: int, n: int) -> list:
     """n all-void results (no segments), the answer for images whose state diverged."""
     return [(np.zeros((h, w), dtype=np.int64), []) for _ in range(n)]
@@ -89,41 +66,38 @@ class PanopticPredictor:
         self.run = run
         self.categories = list(categories)
         self.stride = stride
-        self.budget = dict(budget or DEFAULT_BUDGET)
+        self.budget = dict(budget or Budget.DEFAULT.kwargs())
         self.post = postprocess_config or PostprocessConfig()
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "PanopticPredictor":
-        meta = getattr(model, "meta", {}) or {}
+        card = ModelCard.of(model)
         model.eval()
 
         def run(images, **budget):
             with torch.no_grad():
                 return model(images, **budget)
 
-        kwargs.setdefault("budget", model_budget(meta))
-        kwargs.setdefault("postprocess_config", model_postprocess(meta))
-        return cls(run, meta.get("categories", []), stride=getattr(model, "stride", 1), **kwargs)
+        kwargs.setdefault("budget", card.budget.kwargs())
+        kwargs.setdefault("postprocess_config", card.postprocess)
+        return cls(run, card.categories, stride=getattr(model, "stride", 1), **kwargs)
 
     @classmethod
-    def from_backend(cls, backend, meta: Mapping[str, Any], **kwargs) -> "PanopticPredictor":
+    def from_backend(cls, backend, meta: Any, **kwargs) -> "PanopticPredictor":
         """A runtime Backend (ONNX Runtime, TensorRT, torch) with the model card's metadata."""
 
         def run(images, **budget):
             return backend.run(images.numpy(), **budget).outputs
 
-        if backend.strategy == "unrolled":
-            kwargs.setdefault("budget", backend.default_budget.kwargs())
-        else:
-            kwargs.setdefault("budget", model_budget(meta))
-        kwargs.setdefault("postprocess_config", model_postprocess(meta))
+        card = ModelCard.of(meta)
+        kwargs.setdefault("budget", (backend.default_budget if backend.strategy == "unrolled" else card.budget).kwargs())
+        kwargs.setdefault("postprocess_config", card.postprocess)
         stride = getattr(backend, "size_multiple", None) or 1
-        return cls(run, meta.get("categories", []), stride=stride, **kwargs)
+        return cls(run, card.categories, stride=stride, **kwargs)
 
     def predict(self, images: Sequence[np.ndarray], **budget: Any) -> list[Prediction]:
         """Each image H x W x 3 float in [0, 1]; images of equal size are batched together."""
         budget = merge_budget(self.budget, budget)
-        check_budget(budget.get("iters"), budget.get("max_iters"), budget.get("tol"))
         results: list[Prediction | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):

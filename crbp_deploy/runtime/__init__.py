@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 from typing import Any
 
 from ..errors import InputError
@@ -14,12 +13,14 @@ KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
 
 
 def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
-    """A backend for `spec`: a model object or a checkpoint `.pt` (torch), or an `.onnx` artifact.
+    """A backend for `spec`: a model object, or anything `crbp_deploy.sources.resolve` names (a
+    checkpoint, a bundled model or a registered architecture run on torch; an `.onnx` artifact; an engine).
 
-    `kind` forces the runtime ("torch", "onnxruntime"; "ort" is an alias); `options` go to the
-    backend's constructor (e.g. `threads=2`, `providers=[...]`).
+    `kind` forces the runtime ("torch", "onnxruntime", "tensorrt"; "ort", "trt" are aliases); `options`
+    go to the backend's constructor (e.g. `threads=2`, `providers=[...]`).
     """
     from ..models import RecurrentSegmenter
+    from ..sources import resolve
 
     kind = {"ort": "onnxruntime", "trt": "tensorrt"}.get(kind, kind)
     if kind not in KINDS:
@@ -30,24 +31,22 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
         return TorchBackend(spec, **options)
     if not isinstance(spec, (str, os.PathLike)):
         raise InputError(f"cannot make a backend from {type(spec).__name__}; give a model, a .pt or an .onnx path")
-    path = Path(spec)
-    if path.suffix in (".engine", ".plan") or kind == "tensorrt":
+    source = resolve(spec)
+    if source.kind == "engine" or kind == "tensorrt":
         if kind not in ("auto", "tensorrt"):
-            raise InputError(f"{path} is a TensorRT engine; it runs on tensorrt, not {kind}")
+            raise InputError(f"{source.path} is a TensorRT engine; it runs on tensorrt, not {kind}")
         from .trt_backend import TrtBackend  # imports tensorrt only when an engine is asked for
 
-        return TrtBackend(path, **options)
-    if path.suffix == ".onnx":
+        return TrtBackend(source.path, **options)
+    if source.kind == "onnx":
         if kind not in ("auto", "onnxruntime"):
-            raise InputError(f"{path} is an ONNX artifact; it runs on onnxruntime, not {kind}")
-        return OrtBackend(path, **options)
-    if path.suffix == ".pt":
-        if kind not in ("auto", "torch"):
-            raise InputError(f"{path} is a checkpoint; it runs on torch (export it for {kind})")
-        from .. import checkpoint
-
-        return TorchBackend(checkpoint.load(path), **options)
-    raise InputError(f"{path}: unknown artifact type {path.suffix or '(no suffix)'}; expected .onnx or .pt")
+            raise InputError(f"{source.path} is an ONNX artifact; it runs on onnxruntime, not {kind}")
+        return OrtBackend(source.path, **options)
+    if source.kind == "checkpoint" and source.path.suffix != ".pt":
+        raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected .onnx or .pt")
+    if kind not in ("auto", "torch"):
+        raise InputError(f"{source.label} is a checkpoint; it runs on torch (export it for {kind})")
+    return TorchBackend(source.load_model(), **options)
 
 
 __all__ = [

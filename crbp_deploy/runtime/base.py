@@ -15,32 +15,10 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from ..budget import DEFAULT_MAX_ITERS, DEFAULT_TOL, Budget  # noqa: F401  (re-exported)
 from ..errors import InputError
-from ..export.onnx_export import DEFAULT_MAX_ITERS, DEFAULT_TOL  # one source for the early-exit defaults
-from ..models import check_budget
 
 RANGE_SLACK = 1e-3  # resampling overshoot; a 0..255 image is far outside
-
-
-@dataclass(frozen=True)
-class Budget:
-    """A validated iteration budget: `iters` (fixed count) or `max_iters` + `tol` (early exit)."""
-
-    iters: int | None = None
-    max_iters: int | None = None
-    tol: float | None = None
-
-    def __post_init__(self) -> None:
-        check_budget(self.iters, self.max_iters, self.tol)
-
-    @property
-    def early_exit(self) -> bool:
-        return self.max_iters is not None
-
-    def kwargs(self) -> dict[str, Any]:
-        if self.early_exit:
-            return {"max_iters": self.max_iters, "tol": float(self.tol)}
-        return {"iters": self.iters}
 
 
 @dataclass
@@ -99,17 +77,9 @@ class Backend(ABC):
                 f"{self.describe_artifact()} is exported with the loop strategy (early exit): give max_iters/tol, "
                 f"not iters (max_iters={iters}, tol=0 runs a fixed count)"
             )
-        if iters is not None:
-            if max_iters is not None or tol is not None:
-                raise InputError("give either iters=N (fixed steps) or max_iters/tol (early exit), not both")
-            return Budget(iters=iters)
-        if max_iters is None and tol is None:
-            return default
-        base = default if default.early_exit else Budget(max_iters=DEFAULT_MAX_ITERS, tol=DEFAULT_TOL)
-        return Budget(
-            max_iters=base.max_iters if max_iters is None else max_iters,
-            tol=base.tol if tol is None else tol,
-        )
+        if iters is not None and (max_iters is not None or tol is not None):
+            raise InputError("give either iters=N (fixed steps) or max_iters/tol (early exit), not both")
+        return default.merge({"iters": iters, "max_iters": max_iters, "tol": tol})
 
     def adopt_artifact(self, meta) -> None:
         """Take strategy, input spec and default budget from an exported artifact's metadata."""
@@ -117,10 +87,7 @@ class Backend(ABC):
         self.strategy = meta.strategy
         self.in_channels = meta.in_channels
         self.size_multiple = meta.size_multiple
-        if meta.strategy == "unrolled":
-            self.default_budget = Budget(iters=meta.iters)
-        else:
-            self.default_budget = Budget(max_iters=meta.max_iters, tol=meta.tol)
+        self.default_budget = meta.budget
 
     def describe_artifact(self) -> str:
         return f"the {self.name} backend"

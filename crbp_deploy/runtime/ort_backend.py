@@ -12,8 +12,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..artifact import ArtifactMeta
 from ..errors import CrbpError, InputError
-from ..export.onnx_export import ArtifactMeta
 from .base import Backend, Budget
 
 CPU = "CPUExecutionProvider"
@@ -35,6 +35,12 @@ class OrtBackend(Backend):
     """
 
     name = "onnxruntime"
+
+    @staticmethod
+    def is_available() -> bool:
+        import importlib.util
+
+        return importlib.util.find_spec("onnxruntime") is not None
 
     def __init__(
         self,

@@ -8,7 +8,7 @@ import torch
 
 from ..errors import InputError
 from ..models import RecurrentSegmenter
-from .base import DEFAULT_MAX_ITERS, DEFAULT_TOL, Backend, Budget
+from .base import Backend, Budget
 
 
 class TorchBackend(Backend):
@@ -40,13 +40,8 @@ class TorchBackend(Backend):
         self.model = model.to(self.device).eval()
         self.in_channels = model.in_channels
         self.size_multiple = int(getattr(model, "stride", 1) or 1)
-        if iters is not None:
-            self.default_budget = Budget(iters=iters, max_iters=None, tol=tol)
-        else:
-            self.default_budget = Budget(
-                max_iters=DEFAULT_MAX_ITERS if max_iters is None else max_iters,
-                tol=DEFAULT_TOL if tol is None else tol,
-            )
+        self.default_budget = Budget(iters=iters, tol=tol) if iters is not None else Budget.DEFAULT.merge(
+            {"max_iters": max_iters, "tol": tol})
 
     def describe_artifact(self) -> str:
         return f"the torch model {self.model.arch or type(self.model).__name__}"

@@ -17,10 +17,39 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..artifact import BUDGET_INPUTS, ENGINE_SUFFIXES, ArtifactMeta, read_engine_sidecar
 from ..errors import CrbpError, InputError
-from ..export.onnx_export import ArtifactMeta
-from ..export.tensorrt import BUDGET_INPUTS, ENGINE_SUFFIXES, read_engine_sidecar, require_tensorrt
 from .base import Backend, Budget
+
+
+def _import_tensorrt():
+    try:
+        import tensorrt as trt  # noqa: PLC0415 -- optional dependency, imported only when asked for
+    except Exception as exc:  # ImportError, or OSError/RuntimeError from a broken CUDA/TensorRT install
+        return None, exc
+    return trt, None
+
+
+def tensorrt_available() -> bool:
+    """True when `import tensorrt` works and torch sees a CUDA device."""
+    trt, _ = _import_tensorrt()
+    if trt is None:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def require_tensorrt():
+    """The `tensorrt` module, or a CrbpError naming what is missing."""
+    trt, exc = _import_tensorrt()
+    if trt is None:
+        detail = f" ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})" if exc else ""
+        raise CrbpError(
+            "TensorRT is not installed: the `tensorrt` Python package could not be imported"
+            f"{detail}; install TensorRT 10 on a machine with an NVIDIA GPU, or use the onnxruntime backend"
+        )
+    if not torch.cuda.is_available():
+        raise CrbpError("no CUDA device: TensorRT needs an NVIDIA GPU and a CUDA build of torch; use the onnxruntime backend")
+    return trt
 
 
 def _torch_dtypes(trt) -> dict[Any, torch.dtype]:
@@ -34,6 +63,7 @@ class TrtBackend(Backend):
     """Runs a serialized TensorRT engine on one CUDA device (`device`: index or "cuda:N")."""
 
     name = "tensorrt"
+    is_available = staticmethod(tensorrt_available)
 
     def __init__(self, engine_path: str | os.PathLike, *, device: int | str | torch.device | None = None):
         self.path = Path(engine_path)

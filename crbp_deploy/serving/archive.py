@@ -24,8 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from ..artifact import read_card, read_sidecar, sidecar_path
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, InputError
+from ..modelcard import ModelCard
 from .service import ServiceConfig
 
 FORMATS = ("onnx", "checkpoint")
@@ -121,42 +123,13 @@ def _requirements(fmt: str) -> str:
         return "onnxruntime\n"
 
 
-def sidecar_meta(path: Path) -> dict[str, Any]:
-    import json
-
-    return dict((json.loads(path.read_text()).get("model") or {}).get("meta") or {})
-
-
-def _check_limit(service: ServiceConfig, meta: dict[str, Any]) -> None:
+def _check_limit(service: ServiceConfig, card: ModelCard) -> None:
     """Fail at packaging time, not in a server worker, when the limit is below the model's default budget."""
-    from ..panoptic.predict import model_budget
-
-    default = model_budget(meta).get("max_iters")
+    default = card.budget.max_iters
     if default is not None and default > service.max_iters_limit:
         raise ConfigError(
             f"max_iters_limit={service.max_iters_limit} is below the model's default max_iters={default}; raise it"
         )
-
-
-def _resolve(model: str | os.PathLike | None):
-    """(kind, file, source, default name) for an .onnx artifact, a checkpoint or a bundled name."""
-    from .. import zoo
-
-    spec = str(model) if model is not None else zoo.DEFAULT
-    path = Path(spec)
-    if path.suffix == ".onnx":
-        if not path.is_file():
-            raise InputError(f"{path}: no such ONNX file")
-        return "onnx", path, str(path), path.stem
-    if path.suffix == ".pt" or path.exists():
-        if not path.is_file():
-            raise InputError(f"{path}: no such checkpoint file")
-        return "checkpoint", path, str(path), path.stem
-    if spec in zoo.names():
-        return "checkpoint", zoo.path(spec), f"bundled:{spec}", spec
-    raise InputError(
-        f"{spec!r} is not an .onnx export, a checkpoint or a bundled model ({', '.join(zoo.names()) or 'none bundled'})"
-    )
 
 
 def package(
@@ -172,8 +145,8 @@ def package(
 ) -> PackageResult:
     """Build `out/NAME.mar` from an early-exit `.onnx` export, a checkpoint or a bundled model name
     (default: the bundled model, packaged as `crbp-panoptic`)."""
-    from ..export import export_onnx, read_sidecar, sidecar_path
-    from ..panoptic.predict import DEFAULT_BUDGET, model_budget
+    from ..export import export_onnx
+    from ..sources import resolve
 
     say = progress or (lambda msg: None)
     config = config or ArchiveConfig()
@@ -183,8 +156,13 @@ def package(
     handler_path = Path(handler) if handler else default_handler()
     if not handler_path.is_file():
         raise CrbpError(f"handler {handler_path} not found; it ships with the source tree (give --handler PATH)")
-    kind, file, source, stem = _resolve(model)
-    name = name or (DEFAULT_NAME if source == f"bundled:{DEFAULT_NAME}" else stem)
+    src = resolve(model)
+    if src.kind not in ("onnx", "checkpoint", "bundled"):
+        raise InputError(f"{src.label} is not an .onnx export, a checkpoint or a bundled model")
+    if not src.path.is_file():
+        raise InputError(f"{src.path}: no such {'ONNX' if src.kind == 'onnx' else 'checkpoint'} file")
+    kind, file, source = "onnx" if src.kind == "onnx" else "checkpoint", src.path, src.label
+    name = name or (DEFAULT_NAME if source == f"bundled:{DEFAULT_NAME}" else src.name)
     if not NAME_RE.match(name):
         raise InputError(f"model name {name!r} must start with a letter or digit and use only letters, digits, _ . -")
     if kind == "onnx" and fmt == "checkpoint":
@@ -197,7 +175,8 @@ def package(
         extra.mkdir()
         if kind == "onnx":
             sidecar = read_sidecar(file)
-            if sidecar is None or not ((sidecar.get("model") or {}).get("meta") or {}).get("categories"):
+            card = read_card(file)
+            if card is None or not card.categories:
                 raise CrbpError(f"{file}: its sidecar {sidecar_path(file).name} with the model card (categories) is missing")
             if sidecar.get("strategy") != "loop":
                 raise CrbpError(f"{file} is a fixed-count ({sidecar.get('strategy')}) export; serve an early-exit (loop) export")
@@ -208,23 +187,20 @@ def package(
             from .. import checkpoint
 
             obj = checkpoint.load(file)
-            meta = getattr(obj, "meta", None) or {}
-            if not meta.get("categories"):
+            card = ModelCard.of(obj)
+            if not card.categories:
                 raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
             if fmt == "onnx":
-                budget = model_budget(meta)
-                if "max_iters" not in budget:
-                    budget = dict(DEFAULT_BUDGET)
-                say(f"exporting {source} to ONNX (early-exit loop, max_iters={budget['max_iters']}, tol={budget['tol']})")
+                budget = card.budget.early()
+                say(f"exporting {source} to ONNX (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
                 model_file = stage / f"{name}.onnx"
-                result = export_onnx(obj, model_file, strategy="loop", max_iters=int(budget["max_iters"]),
-                                     tol=float(budget["tol"]), source=source)
+                result = export_onnx(obj, model_file, strategy="loop", source=source, **budget.kwargs())
                 export_info = result.to_dict()
                 shutil.move(str(result.sidecar), extra / f"{model_file.name}.json")
             else:
                 model_file = stage / f"{name}.pt"
                 shutil.copy2(file, model_file)
-        _check_limit(service, sidecar_meta(extra / f"{model_file.name}.json") if kind == "onnx" or fmt == "onnx" else meta)
+        _check_limit(service, read_card(extra / model_file.name) if kind == "onnx" or fmt == "onnx" else card)
         copy_package(extra)
         import yaml
 

@@ -13,25 +13,14 @@ import socket
 import time
 import urllib.parse
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from ..errors import CrbpError
+from ..errors import CrbpError, ServerError
 from ..panoptic.encoding import decode_png
 from ..panoptic.predict import Prediction
 
 TOKEN_ENV = "CRBP_DEPLOY_TOKEN"
 DEFAULT_MODEL = "crbp-panoptic"
-
-
-class ServerError(CrbpError):
-    """The server answered with an error status; `status` and `body` are its answer."""
-
-    def __init__(self, status: int, body: dict[str, Any]):
-        message = body.get("message") or body.get("error") or json.dumps(body)[:300]
-        super().__init__(f"server answered {status}: {message}")
-        self.status = status
-        self.body = body
 
 
 def sniff_content_type(data: bytes) -> str:
@@ -174,10 +163,3 @@ class Client:
         except (UnicodeDecodeError, ValueError):
             body = {"message": raw[:300].decode("utf-8", "replace")}
         return Answer(response.status, body, seconds)
-
-
-def predict_file(url: str, path: str | Path, *, token: str | None = None, **budget: Any) -> Answer:
-    """Send one image file (the convenience behind `crbp-deploy predict --url`)."""
-    data = Path(path).read_bytes()
-    with Client(url, token=token) as client:
-        return client.post(data, **budget)

@@ -157,18 +157,3 @@ def write_kserve(
     )
     manifest.write_text(header + yaml.safe_dump(doc, sort_keys=False))
     return KServeBundle(manifest=manifest, storage_dir=storage, config=config, archive=target, storage_uri=uri)
-
-
-def v2_request(image: bytes, name: str = "image") -> dict[str, Any]:
-    """An Open Inference Protocol v2 request carrying one image as a base64 BYTES input."""
-    import base64
-
-    return {"inputs": [{"name": name, "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(image).decode("ascii")]}]}
-
-
-def v2_answer(response: dict[str, Any]) -> dict[str, Any]:
-    """The panoptic JSON inside a v2 response (the first output's first BYTES element)."""
-    try:
-        return json.loads(response["outputs"][0]["data"][0])
-    except (KeyError, IndexError, TypeError, ValueError) as exc:
-        raise InputError(f"not a v2 response carrying a crbp-deploy answer ({exc!r})") from None

@@ -26,12 +26,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..artifact import read_card
+from ..budget import MAX_ITERATIONS, check_budget
 from ..config import StrictConfig
-from ..errors import ConfigError, CrbpError, InputError
+from ..errors import ConfigError, CrbpError, InputError, RequestError
 from ..imageio import ImageLimits, decode_image
-from ..models.contract import MAX_ITERATIONS, check_budget
+from ..modelcard import ModelCard
 from ..panoptic.encoding import encode_png
-from ..panoptic.predict import DEFAULT_BUDGET, PanopticPredictor, Prediction, model_budget, model_postprocess
+from ..panoptic.predict import PanopticPredictor, Prediction
 
 log = logging.getLogger(__name__)
 
@@ -53,14 +55,6 @@ HOW_TO_SEND = (
     "send the image bytes as the request body with Content-Type image/png, image/jpeg or image/webp "
     "(or application/octet-stream), or as multipart field 'data'"
 )
-
-
-class RequestError(InputError):
-    """A request the service refuses; `status` is the HTTP status to answer with."""
-
-    def __init__(self, message: str, status: int = 400):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True)
@@ -148,16 +142,14 @@ def _number(key: str, text: str) -> int | float:
         raise RequestError(f"{key} must be {kind}, got {text!r}") from None
 
 
-def artifact_meta(path: Path, backend) -> dict[str, Any]:
-    """The model card metadata (categories, inference settings) of an .onnx artifact or a checkpoint."""
-    from ..export import read_sidecar
-
-    if path.suffix == ".onnx":
-        sidecar = read_sidecar(path)
-        if sidecar is None:
-            raise CrbpError(f"{path}: its sidecar {path.name}.json (model card with the categories) is missing")
-        return dict((sidecar.get("model") or {}).get("meta") or {})
-    return dict(getattr(getattr(backend, "model", None), "meta", None) or {})
+def artifact_card(path: Path, backend) -> ModelCard:
+    """The model card (categories, inference settings) of an .onnx artifact or a checkpoint."""
+    if path.suffix != ".onnx":
+        return ModelCard.of(getattr(backend, "model", None))
+    card = read_card(path)
+    if card is None:
+        raise CrbpError(f"{path}: its sidecar {path.name}.json (model card with the categories) is missing")
+    return card
 
 
 class PanopticService:
@@ -178,19 +170,18 @@ class PanopticService:
                 f"{self.path.name} runs a fixed {self.backend.default_budget.iters} steps (unrolled); serving "
                 "needs an early-exit export (strategy=loop) or a checkpoint, so requests can set max_iters/tol"
             )
-        meta = artifact_meta(self.path, self.backend)
-        categories = meta.get("categories")
-        if not categories:
+        card = artifact_card(self.path, self.backend)
+        if not card.categories:
             raise CrbpError(f"{self.path}: its model card lists no categories; not a trained panoptic model")
-        self.default_budget = self._default_budget(meta)
+        self.default_budget = self._default_budget(card)
         self.predictor = PanopticPredictor(
             self.backend.run,
-            categories,
+            card.categories,
             stride=self.backend.size_multiple,
             budget=self.default_budget,
-            postprocess_config=model_postprocess(meta),
+            postprocess_config=card.postprocess,
         )
-        self.categories = [dict(c) for c in categories]
+        self.categories = [dict(c) for c in card.categories]
         # Only ONNX Runtime on CPU with one intra-op thread computes each sample of a batch exactly as
         # alone (measured: with 2 threads the bundled model's heads moved by ~2e-6 between batch sizes).
         self.batch_invariant = (
@@ -200,12 +191,9 @@ class PanopticService:
         )
         self.limits = self.config.limits()
 
-    def _default_budget(self, meta: Mapping[str, Any]) -> dict[str, Any]:
-        budget = model_budget(meta)
-        if "max_iters" not in budget:  # a fixed-count card: serve early exit with the artifact's defaults
-            default = self.backend.default_budget
-            budget = default.kwargs() if default.early_exit else dict(DEFAULT_BUDGET)
-        budget = {"max_iters": int(budget["max_iters"]), "tol": float(budget["tol"])}
+    def _default_budget(self, card: ModelCard) -> dict[str, Any]:
+        # a fixed-count card: serve early exit with the artifact's defaults (else the default budget)
+        budget = card.budget.early(self.backend.default_budget).kwargs()
         if budget["max_iters"] > self.config.max_iters_limit:
             raise ConfigError(
                 f"max_iters_limit={self.config.max_iters_limit} is below the model's default "

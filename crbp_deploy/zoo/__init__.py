@@ -21,10 +21,6 @@ def path(name: str = DEFAULT) -> Path:
     return file
 
 
-def card_path(name: str = DEFAULT) -> Path:
-    return _HERE / f"{name}.md"
-
-
 def load(name: str = DEFAULT):
     """The bundled model, in eval mode, with its metadata on `.meta`."""
     from .. import checkpoint

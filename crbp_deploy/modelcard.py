@@ -1,0 +1,55 @@
+"""The model card a checkpoint or an artifact carries: typed, after timm's PretrainedCfg.
+
+Stored as plain JSON (`meta` in a checkpoint, `model.meta` in an ONNX sidecar); `ModelCard.of`
+reads any of them, old files included: keys this version does not type are kept in `extra`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Mapping
+
+from .config import StrictConfig
+
+
+@dataclass(frozen=True)
+class ModelCard(StrictConfig):
+    categories: tuple[dict, ...] = ()  # COCO categories (panoptic models)
+    inference: dict = field(default_factory=dict)  # {"budget": ..., "postprocess": ..., "calibration": ...}
+    training: Any = None  # the training record (TrainConfig + progress), or a note
+    evaluation: dict = field(default_factory=dict)  # held-out results, evaluation image_size
+    extra: dict = field(default_factory=dict)  # everything else recorded (data, metrics, history, ...)
+
+    @classmethod
+    def from_meta(cls, meta: Mapping[str, Any] | None) -> "ModelCard":
+        """A stored card; unknown keys go to `extra` (old and newer files load), null values are left out."""
+        typed = {f.name for f in fields(cls)} - {"extra"}
+        meta = {k: v for k, v in (meta or {}).items() if v is not None}
+        return cls.from_dict({k: v for k, v in meta.items() if k in typed},
+                             extra={k: v for k, v in meta.items() if k not in typed})
+
+    @classmethod
+    def of(cls, source: Any) -> "ModelCard":
+        """The card of a ModelCard, a card dict, None (empty) or a model (its `.meta`)."""
+        if isinstance(source, ModelCard):
+            return source
+        return cls.from_meta(source if source is None or isinstance(source, Mapping) else getattr(source, "meta", None))
+
+    def to_meta(self) -> dict[str, Any]:
+        meta = {k: v for k, v in self.to_dict().items() if k != "extra" and v not in (None, (), [], {})}
+        return {**meta, **self.extra}
+
+    @property
+    def budget(self):
+        from .budget import Budget
+
+        return Budget.from_card(self)
+
+    @property
+    def postprocess(self):
+        from .panoptic.postprocess import PostprocessConfig
+
+        return PostprocessConfig.from_dict(self.inference.get("postprocess") or {})
+
+    @property
+    def image_size(self) -> int:
+        return int(self.evaluation.get("image_size", 64))
