@@ -151,27 +151,27 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    from crbp_deploy import checkpoint, zoo
-    from crbp_deploy.export import export_onnx, read_sidecar
-    from crbp_deploy.panoptic.predict import DEFAULT_BUDGET, model_budget
+    from crbp_deploy.artifact import read_card
+    from crbp_deploy.export import export_onnx
+    from crbp_deploy.modelcard import ModelCard
+    from crbp_deploy.sources import resolve_model
     from crbp_deploy.serving import server as ts
     from crbp_deploy.serving.archive import ArchiveConfig, package
     from crbp_deploy.serving.service import PanopticService, RawRequest, ServiceConfig
 
     with tempfile.TemporaryDirectory(prefix="crbp-serving-bench-") as tmp:
         work = Path(tmp)
-        spec = args.model or zoo.DEFAULT
-        if spec.endswith(".onnx"):
-            onnx, meta = Path(spec), (read_sidecar(spec) or {}).get("model", {}).get("meta", {})
+        spec = args.model
+        if str(spec).endswith(".onnx"):
+            onnx, card = Path(spec), read_card(spec) or ModelCard()
         else:
-            net = checkpoint.load(spec) if Path(spec).exists() else zoo.load(spec)
-            meta = net.meta
-            budget = model_budget(meta)
-            budget = budget if "max_iters" in budget else dict(DEFAULT_BUDGET)
+            net, spec = resolve_model(spec)
+            card = ModelCard.of(net)
+            budget = card.budget.early().kwargs()
             onnx = work / "model.onnx"
             print(f"exporting {spec} (loop, {budget})", flush=True)
-            export_onnx(net, onnx, strategy="loop", max_iters=int(budget["max_iters"]), tol=float(budget["tol"]), source=spec)
-        size = args.size or int((meta.get("evaluation") or {}).get("image_size", 64))
+            export_onnx(net, onnx, strategy="loop", source=spec, **budget)
+        size = args.size or card.image_size
         images = _images(8, size)
         service_config = ServiceConfig(threads=args.threads)
         service = PanopticService(onnx, service_config, name="bench")

@@ -115,11 +115,13 @@ def choose(points: Sequence[Point], max_drop: float = MAX_DROP) -> dict[str, Any
 
 def default_max_iters(model, fixed: Sequence[int] | None) -> int:
     """The early-exit cap: the card's, else 4x the training steps, else the largest fixed count swept."""
-    meta = getattr(model, "meta", None) or {}
-    budget = (meta.get("inference") or {}).get("budget") or {}
+    from .modelcard import ModelCard
+
+    card = ModelCard.of(model)
+    budget = card.inference.get("budget") or {}
     if budget.get("max_iters"):
         return int(budget["max_iters"])
-    steps = (meta.get("training") or {}).get("steps")
+    steps = card.training.get("steps") if isinstance(card.training, dict) else None
     if isinstance(steps, int) and steps > 0:
         return 4 * steps
     return max(fixed or FIXED_COUNTS)

@@ -10,13 +10,14 @@ from __future__ import annotations
 from torch import Tensor
 
 from ..errors import InputError
+from ..modelcard import ModelCard
 from ..models import RecurrentSegmenter
 from ..panoptic.postprocess import PostprocessConfig, panoptic_labels, thing_mask_of
 
 
 class WithPanopticLabels(RecurrentSegmenter):
     def __init__(self, model: RecurrentSegmenter, config: PostprocessConfig | None = None):
-        categories = (getattr(model, "meta", None) or {}).get("categories")
+        categories = list(ModelCard.of(model).categories)
         if not categories:
             raise InputError("--postprocess needs a trained panoptic model whose card lists its categories")
         super().__init__(model.config)
