@@ -23,7 +23,7 @@ import torch
 
 from .errors import CrbpError
 from .export import export_onnx
-from .panoptic.predict import model_budget
+from .budget import model_budget
 from .quality import model_task, open_data, scorer_for
 from .runtime import OrtBackend, TorchBackend
 

@@ -158,9 +158,6 @@ def scorer_for(model, data: str | os.PathLike, *, split: str = "val", limit: int
 
 def resolve_budget(model, given: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The budget a run uses: the options given (None = not given), the rest from the card, as predict does."""
-    from .models import check_budget
-    from .panoptic.predict import merge_budget, model_budget
+    from .budget import Budget
 
-    budget = merge_budget(model_budget(getattr(model, "meta", None)), dict(given or {}))
-    check_budget(budget.get("iters"), budget.get("max_iters"), budget.get("tol"))
-    return budget
+    return Budget.from_card(model).merge(dict(given or {})).kwargs()
