@@ -54,9 +54,6 @@ class ArtifactMeta:
             return Budget(iters=self.iters)
         return Budget(max_iters=self.max_iters, tol=self.tol)
 
-    def defaults(self) -> dict[str, Any]:
-        return {"iters": self.iters} if self.strategy == "unrolled" else {"max_iters": self.max_iters, "tol": self.tol}
-
     def to_props(self) -> dict[str, str]:
         return {META_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}
 

@@ -34,10 +34,6 @@ class ModelCard(StrictConfig):
             return source
         return cls.from_meta(source if source is None or isinstance(source, Mapping) else getattr(source, "meta", None))
 
-    def to_meta(self) -> dict[str, Any]:
-        meta = {k: v for k, v in self.to_dict().items() if k != "extra" and v not in (None, (), [], {})}
-        return {**meta, **self.extra}
-
     @property
     def budget(self):
         from .budget import Budget

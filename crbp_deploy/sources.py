@@ -22,16 +22,12 @@ class Source:
     label: str  # how results name it: the path, bundled:NAME or registry:NAME
     name: str  # a default model name: the file stem or the bundled / registered name
 
-    @property
-    def artifact(self) -> bool:
-        return self.kind in ("onnx", "engine")
-
     def load_model(self):
         """The PyTorch model (eval mode, card on `.meta`); exported artifacts have none."""
         from . import checkpoint
         from .models import create_model
 
-        if self.artifact:
+        if self.kind in ("onnx", "engine"):
             raise CrbpError(f"{self.label} is an exported {self.kind} artifact, not a checkpoint; give the model it came from")
         return create_model(self.name) if self.kind == "registry" else checkpoint.load(self.path)
 

@@ -1,4 +1,4 @@
-"""CLI commands, one module per verb (named after it); each module has `register(app)`."""
+"""CLI commands, one module per verb (named after it), registered from `VERBS`."""
 from __future__ import annotations
 
 import typer
@@ -19,8 +19,18 @@ def json_object(text: str | None, option: str) -> dict:
     return value
 
 
-def register_all(app: typer.Typer) -> None:
-    from . import bench, calibrate, data, demo, evaluate, export, info, package, predict, serve, train
+#: (command, module, function), in help order; a module is named after its verb.
+VERBS = (("info", "info", "info"), ("list", "info", "list_cmd"), ("create", "info", "create"), ("train", "train", "train"),
+         ("eval", "evaluate", "evaluate"), ("predict", "predict", "predict"), ("calibrate", "calibrate", "calibrate"),
+         ("export", "export", "export"), ("verify", "export", "verify"), ("bench", "bench", "bench"),
+         ("package", "package", "package"), ("serve", "serve", "serve"), ("demo", "demo", "demo"))
 
-    for module in (info, data, train, evaluate, predict, calibrate, export, bench, package, serve, demo):
-        module.register(app)
+
+def register_all(app: typer.Typer) -> None:
+    import importlib
+
+    from . import data
+
+    for command, module, function in VERBS:
+        app.command(command)(getattr(importlib.import_module(f"{__name__}.{module}", __name__), function))
+    data.register(app)  # a command group

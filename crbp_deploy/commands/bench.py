@@ -46,7 +46,3 @@ def bench(
         low = [r for r in result["rows"] if r["quality"] < min_metric]
         if low:
             raise CrbpError(f"--min-metric {min_metric}: {result['metric']} below it for " + ", ".join(f"{r['backend']}/{r['strategy']} ({r['quality']})" for r in low))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("bench")(bench)

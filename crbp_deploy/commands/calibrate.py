@@ -55,7 +55,3 @@ def calibrate(
         console.print(f"wrote the budget and the sweep into the card of {dest}")
     elif not dry_run:
         console.print(f"{source} is not a checkpoint file: nothing written (pass --out FILE to save a calibrated copy)")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("calibrate")(calibrate)

@@ -127,7 +127,3 @@ def demo(
             step(6, "stop the server")
             ts.stop(server.run_dir)
             console.print(f"stopped; done in {time.perf_counter() - started:.0f} s")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("demo")(demo)

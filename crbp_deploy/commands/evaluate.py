@@ -95,7 +95,3 @@ def _evaluate_pathfinder(model, source: str, data: Path, split: str, budget: dic
         f"converged {100 * it['converged_fraction']:.0f}%; Spearman(length, iterations) per image: "
         + ("n/a (constant)" if rho is None else f"{rho:.3f}")
     )
-
-
-def register(app: typer.Typer) -> None:
-    app.command("eval")(evaluate)

@@ -151,8 +151,3 @@ def verify(
         post = read_card(artifact).extra.get("postprocess_in_graph")
         m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
     _verify(artifact, m, pq_data, _verify_sizes(m), None)
-
-
-def register(app: typer.Typer) -> None:
-    app.command("export")(export)
-    app.command("verify")(verify)

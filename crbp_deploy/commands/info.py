@@ -80,9 +80,3 @@ def create(
     model = create_model(name, overrides)
     path = checkpoint.save(model, out, meta={"training": "none (random init)", "seed": seed})
     typer.echo(f"wrote {path}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("info")(info)
-    app.command("list")(list_cmd)
-    app.command("create")(create)

@@ -50,7 +50,3 @@ def package(
     if kserve is not None:
         typer.echo(f"  KServe: {doc['kserve']['manifest']} (upload {doc['kserve']['storage_dir']} to {doc['kserve']['storage_uri']})")
     typer.echo(f"serve it: crbp-deploy serve --model-store {out}")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("package")(package)

@@ -58,7 +58,3 @@ def _predict_url(images, url, model, token, out, iters, max_iters, tol) -> None:
                 f"residual {pred.residual:.2e}, converged {pred.converged} ({1000 * answer.seconds:.0f} ms from "
                 f"{endpoint}) -> {out / (path.stem + '_panoptic.json')}"
             )
-
-
-def register(app: typer.Typer) -> None:
-    app.command("predict")(predict)

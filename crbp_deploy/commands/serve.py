@@ -54,7 +54,3 @@ def serve(
         except KeyboardInterrupt:
             ts.stop(run)
             typer.echo("stopped")
-
-
-def register(app: typer.Typer) -> None:
-    app.command("serve")(serve)

@@ -64,7 +64,3 @@ def train(
     record = run_training(cfg, out, resume=resume, progress=not quiet)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps({"checkpoint": str(out / "last.pt"), **record}))
-
-
-def register(app: typer.Typer) -> None:
-    app.command("train")(train)

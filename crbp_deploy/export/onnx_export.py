@@ -30,19 +30,8 @@ from onnx import TensorProto, helper
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from ..artifact import (  # noqa: F401  (re-exported: the artifact format lived here)
-    META_PREFIX,
-    SIDECAR_FORMAT,
-    SIDECAR_VERSION,
-    STRATEGIES,
-    ArtifactMeta,
-    check_writable,
-    read_sidecar,
-    sidecar_bytes,
-    sidecar_path,
-    write_atomic,
-    write_sidecar,
-)
+from ..artifact import SIDECAR_FORMAT, SIDECAR_VERSION, STRATEGIES, ArtifactMeta, check_writable, sidecar_bytes
+from ..artifact import read_sidecar, sidecar_path, write_atomic, write_sidecar  # noqa: F401  (they lived here)
 from ..budget import Budget, check_budget
 from ..errors import CrbpError, InputError
 from ..models import RecurrentSegmenter, solver
@@ -75,7 +64,7 @@ class ExportResult:
             "sidecar": str(self.sidecar),
             "strategy": self.strategy,
             "opset": self.opset,
-            "defaults": self.meta.defaults(),
+            "defaults": self.meta.budget.kwargs(),
             "inputs": self.inputs,
             "outputs": self.outputs,
             "seconds": round(self.seconds, 3),
@@ -319,7 +308,7 @@ def export_onnx(
         "strategy": strategy,
         "substeps": meta.substeps if strategy == "loop" else None,
         "execution": meta.execution if strategy == "loop" else None,
-        "defaults": meta.defaults(),
+        "defaults": meta.budget.kwargs(),
         "opset": opset,
         "ir_version": proto.ir_version,
         "dynamic": dynamic,

@@ -33,19 +33,8 @@ from onnx import GraphProto, TensorProto, helper
 
 from ..errors import CrbpError, InputError
 from ..models import MAX_ITERATIONS
-from ..artifact import (  # noqa: F401  (ENGINE_SUFFIXES, read_engine_sidecar: re-exported)
-    BUDGET_INPUTS,
-    ENGINE_FORMAT,
-    ENGINE_SUFFIXES,
-    ENGINE_VERSION,
-    ArtifactMeta,
-    check_writable,
-    read_engine_sidecar,
-    read_sidecar,
-    sidecar_bytes,
-    sidecar_path,
-    write_atomic,
-)
+from ..artifact import BUDGET_INPUTS, ENGINE_FORMAT, ENGINE_VERSION, ArtifactMeta, check_writable, read_sidecar
+from ..artifact import ENGINE_SUFFIXES, read_engine_sidecar, sidecar_bytes, sidecar_path, write_atomic  # noqa: F401
 from ..runtime.trt_backend import require_tensorrt, tensorrt_available  # noqa: F401  (re-exported)
 from .trt_lint import LintReport, lint_tensorrt
 
@@ -296,7 +285,7 @@ def build_engine(
         "strategy": plan.meta.strategy,
         "heads": list(plan.meta.heads),
         "budget_inputs": plan.budget_inputs,
-        "defaults": plan.meta.defaults(),
+        "defaults": plan.meta.budget.kwargs(),
         "fp16": plan.fp16,
         "tf32": bool(tf32),
         "workspace_mb": plan.workspace_mb,
