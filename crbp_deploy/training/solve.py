@@ -21,7 +21,8 @@ import torch
 from torch import Tensor, nn
 
 from ..errors import InputError
-from ..models.contract import MAX_ITERATIONS, RecurrentSegmenter, relative_change
+from ..models.contract import MAX_ITERATIONS, RecurrentSegmenter
+from ..models.solver import fixed_point, relative_change
 from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, LCP_REDUCTIONS, lipschitz_penalty
 from .rbp import (
     DEFAULT_CAP,
@@ -92,6 +93,11 @@ def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduc
         raise InputError("solve() builds a training graph; call it with gradients enabled, not under torch.no_grad()")
 
 
+def _run_steps(model, ctx, h: Tensor, n: int) -> Tensor:
+    """The `n` forward steps before the recorded one, by the one solver (none when n == 0)."""
+    return fixed_point(model.step, ctx, h, iters=n)[0] if n else h
+
+
 def _differentiable(h: Tensor) -> Tensor:
     """A step input the LCP can differentiate against (h0 from zeros_like carries no graph)."""
     return h if h.requires_grad else h.detach().requires_grad_()
@@ -127,15 +133,13 @@ def solve(
     h = model.init_state(ctx)
     info = None
     if grad in ("bptt", "cbptt"):
-        for _ in range(steps - 1):
-            h = model.step(ctx, h)
+        h = _run_steps(model, ctx, h, steps - 1)
         prev = _differentiable(h) if grad == "cbptt" else h
         last = model.step(ctx, prev)
         state = last
     else:
         with torch.no_grad():
-            for _ in range(steps - 1):
-                h = model.step(ctx, h)
+            h = _run_steps(model, ctx, h, steps - 1)
         prev = h.detach().requires_grad_()
         last = model.step(ctx, prev)
         info = NeumannInfo()
