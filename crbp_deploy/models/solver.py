@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
+from ..budget import check_budget
 from ..errors import InputError
 
 #: Execution of a batch: "compact" (active rows only) or "masked" (every row, converged ones frozen).
@@ -100,10 +101,10 @@ def fixed_point(
 ) -> tuple[Tensor, SolverStats]:
     """Run `step` from `h`: `iters=N` steps, or per sample until relative change <= tol (cap max_iters).
 
-    The budget is validated by the caller (`check_budget`). Under torch.export the loop is
-    unrolled without early stops (the `unrolled` strategy); early exit in a graph is the ONNX Loop
-    over `advance`.
+    Under torch.export the loop is unrolled without early stops (the `unrolled` strategy); early
+    exit in a graph is the ONNX Loop over `advance`.
     """
+    check_budget(iters, max_iters, tol)
     if execution not in EXECUTIONS:
         raise InputError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
     limit, threshold = (iters, -1.0) if iters is not None else (max_iters, float(tol))
