@@ -36,12 +36,6 @@ class OrtBackend(Backend):
 
     name = "onnxruntime"
 
-    @staticmethod
-    def is_available() -> bool:
-        import importlib.util
-
-        return importlib.util.find_spec("onnxruntime") is not None
-
     def __init__(
         self,
         onnx_path: str | os.PathLike,
