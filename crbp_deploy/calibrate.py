@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from .errors import InputError
+from .modelcard import ModelCard
 from .quality import Scorer
 
 MAX_DROP = 0.5  # points (PQ, or IoU x 100)
@@ -115,8 +116,6 @@ def choose(points: Sequence[Point], max_drop: float = MAX_DROP) -> dict[str, Any
 
 def default_max_iters(model, fixed: Sequence[int] | None) -> int:
     """The early-exit cap: the card's, else 4x the training steps, else the largest fixed count swept."""
-    from .modelcard import ModelCard
-
     card = ModelCard.of(model)
     budget = card.inference.get("budget") or {}
     if budget.get("max_iters"):
@@ -164,7 +163,7 @@ def record(calibration: Mapping[str, Any]) -> dict[str, Any]:
 def card_meta(meta: Mapping[str, Any] | None, calibration: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a card's metadata with the chosen budget and the sweep (other inference options kept)."""
     new = dict(meta or {})
-    inference = dict(new.get("inference") or {})
+    inference = dict(ModelCard.of(new).inference)
     inference["budget"] = dict(calibration["budget"])
     inference["calibration"] = record(calibration)
     new["inference"] = inference
