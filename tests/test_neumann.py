@@ -177,7 +177,7 @@ def test_trainer_records_neumann_statistics_and_contraction(panoptic_data, tmp_p
 
 def test_contraction_report_measures_a_known_jacobian():
     a = torch.tensor([[0.5, 2.0], [0.0, 0.3]], dtype=torch.float64)
-    report = contraction_report(MixToy(a), _images(2, batch=3, size=5), power_iters=40)
+    report = contraction_report(MixToy(a), _images(2, batch=3, size=5), power_iters=40, radius_iters=40)
     assert report["inputs"] == 3 and report["fixed_point"]["residual"][0] <= 1e-4
     for rho, norm, colsum in zip(report["spectral_radius"], report["jacobian_norm"], report["max_column_sum"]):
         assert rho == pytest.approx(0.5, rel=1e-3)
@@ -185,3 +185,17 @@ def test_contraction_report_measures_a_known_jacobian():
         assert colsum == pytest.approx(float(a.sum(0).max()))  # 1ᵀJ for J = A ⊗ I: the column sums of A
     assert report["neumann"]["terms"] == [15] * 3 and report["neumann"]["stop"] == ["steps"] * 3
     assert "spectral radius" in summary_line(report)
+
+
+@pytest.mark.parametrize("a", [NON_NORMAL, torch.tensor([[0.5]], dtype=torch.float64), torch.tensor([[1.5]], dtype=torch.float64)])
+def test_report_reads_the_public_rule_off_the_patient_run(a):
+    from crbp_deploy.contraction import _public_rule
+    from crbp_deploy.training import neumann_vjp
+
+    prev = torch.rand(1, a.shape[0], 3, 3, dtype=torch.float64, requires_grad=True)
+    last = torch.einsum("oi,bihw->bohw", a, prev)
+    v0 = torch.zeros_like(prev)
+    v0[:, 0] = 1.0
+    _, patient = neumann_vjp(last, prev, v0, steps=15, rule="patient")
+    _, public = neumann_vjp(last, prev, v0, steps=15, rule="public")
+    assert _public_rule(patient) == (public.terms, public.stop)
