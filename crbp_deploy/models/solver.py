@@ -79,7 +79,7 @@ def advance(step, ctx, h: Tensor, active: Tensor, iterations: Tensor, residual: 
         h, old = step(ctx, h), h
         residual = relative_change(h, old)
     else:
-        index = active.nonzero().squeeze(1)
+        index = active.float().nonzero().squeeze(1)  # NonZero on float: the type TensorRT documents
         rows = h.index_select(0, index)
         new = step(_rows(ctx, index), rows)
         h = h.index_copy(0, index, new)
