@@ -6,14 +6,7 @@ One server per module (started with `crbp-deploy serve`, stopped at the end even
 three tiny models: `tiny` (early-exit ONNX, batchSize 8), `tiny-pt` (the checkpoint, PyTorch) and
 `tiny-nan` (a checkpoint whose state turns NaN: it must answer `diverged`, never `converged`).
 """
-import io
 import json
-import os
-import shutil
-import socket
-import subprocess
-import sys
-import threading
 import time
 import urllib.error
 import urllib.request
@@ -22,67 +15,15 @@ import uuid
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from crbp_deploy import checkpoint
-from crbp_deploy.data.panoptic_synth import CATEGORIES, generate_sample
-from crbp_deploy.export import export_onnx
-from crbp_deploy.models import create_model
 from crbp_deploy.serving.archive import ArchiveConfig, package
 from crbp_deploy.serving.client import Client
 from crbp_deploy.serving.service import PanopticService, RawRequest
+from serving_util import (BUDGET, CATS, COMPARED, cli, hammer, need_torchserve, png, same, sample, served,
+                          tiny_artifacts)
 
 pytestmark = pytest.mark.serve
-
-TINY = {"encoder_channels": 8, "channels": 6, "kernel_size": 3, "head_channels": 8, "downsample": 1}
-CATS = sorted(CATEGORIES, key=lambda c: c["id"])
-BUDGET = {"max_iters": 30, "tol": 1e-2}
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
-
-
-def _need_torchserve():
-    pytest.importorskip("ts", reason="torchserve is not installed (pip install 'crbp-deploy[serve]')")
-    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
-    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
-        pytest.skip("TorchServe needs Java 17")
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "crbp_deploy.cli", *args], capture_output=True, text=True,
-                          timeout=timeout, env=ENV)
-
-
-def _free_ports(count=5):
-    """A base port P with P..P+count-1 free on 127.0.0.1."""
-    rng = np.random.default_rng(uuid.uuid4().int % 2**32)
-    for _ in range(200):
-        base = int(rng.integers(20000, 60000))
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-    raise RuntimeError("no free port block")
-
-
-def _png(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _sample(index: int, size: int, crop: tuple[int, int] | None = None) -> bytes:
-    rgb = generate_sample(index, seed=7, size=size)[0]
-    if crop:
-        rgb = rgb[: crop[0], : crop[1]]
-    return _png(np.ascontiguousarray(rgb))
 
 
 def _bomb_png(w: int, h: int) -> bytes:
@@ -108,52 +49,28 @@ def _multipart(fields: dict) -> tuple[bytes, str]:
     return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
-COMPARED = ("segments_info", "panoptic_png", "iterations", "residual", "converged", "size")
-
-
-def _same(answer: dict, expected: dict) -> None:
-    for key in COMPARED:
-        assert answer[key] == expected[key], key
-
-
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory):
-    _need_torchserve()
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(1)  # a seed whose random weights give segments and per-image iteration counts
-    model = create_model("hgru-panoptic", num_classes=4, thing_classes=[0, 1], **TINY)
-    meta = {"categories": CATS, "inference": {"budget": BUDGET, "postprocess": {"min_area": 4}}}
-    pt = checkpoint.save(model, folder / "tiny.pt", meta=meta)
-    onnx = folder / "tiny.onnx"
-    export_onnx(checkpoint.load(pt), onnx, strategy="loop", source=str(pt), **BUDGET)
+    need_torchserve()
+    built = tiny_artifacts(tmp_path_factory.mktemp("models"))
+    model = built.pop("model")
     with torch.no_grad():
         model.cell.gamma.fill_(float("nan"))  # the first recurrent step turns the state NaN
-    nan_pt = checkpoint.save(model, folder / "tiny-nan.pt", meta=meta)
-    return {"pt": pt, "onnx": onnx, "folder": folder, "nan_pt": nan_pt}
+    built["nan_pt"] = checkpoint.save(model, built["folder"] / "tiny-nan.pt", meta=built.pop("meta"))
+    return built
 
 
 @pytest.fixture(scope="module")
 def server(artifacts, tmp_path_factory):
     """`crbp-deploy package` + `crbp-deploy serve` on free ports; stopped at the end even on failure."""
     store = tmp_path_factory.mktemp("store")
-    r = _cli("package", str(artifacts["onnx"]), "--name", "tiny", "--out", str(store),
+    r = cli("package", str(artifacts["onnx"]), "--name", "tiny", "--out", str(store),
              "--batch-size", "8", "--max-batch-delay", "40", "--max-iters-limit", "50")
     assert r.returncode == 0, r.stderr
     package(artifacts["pt"], name="tiny-pt", out=store, fmt="checkpoint", config=ArchiveConfig(batch_size=4))
     package(artifacts["nan_pt"], name="tiny-nan", out=store, fmt="checkpoint", config=ArchiveConfig(batch_size=1))
-    port = _free_ports()
-    run = tmp_path_factory.mktemp("run")
-    started = _cli("serve", "--model-store", str(store), "--port", str(port), "--run-dir", str(run))
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        from crbp_deploy.serving.server import read_keys, running_pid
-
-        info = {"port": port, "run": run, "store": store, "stdout": started.stdout,
-                "token": read_keys(run)["inference"], "pid": running_pid(run)}
-        info["url"] = f"http://127.0.0.1:{port}/predictions/"
+    with served(store, tmp_path_factory.mktemp("run")) as info:
         yield info
-    finally:
-        _cli("serve", "--stop", "--port", str(port), "--run-dir", str(run))
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +106,7 @@ def test_budget_rules(artifacts):
     ]:
         with pytest.raises(RequestError, match=words):
             service.resolve_budget(fields, headers)
-    reply = service.handle([RawRequest({"body": _sample(0, 32), "colour": b"red"}, {"body": "image/png"})])[0]
+    reply = service.handle([RawRequest({"body": sample(0, 32), "colour": b"red"}, {"body": "image/png"})])[0]
     assert reply.status == 400 and "'colour'" in reply.body["message"]
 
 
@@ -198,7 +115,7 @@ def test_only_batch_invariant_backends_batch(artifacts):
     both give the one-at-a-time answers."""
     from crbp_deploy.serving.service import ServiceConfig
 
-    images = [_sample(40 + i, 32) for i in range(3)]
+    images = [sample(40 + i, 32) for i in range(3)]
     for artifact, threads, invariant in ((artifacts["onnx"], 1, True), (artifacts["onnx"], 2, False),
                                          (artifacts["pt"], 1, False)):
         service = PanopticService(artifact, ServiceConfig(threads=threads))
@@ -242,7 +159,7 @@ def test_client_helpers():
     assert predictions_url("http://h:1/predictions/x") == "http://h:1/predictions/x"
     with pytest.raises(CrbpError, match="not an http"):
         predictions_url("127.0.0.1:8080")
-    assert sniff_content_type(_sample(0, 32)) == "image/png"
+    assert sniff_content_type(sample(0, 32)) == "image/png"
     assert sniff_content_type(b"hello") == "application/octet-stream"
 
 
@@ -270,15 +187,15 @@ def test_auth_is_on(server, artifacts):
         urllib.request.urlopen(request, timeout=10)
     assert err.value.code in (400, 401)
     with Client(server["url"] + "tiny", token="wrong") as client:
-        answer = client.post(_sample(0, 32))
+        answer = client.post(sample(0, 32))
     assert answer.status in (400, 401) and "Token" in answer.body.get("message", "")
 
 
 def test_onnx_round_trip_equals_local(server, local):
-    data = _sample(1, 40)
+    data = sample(1, 40)
     answer = _post(server, "tiny", data)
     assert answer.status == 200, answer.body
-    _same(answer.body, local(data))
+    same(answer.body, local(data))
     assert answer.body["categories"] == CATS
     assert set(answer.body["timings_ms"]) >= {"decode", "model", "postprocess", "encode", "total"}
     assert 1 <= answer.body["iterations"] <= BUDGET["max_iters"]
@@ -288,11 +205,11 @@ def test_checkpoint_round_trip_equals_cli_predict(server, artifacts, tmp_path):
     """The served checkpoint answers exactly what `crbp-deploy predict` writes, and `predict --url`
     writes the same files."""
     image = tmp_path / "scene.png"
-    image.write_bytes(_sample(2, 32, crop=(30, 27)))  # odd size: padded to the stride and cropped back
+    image.write_bytes(sample(2, 32, crop=(30, 27)))  # odd size: padded to the stride and cropped back
     local_dir, remote_dir = tmp_path / "local", tmp_path / "remote"
-    r = _cli("predict", str(image), "--model", str(artifacts["pt"]), "--out", str(local_dir))
+    r = cli("predict", str(image), "--model", str(artifacts["pt"]), "--out", str(local_dir))
     assert r.returncode == 0, r.stderr
-    r = _cli("predict", str(image), "--url", server["url"] + "tiny-pt", "--token", server["token"],
+    r = cli("predict", str(image), "--url", server["url"] + "tiny-pt", "--token", server["token"],
              "--out", str(remote_dir))
     assert r.returncode == 0, r.stderr
     mine = json.loads((local_dir / "scene_panoptic.json").read_text())
@@ -305,10 +222,10 @@ def test_checkpoint_round_trip_equals_cli_predict(server, artifacts, tmp_path):
 
 BAD = {
     "empty body": (b"", "image/png", {}, 400, "empty"),
-    "truncated PNG": (_sample(3, 32)[:200], "image/png", {}, 400, "truncated"),
+    "truncated PNG": (sample(3, 32)[:200], "image/png", {}, 400, "truncated"),
     "plain text as text/plain": (b"hello, server", "text/plain", {}, 415, "text/plain"),
     "plain text as octet-stream": (b"hello, server", "application/octet-stream", {}, 400, "not an image"),
-    "1x1 image": (_png(np.zeros((1, 1, 3), np.uint8)), "image/png", {}, 400, "too small"),
+    "1x1 image": (png(np.zeros((1, 1, 3), np.uint8)), "image/png", {}, 400, "too small"),
     "20000x20000 header": (_bomb_png(20000, 20000), "image/png", {}, 400, "decompression bomb"),
     "JSON content type": (b'{"image": "x"}', "application/json", {}, 415, "application/json"),
     "form content type": (b"a=1", "application/x-www-form-urlencoded", {}, 415, "x-www-form-urlencoded"),
@@ -321,25 +238,25 @@ BAD = {
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_4xx_json_and_server_keeps_serving(server, local, case):
     data, ctype, headers, status, words = BAD[case]
-    good = _sample(4, 32)
+    good = sample(4, 32)
     answer = _post(server, "tiny", good if data is None else data, content_type=ctype, headers=headers)
     assert answer.status == status, answer.body
     assert answer.body["status"] == status and words in answer.body["message"], answer.body
     after = _post(server, "tiny", good)
     assert after.status == 200
-    _same(after.body, local(good))
+    same(after.body, local(good))
 
 
 def test_absurd_max_iters_names_the_limit(server):
-    answer = _post(server, "tiny", _sample(4, 32), max_iters=1000000)
+    answer = _post(server, "tiny", sample(4, 32), max_iters=1000000)
     assert answer.status == 400 and "1..10000" in answer.body["message"] and "max_iters=50" in answer.body["message"]
 
 
 def test_budget_headers_fields_and_clamp(server, local):
-    data = _sample(5, 32)
+    data = sample(5, 32)
     fixed = _post(server, "tiny", data, max_iters=3, tol=0.0)  # tol 0: runs exactly the cap
     assert fixed.status == 200 and fixed.body["iterations"] == 3 and not fixed.body["converged"]
-    _same(fixed.body, local(data, max_iters=3, tol=0.0))
+    same(fixed.body, local(data, max_iters=3, tol=0.0))
     clamped = _post(server, "tiny", data, max_iters=5000)
     assert clamped.status == 200
     assert clamped.body["budget"]["clamped"] and clamped.body["budget"]["max_iters"] == 50
@@ -352,38 +269,13 @@ def test_budget_headers_fields_and_clamp(server, local):
 
 
 def _hammer(server, jobs, clients):
-    """Send `jobs` [(model, data, budget)] from `clients` threads; answers by job index."""
-    answers = [None] * len(jobs)
-    errors = []
-    lock = threading.Lock()
-    cursor = iter(range(len(jobs)))
-
-    def worker():
-        with Client(server["url"] + "tiny", token=server["token"]) as client:
-            while True:
-                with lock:
-                    k = next(cursor, None)
-                if k is None:
-                    return
-                data, budget = jobs[k]
-                try:
-                    answers[k] = client.post(data, **budget)
-                except Exception as exc:  # noqa: BLE001 - recorded, asserted below
-                    errors.append((k, repr(exc)))
-
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors, errors[:3]
-    return answers
+    return hammer(server["url"] + "tiny", server["token"], jobs, clients)
 
 
 def test_200_concurrent_requests_all_correct(server, local):
     """16 clients, 200 requests over 8 different images (2 sizes) and 2 budgets: every answer equals the
     unbatched local answer for its own image, and TorchServe did batch them."""
-    images = [_sample(10 + i, 32 if i % 2 else 40) for i in range(8)]
+    images = [sample(10 + i, 32 if i % 2 else 40) for i in range(8)]
     budgets = [{}, {"max_iters": 12, "tol": 0.005}]
     expected = {(i, b): local(images[i], **budgets[b]) for i in range(8) for b in range(2)}
     assert len({e["panoptic_png"] for e in expected.values()}) >= 8  # different answers: a mix-up is visible
@@ -393,19 +285,19 @@ def test_200_concurrent_requests_all_correct(server, local):
     assert all(a is not None for a in answers)  # none lost
     for (i, b), answer in zip(plan, answers):
         assert answer.status == 200, answer.body
-        _same(answer.body, expected[(i, b)])  # none mixed up
+        same(answer.body, expected[(i, b)])  # none mixed up
     sizes = [a.body["batch_size"] for a in answers]
     assert max(sizes) > 1, "TorchServe never batched: the test did not exercise batching"
 
 
 def test_bad_requests_inside_a_batch_fail_alone(server, local):
-    good = [_sample(30 + i, 32) for i in range(4)]
+    good = [sample(30 + i, 32) for i in range(4)]
     jobs = [(good[k % 4], {}) if k % 3 else (b"not an image", {}) for k in range(24)]
     answers = _hammer(server, jobs, clients=12)
     for k, answer in enumerate(answers):
         if k % 3:
             assert answer.status == 200
-            _same(answer.body, local(good[k % 4]))
+            same(answer.body, local(good[k % 4]))
         else:
             assert answer.status == 400 and "not an image" in answer.body["message"]
 
@@ -413,14 +305,14 @@ def test_bad_requests_inside_a_batch_fail_alone(server, local):
 def test_invocations_query_parameters(server):
     url = f"http://127.0.0.1:{server['port']}/invocations?model_name=tiny&max_iters=2&tol=0"
     with Client(url, token=server["token"]) as client:
-        answer = client.post(_sample(6, 32))
+        answer = client.post(sample(6, 32))
     assert answer.status == 200 and answer.body["iterations"] == 2
     assert answer.body["budget"]["requested"] == {"max_iters": 2, "tol": 0.0}
 
 
 def test_a_diverging_state_is_never_converged_over_http(server):
     with Client(server["url"] + "tiny-nan", token=server["token"]) as client:
-        answer = client.post(_sample(3, 32))
+        answer = client.post(sample(3, 32))
     assert answer.status == 200, answer.body
     body = answer.body
     assert body["diverged"] is True and body["converged"] is False
@@ -462,10 +354,10 @@ def test_serve_stop_waits_for_java_exit(server):
     proc = psutil.Process(pid)
     workers = proc.children(recursive=True)
     assert workers, "no worker processes found under the TorchServe Java process"
-    r = _cli("serve", "--stop", "--port", str(server["port"]), "--run-dir", str(server["run"]))
+    r = cli("serve", "--stop", "--port", str(server["port"]), "--run-dir", str(server["run"]))
     assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     assert not (server["run"] / "key_file.json").exists()
-    again = _cli("serve", "--stop", "--port", str(server["port"]), "--run-dir", str(server["run"]))
+    again = cli("serve", "--stop", "--port", str(server["port"]), "--run-dir", str(server["run"]))
     assert again.returncode == 0 and "no TorchServe" in again.stdout

@@ -204,6 +204,24 @@ def running_pid(run_dir: Path) -> int | None:
     return proc.pid if proc else None
 
 
+def worker_processes(run_dir: Path) -> list:
+    """The live model worker processes (psutil) of the TorchServe recorded in `run_dir`: the Python
+    children of the Java process. Fault tests kill them; the soak benchmark reads their memory."""
+    import psutil
+
+    proc = _server_process(Path(run_dir))
+    if proc is None:
+        return []
+    found = []
+    for child in proc.children(recursive=True):
+        try:
+            if child.status() != psutil.STATUS_ZOMBIE and any("model_service_worker" in a for a in child.cmdline()):
+                found.append(child)
+        except psutil.Error:
+            continue
+    return found
+
+
 def read_keys(run_dir: Path) -> dict[str, str]:
     """{"inference", "management", "API"} keys from the run folder's key_file.json ({} if none)."""
     try:

@@ -1,0 +1,146 @@
+"""Helpers shared by the tests that run a real server (test_serving, test_faults, test_engines):
+tiny models, test images, the CLI in a subprocess, free loopback ports, and a client pool.
+
+Kept as plain functions (plus one fixture factory) so every module starts its own server: a test that
+kills workers or restarts a server must not disturb the server another module is asserting on.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import uuid
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from crbp_deploy.data.panoptic_synth import CATEGORIES, generate_sample
+
+TINY = {"encoder_channels": 8, "channels": 6, "kernel_size": 3, "head_channels": 8, "downsample": 1}
+CATS = sorted(CATEGORIES, key=lambda c: c["id"])
+BUDGET = {"max_iters": 30, "tol": 1e-2}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+#: What must be equal between two answers for the same image and budget (timings may differ).
+COMPARED = ("segments_info", "panoptic_png", "iterations", "residual", "converged", "size")
+
+
+def need_torchserve() -> None:
+    pytest.importorskip("ts", reason="torchserve is not installed (pip install 'crbp-deploy[serve]')")
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    if not (shutil.which("java") or os.environ.get("JAVA_HOME")):
+        pytest.skip("TorchServe needs Java 17")
+
+
+def cli(*args, timeout=300, env=None):
+    """`crbp-deploy ARGS` in a subprocess (the server outlives a test's process state)."""
+    return subprocess.run([sys.executable, "-m", "crbp_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                          timeout=timeout, env={**ENV, **(env or {})})
+
+
+def free_ports(count=5) -> int:
+    """A base port P with P..P+count-1 free on 127.0.0.1."""
+    rng = np.random.default_rng(uuid.uuid4().int % 2**32)
+    for _ in range(200):
+        base = int(rng.integers(20000, 60000))
+        socks = []
+        try:
+            for p in range(base, base + count):
+                s = socket.socket()
+                socks.append(s)
+                s.bind(("127.0.0.1", p))
+            return base
+        except OSError:
+            continue
+        finally:
+            for s in socks:
+                s.close()
+    raise RuntimeError("no free port block")
+
+
+def png(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(array).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def sample(index: int, size: int, crop: tuple[int, int] | None = None) -> bytes:
+    rgb = generate_sample(index, seed=7, size=size)[0]
+    if crop:
+        rgb = rgb[: crop[0], : crop[1]]
+    return png(np.ascontiguousarray(rgb))
+
+
+def same(answer: dict, expected: dict) -> None:
+    for key in COMPARED:
+        assert answer[key] == expected[key], key
+
+
+def tiny_artifacts(folder) -> dict:
+    """A tiny random panoptic model (seed 1: gives segments and per-image iteration counts) as a
+    checkpoint and as an early-exit ONNX export."""
+    from crbp_deploy import checkpoint
+    from crbp_deploy.export import export_onnx
+    from crbp_deploy.models import create_model
+
+    torch.manual_seed(1)
+    model = create_model("hgru-panoptic", num_classes=4, thing_classes=[0, 1], **TINY)
+    meta = {"categories": CATS, "inference": {"budget": BUDGET, "postprocess": {"min_area": 4}}}
+    pt = checkpoint.save(model, folder / "tiny.pt", meta=meta)
+    onnx = folder / "tiny.onnx"
+    export_onnx(checkpoint.load(pt), onnx, strategy="loop", source=str(pt), **BUDGET)
+    return {"pt": pt, "onnx": onnx, "folder": folder, "model": model, "meta": meta}
+
+
+@contextmanager
+def served(store, run, port=None, *extra):
+    """`crbp-deploy serve` on free ports; `serve --stop` on the way out, even on failure."""
+    from crbp_deploy.serving.server import read_keys, running_pid
+
+    port = port or free_ports()
+    started = cli("serve", "--model-store", store, "--port", port, "--run-dir", run, *extra)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        keys = read_keys(run)
+        yield {"port": port, "run": run, "store": store, "stdout": started.stdout, "token": keys.get("inference"),
+               "pid": running_pid(run), "url": f"http://127.0.0.1:{port}/predictions/"}
+    finally:
+        cli("serve", "--stop", "--port", port, "--run-dir", run)
+
+
+def hammer(url, token, jobs, clients, timeout=300):
+    """Send `jobs` [(data, budget)] to `url` from `clients` threads; answers by job index (none may raise)."""
+    from crbp_deploy.serving.client import Client
+
+    answers = [None] * len(jobs)
+    errors = []
+    lock = threading.Lock()
+    cursor = iter(range(len(jobs)))
+
+    def worker():
+        with Client(url, token=token, timeout=timeout) as client:
+            while True:
+                with lock:
+                    k = next(cursor, None)
+                if k is None:
+                    return
+                data, budget = jobs[k]
+                try:
+                    answers[k] = client.post(data, **budget)
+                except Exception as exc:  # noqa: BLE001 - recorded, asserted below
+                    errors.append((k, repr(exc)))
+
+    threads = [threading.Thread(target=worker, daemon=True) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=timeout)
+    assert not any(t.is_alive() for t in threads), "clients still waiting after the timeout"
+    assert not errors, errors[:3]
+    return answers
