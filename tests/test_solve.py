@@ -330,3 +330,15 @@ def test_bad_images_and_no_grad_are_rejected():
         solve(model, torch.rand(1, 3, 8, 8), steps=2)
     with torch.no_grad(), pytest.raises(InputError, match="gradients enabled"):
         solve(model, torch.rand(1, 1, 8, 8), steps=2)
+
+
+def test_forward_tol_stops_each_sample_at_its_fixed_point():
+    """forward_tol runs the graph-free forward until each sample's relative change <= tol (cap: steps)."""
+    model = tiny_model("hgru-pathfinder").train()
+    images = torch.rand(3, 1, 16, 16, generator=torch.Generator().manual_seed(2)) * torch.tensor([0.05, 0.5, 1.0]).view(3, 1, 1, 1)
+    sol = solve(model, images, steps=400, grad="crbp", forward_tol=1e-4)
+    assert (sol.residual <= 2e-4).all(), sol.residual  # the recorded step starts at a converged state
+    capped = solve(model, images, steps=3, grad="crbp", forward_tol=1e-4)
+    assert (capped.residual > 1e-3).all()  # three steps are not enough: the cap holds
+    with pytest.raises(InputError, match="forward_tol must be"):
+        solve(model, images, steps=3, grad="crbp", forward_tol=-1.0)

@@ -30,6 +30,10 @@ def train(
     neumann_growth_limit: float = typer.Option(
         4.0, "--neumann-growth-limit", help="A term above this many times the first stops the series at once."
     ),
+    forward_tol: float = typer.Option(
+        0.0, "--forward-tol", help="rbp/crbp: run the forward per sample until its relative change <= this "
+        "(--steps at most), so RBP differentiates a fixed point it has reached (0 = exactly --steps)."
+    ),
     lcp_lambda: float = typer.Option(0.9, "--lcp-lambda", help="LCP threshold lambda (cbptt/crbp)."),
     lcp_reduction: str = typer.Option("mean", "--lcp-reduction", help="LCP reduction: mean | batch | sum."),
     penalty_weight: float = typer.Option(1000.0, "--penalty-weight", help="Weight of the LCP in the loss."),
@@ -58,7 +62,7 @@ def train(
     cfg = TrainConfig.from_dict(
         task=task, data=str(data), model=model, model_config=overrides, grad=grad, steps=steps,
         neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
-        neumann_growth_limit=neumann_growth_limit, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
+        neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
         batch_size=batch_size, epochs=epochs, clip_grad=clip_grad, seed=seed, max_train=max_train,
     )
     record = run_training(cfg, out, resume=resume, progress=not quiet)

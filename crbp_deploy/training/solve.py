@@ -93,9 +93,13 @@ def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduc
         raise InputError("solve() builds a training graph; call it with gradients enabled, not under torch.no_grad()")
 
 
-def _run_steps(model, ctx, h: Tensor, n: int) -> Tensor:
-    """The `n` forward steps before the recorded one, by the one solver (none when n == 0)."""
-    return fixed_point(model.step, ctx, h, iters=n)[0] if n else h
+def _run_steps(model, ctx, h: Tensor, n: int, tol: float = 0.0) -> Tensor:
+    """The forward steps before the recorded one, by the one solver: `n`, or per sample until the
+    relative change is <= tol (at most n) when tol > 0; none when n == 0."""
+    if not n:
+        return h
+    budget = {"max_iters": n, "tol": tol} if tol > 0 else {"iters": n}
+    return fixed_point(model.step, ctx, h, **budget)[0]
 
 
 def _differentiable(h: Tensor) -> Tensor:
@@ -117,6 +121,7 @@ def solve(
     neumann_rule: str = DEFAULT_RULE,
     neumann_patience: int = DEFAULT_PATIENCE,
     neumann_growth_limit: float = DEFAULT_GROWTH_LIMIT,
+    forward_tol: float = 0.0,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
@@ -126,9 +131,13 @@ def solve(
     "patient" (stop on growth after neumann_patience growing terms in a row or a term above
     neumann_growth_limit·‖dL/dh_T‖) or "public" (stop at the first growing term).
     lcp_lambda / lcp_reduction: the LCP's λ and reduction (cbptt/crbp only; see lcp.py).
+    forward_tol (rbp/crbp): > 0 runs the graph-free forward per sample until its relative change is
+    <= forward_tol, `steps` at most: RBP differentiates a fixed point, so its gradient is only right
+    when the forward has reached one (docs/contraction.md); converged samples stop costing steps.
     """
     _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
                 neumann_rule, neumann_patience, neumann_growth_limit)
+    _check_number("forward_tol", forward_tol, low=0)
     ctx = model.encode(images)
     h = model.init_state(ctx)
     info = None
@@ -139,7 +148,7 @@ def solve(
         state = last
     else:
         with torch.no_grad():
-            h = _run_steps(model, ctx, h, steps - 1)
+            h = _run_steps(model, ctx, h, steps - 1, forward_tol)
         prev = h.detach().requires_grad_()
         last = model.step(ctx, prev)
         info = NeumannInfo()

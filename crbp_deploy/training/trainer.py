@@ -56,6 +56,7 @@ class TrainConfig(StrictConfig):
     neumann_rule: str = DEFAULT_RULE  # "patient" | "public" (the paper's code: stop at the first growing term)
     neumann_patience: int = DEFAULT_PATIENCE
     neumann_growth_limit: float = DEFAULT_GROWTH_LIMIT
+    forward_tol: float = 0.0  # rbp/crbp: > 0 runs the forward per sample to this relative change (steps at most)
     lcp_lambda: float = DEFAULT_LAMBDA
     lcp_reduction: str = DEFAULT_REDUCTION  # per element: one weight fits every model and image size (lcp.py)
     penalty_weight: float = DEFAULT_WEIGHT  # measured so the series runs >= 10 terms (docs/contraction.md)
@@ -81,6 +82,8 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"lr must be a positive number, got {self.lr}")
         if self.neumann_rule not in NEUMANN_RULES:
             raise ConfigError(f"neumann_rule must be one of {', '.join(NEUMANN_RULES)}, got {self.neumann_rule!r}")
+        if not self.forward_tol >= 0:
+            raise ConfigError(f"forward_tol must be >= 0, got {self.forward_tol}")
         if self.neumann_patience < 1 or not self.neumann_growth_limit >= 1:
             raise ConfigError("neumann_patience and neumann_growth_limit must be >= 1")
         if self.lcp_reduction not in LCP_REDUCTIONS:
@@ -205,7 +208,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                     model, batch["images"], steps=cfg.steps, grad=cfg.grad,
                     neumann_steps=cfg.neumann_steps, lcp_lambda=cfg.lcp_lambda, lcp_reduction=cfg.lcp_reduction,
                     neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
-                    neumann_growth_limit=cfg.neumann_growth_limit,
+                    neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol,
                 )
                 loss, stats = task.loss(sol.outputs, batch)
                 optimizer.zero_grad(set_to_none=True)
