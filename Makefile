@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,serve]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,serve,ray]'
 	touch $(STAMP)
 
 demo: $(STAMP)

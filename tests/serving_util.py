@@ -77,6 +77,44 @@ def sample(index: int, size: int, crop: tuple[int, int] | None = None) -> bytes:
     return png(np.ascontiguousarray(rgb))
 
 
+def bomb_png(w: int, h: int) -> bytes:
+    """A valid PNG header that claims w x h pixels, with a tiny body (as in test_imageio)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
+
+
+def multipart(fields: dict) -> tuple[bytes, str]:
+    boundary = uuid.uuid4().hex
+    parts = []
+    for name, (value, ctype) in fields.items():
+        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
+        if ctype:
+            head += f'; filename="{name}.png"\r\nContent-Type: {ctype}'
+        parts.append(head.encode() + b"\r\n\r\n" + value + b"\r\n")
+    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+BAD = {
+    "empty body": (b"", "image/png", {}, 400, "empty"),
+    "truncated PNG": (sample(3, 32)[:200], "image/png", {}, 400, "truncated"),
+    "plain text as text/plain": (b"hello, server", "text/plain", {}, 415, "text/plain"),
+    "plain text as octet-stream": (b"hello, server", "application/octet-stream", {}, 400, "not an image"),
+    "1x1 image": (png(np.zeros((1, 1, 3), np.uint8)), "image/png", {}, 400, "too small"),
+    "20000x20000 header": (bomb_png(20000, 20000), "image/png", {}, 400, "decompression bomb"),
+    "JSON content type": (b'{"image": "x"}', "application/json", {}, 415, "application/json"),
+    "form content type": (b"a=1", "application/x-www-form-urlencoded", {}, 415, "x-www-form-urlencoded"),
+    "absurd max_iters": (None, "image/png", {"X-Max-Iters": "1000000"}, 400, "max_iters=1000000"),
+    "non-integer max_iters": (None, "image/png", {"X-Max-Iters": "ten"}, 400, "integer"),
+    "negative tol": (None, "image/png", {"X-Tol": "-1"}, 400, "tol"),
+}
+
+
 def same(answer: dict, expected: dict) -> None:
     for key in COMPARED:
         assert answer[key] == expected[key], key

@@ -10,9 +10,7 @@ import json
 import time
 import urllib.error
 import urllib.request
-import uuid
 
-import numpy as np
 import pytest
 import torch
 
@@ -20,33 +18,10 @@ from crbp_deploy import checkpoint
 from crbp_deploy.serving.archive import ArchiveConfig, package
 from crbp_deploy.serving.client import Client
 from crbp_deploy.serving.service import PanopticService, RawRequest
-from serving_util import (BUDGET, CATS, COMPARED, cli, hammer, need_torchserve, png, same, sample, served,
+from serving_util import (BAD, BUDGET, CATS, COMPARED, cli, hammer, multipart, need_torchserve, same, sample, served,
                           tiny_artifacts)
 
 pytestmark = pytest.mark.serve
-
-
-def _bomb_png(w: int, h: int) -> bytes:
-    """A valid PNG header that claims w x h pixels, with a tiny body (as in test_imageio)."""
-    import struct
-    import zlib
-
-    def chunk(kind, data):
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    ihdr = struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 10)) + chunk(b"IEND", b"")
-
-
-def _multipart(fields: dict) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, (value, ctype) in fields.items():
-        head = f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"'
-        if ctype:
-            head += f'; filename="{name}.png"\r\nContent-Type: {ctype}'
-        parts.append(head.encode() + b"\r\n\r\n" + value + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture(scope="module")
@@ -220,21 +195,6 @@ def test_checkpoint_round_trip_equals_cli_predict(server, artifacts, tmp_path):
     assert (remote_dir / "scene_overlay.png").read_bytes() == (local_dir / "scene_overlay.png").read_bytes()
 
 
-BAD = {
-    "empty body": (b"", "image/png", {}, 400, "empty"),
-    "truncated PNG": (sample(3, 32)[:200], "image/png", {}, 400, "truncated"),
-    "plain text as text/plain": (b"hello, server", "text/plain", {}, 415, "text/plain"),
-    "plain text as octet-stream": (b"hello, server", "application/octet-stream", {}, 400, "not an image"),
-    "1x1 image": (png(np.zeros((1, 1, 3), np.uint8)), "image/png", {}, 400, "too small"),
-    "20000x20000 header": (_bomb_png(20000, 20000), "image/png", {}, 400, "decompression bomb"),
-    "JSON content type": (b'{"image": "x"}', "application/json", {}, 415, "application/json"),
-    "form content type": (b"a=1", "application/x-www-form-urlencoded", {}, 415, "x-www-form-urlencoded"),
-    "absurd max_iters": (None, "image/png", {"X-Max-Iters": "1000000"}, 400, "max_iters=1000000"),
-    "non-integer max_iters": (None, "image/png", {"X-Max-Iters": "ten"}, 400, "integer"),
-    "negative tol": (None, "image/png", {"X-Tol": "-1"}, 400, "tol"),
-}
-
-
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_input_gets_4xx_json_and_server_keeps_serving(server, local, case):
     data, ctype, headers, status, words = BAD[case]
@@ -260,10 +220,10 @@ def test_budget_headers_fields_and_clamp(server, local):
     clamped = _post(server, "tiny", data, max_iters=5000)
     assert clamped.status == 200
     assert clamped.body["budget"]["clamped"] and clamped.body["budget"]["max_iters"] == 50
-    body, ctype = _multipart({"data": (data, "image/png"), "max_iters": (b"4", None), "tol": (b"0", None)})
+    body, ctype = multipart({"data": (data, "image/png"), "max_iters": (b"4", None), "tol": (b"0", None)})
     form = _post(server, "tiny", body, content_type=ctype)
     assert form.status == 200 and form.body["iterations"] == 4
-    body, ctype = _multipart({"data": (data, "image/png"), "max_iter": (b"4", None)})
+    body, ctype = multipart({"data": (data, "image/png"), "max_iter": (b"4", None)})
     typo = _post(server, "tiny", body, content_type=ctype)
     assert typo.status == 400 and "'max_iter'" in typo.body["message"]
 

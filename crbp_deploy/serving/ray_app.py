@@ -1,0 +1,189 @@
+"""The Ray Serve application: HTTP in, `PanopticService` in the replicas, the TorchServe API out.
+
+This module imports Ray; `ray_engine` starts a local cluster and deploys `build_app`, and the config
+files it writes name `crbp_deploy.serving.ray_app:build_app`, so a multi-node cluster or KubeRay
+builds the same application. The request logic is the engine-independent `service`; this file only
+maps HTTP to `RawRequest` and `Reply` back, with TorchServe's routes, headers and error shapes, so a
+client cannot tell the two engines apart:
+
+- `POST /predictions/NAME` (raw body + X-Max-Iters / X-Tol, or multipart field `data` + fields),
+  `POST /invocations?model_name=NAME&max_iters=..&tol=..`, `GET /ping`; the query string of
+  /predictions is ignored, as TorchServe 0.12 does;
+- token auth with the key file's inference key (TorchServe's 400 `InvalidKeyException` otherwise),
+  TorchServe's 404 `ModelNotFoundException` for an unknown model, 413 above the request size limit.
+
+Batching: `serve.batch` collects up to the archive's `batchSize` requests within `maxBatchDelay` ms
+per replica; `PanopticService.handle` then groups them by model, budget and image size (only same-size,
+same-budget images share a model call), exactly as in the TorchServe handler.
+"""
+from __future__ import annotations
+
+import asyncio
+import email.parser
+import email.policy
+import hmac
+import json
+import logging
+import zipfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from ray import serve
+from starlette.requests import Request
+from starlette.responses import Response
+
+from .service import PanopticService, RawRequest, Reply, ServiceConfig, error_reply
+
+log = logging.getLogger(__name__)
+INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+
+
+def _ts_error(code: int, kind: str, message: str) -> Response:
+    """An error in TorchServe's own shape ({"code", "type", "message"}), for what TorchServe answers itself."""
+    return Response(json.dumps({"code": code, "type": kind, "message": message}, indent=2), code,
+                    media_type="application/json")
+
+
+def unpack_archive(mar: Path, dest: Path) -> dict[str, Any]:
+    """Unpack a .mar (the same archive TorchServe serves) -> {name, model_file, batch_size, batch_delay_ms,
+    service}: the Ray engine reads the archive's model-config.yaml like TorchServe does."""
+    import yaml
+
+    dest.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(mar) as archive:
+        names = [n for n in archive.namelist() if not n.startswith("crbp_deploy/")]  # the installed package runs
+        archive.extractall(dest, members=names)
+    manifest = json.loads((dest / "MAR-INF" / "MANIFEST.json").read_text())
+    config = yaml.safe_load((dest / "model-config.yaml").read_text()) if (dest / "model-config.yaml").is_file() else {}
+    return {
+        "name": manifest["model"]["modelName"],
+        "model_file": str(dest / manifest["model"]["serializedFile"]),
+        "batch_size": int(config.get("batchSize", 1)),
+        "batch_delay_ms": int(config.get("maxBatchDelay", 100)),
+        "service": config.get("handler") or {},
+    }
+
+
+def parse_multipart(content_type: str, body: bytes) -> tuple[dict, dict]:
+    """multipart/form-data -> (fields, content type per field), as TorchServe hands them to a handler."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        f"Content-Type: {content_type}\r\n\r\n".encode("latin-1") + body)
+    if not message.is_multipart():
+        raise ValueError("not a multipart body")
+    fields, types = {}, {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if not name:
+            continue
+        fields[name] = part.get_payload(decode=True) or b""
+        types[name] = part.get_content_type() if part.get("content-type") else ""
+    return fields, types
+
+
+async def to_raw_request(request: Request, query_fields: bool) -> RawRequest:
+    """HTTP -> RawRequest; query parameters become fields only where TorchServe passes them (/invocations)."""
+    headers = dict(request.headers)
+    body = await request.body()
+    ctype = headers.get("content-type", "")
+    fields: dict[str, Any] = dict(request.query_params) if query_fields else {}
+    if ctype.split(";")[0].strip().lower() == "multipart/form-data":
+        try:
+            parts, types = parse_multipart(ctype, body)
+        except Exception as exc:  # noqa: BLE001 - a malformed body is the client's problem
+            return RawRequest({}, {}, headers, error=f"malformed multipart body: {exc}")
+        return RawRequest({**fields, **parts}, types, headers)
+    fields["body"] = body
+    return RawRequest(fields, {"body": ctype}, headers)
+
+
+class PanopticIngress:
+    """One replica: every model of the store loaded once, requests batched per replica."""
+
+    def __init__(self, models: list[dict], key: str | None = None, max_request_bytes: int = 21 * 1024 * 1024):
+        import torch
+
+        threads = max(int(m["service"].get("threads", 1)) for m in models)
+        torch.set_num_threads(threads)  # post-processing runs in torch; a replica owns its CPUs
+        self.services = {
+            m["name"]: PanopticService(m["model_file"], ServiceConfig.from_dict(m["service"]), name=m["name"])
+            for m in models
+        }
+        self.key = key
+        self.max_request_bytes = max_request_bytes
+        self.pool = ThreadPoolExecutor(1)  # one model call at a time per replica: replicas scale, not threads
+        self.predict.set_max_batch_size(max(m["batch_size"] for m in models))
+        self.predict.set_batch_wait_timeout_s(max(m["batch_delay_ms"] for m in models) / 1000.0)
+
+    def _handle(self, items: list[tuple[str, RawRequest]]) -> list[Reply]:
+        """Group a Serve batch by model; each service groups by budget and size. Never raises."""
+        replies: list[Reply | None] = [None] * len(items)
+        by_model: dict[str, list[int]] = {}
+        for i, (name, _) in enumerate(items):
+            by_model.setdefault(name, []).append(i)
+        for name, members in by_model.items():
+            try:
+                answers = self.services[name].handle([items[i][1] for i in members])
+            except Exception as exc:  # never lose the batch: every request gets a JSON answer
+                log.exception("the batch failed")
+                answers = [error_reply(500, f"internal error: {exc}") for _ in members]
+            for i, reply in zip(members, answers):
+                replies[i] = reply
+        return replies  # type: ignore[return-value]
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def predict(self, items: list[tuple[str, RawRequest]]) -> list[Reply]:
+        return await asyncio.get_running_loop().run_in_executor(self.pool, self._handle, items)
+
+    def _authorized(self, request: Request) -> bool:
+        if not self.key:
+            return True
+        given = request.headers.get("authorization", "")
+        return given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), self.key)
+
+    async def __call__(self, request: Request) -> Response:
+        parts = [p for p in request.url.path.split("/") if p]
+        if not self._authorized(request):
+            return _ts_error(400, "InvalidKeyException", INVALID_KEY)
+        if request.method == "GET" and parts == ["ping"]:
+            return Response(json.dumps({"status": "Healthy"}, indent=2), 200, media_type="application/json")
+        if request.method != "POST" or not parts or parts[0] not in ("predictions", "invocations"):
+            return _ts_error(405 if parts and parts[0] in ("predictions", "invocations") else 404,
+                             "MethodNotAllowedException" if parts else "ResourceNotFoundException",
+                             "Requested resource is not found, please refer to API document.")
+        name = parts[1] if parts[0] == "predictions" and len(parts) > 1 else request.query_params.get("model_name", "")
+        if name not in self.services:
+            return _ts_error(404, "ModelNotFoundException", f"Model not found: {name}")
+        length = request.headers.get("content-length", "")
+        if length.isdigit() and int(length) > self.max_request_bytes:
+            return _ts_error(413, "RequestEntityTooLarge", f"request of {length} bytes exceeds {self.max_request_bytes}")
+        raw = await to_raw_request(request, query_fields=parts[0] == "invocations")
+        reply = await self.predict((name, raw))
+        return Response(reply.json(), reply.status, media_type="application/json")
+
+
+def build_app(args: dict[str, Any]):
+    """Ray Serve application builder (`import_path: crbp_deploy.serving.ray_app:build_app`).
+
+    args: model_store (folder of .mar), unpack_dir (where to unpack them; default model_store/.ray),
+    key_file (TorchServe-style key_file.json; none = no auth), num_replicas or autoscaling_config,
+    threads (CPUs per replica), max_ongoing_requests.
+    """
+    from .server import read_keys
+
+    store = Path(args["model_store"])
+    unpack = Path(args.get("unpack_dir") or store / ".ray-unpacked")
+    models = [unpack_archive(mar, unpack / mar.stem) for mar in sorted(store.glob("*.mar"))]
+    if not models:
+        raise ValueError(f"no .mar archives in {store}")
+    key = read_keys(Path(args["key_file"]).parent).get("inference") if args.get("key_file") else None
+    options: dict[str, Any] = {
+        "ray_actor_options": {"num_cpus": float(args.get("threads", 1))},
+        "max_ongoing_requests": int(args.get("max_ongoing_requests", 32)),
+    }
+    if args.get("autoscaling_config"):
+        options["autoscaling_config"] = args["autoscaling_config"]
+    else:
+        options["num_replicas"] = int(args.get("num_replicas", 1))
+    deployment = serve.deployment(PanopticIngress, name="PanopticIngress").options(**options)
+    return deployment.bind(models, key)

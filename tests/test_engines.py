@@ -1,0 +1,157 @@
+"""The same archive on both engines: TorchServe and Ray Serve answer every request alike (same status,
+same JSON but timings), and the Ray engine's own parts: a real local Ray cluster started and stopped by
+`crbp-deploy serve --engine ray`, batching, the generated cluster configs, and its bad inputs.
+
+Skipped where Ray Serve is not installed (`pip install 'crbp-deploy[ray]'`, part of `make setup`).
+"""
+import json
+
+import psutil
+import pytest
+import yaml
+
+from crbp_deploy.serving.archive import ArchiveConfig, package
+from crbp_deploy.serving.client import Client
+from serving_util import (BAD, BUDGET, cli, free_ports, hammer, multipart, need_torchserve, sample, served,
+                          tiny_artifacts)
+
+pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
+ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'crbp-deploy[ray]')")
+VARYING = ("timings_ms", "batch_size")  # how long it took and what it was batched with
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    need_torchserve()
+    built = tiny_artifacts(tmp_path_factory.mktemp("models"))
+    store = tmp_path_factory.mktemp("store")
+    package(built["onnx"], name="tiny", out=store, config=ArchiveConfig(batch_size=8, max_batch_delay_ms=20))
+    return {"path": store, "onnx": built["onnx"]}
+
+
+@pytest.fixture(scope="module")
+def torchserve(store, tmp_path_factory):
+    with served(store["path"], tmp_path_factory.mktemp("ts")) as info:
+        yield info
+
+
+@pytest.fixture(scope="module")
+def rayserve(store, tmp_path_factory):
+    """`crbp-deploy serve --engine ray --replicas 2`; `serve --stop` at the end, even on failure."""
+    from crbp_deploy.serving.server import read_keys
+
+    port, run = free_ports(10), tmp_path_factory.mktemp("ray")
+    started = cli("serve", "--engine", "ray", "--replicas", "2", "--model-store", store["path"], "--port", port,
+                  "--run-dir", run, timeout=400)
+    try:
+        assert started.returncode == 0, started.stdout + started.stderr
+        yield {"port": port, "run": run, "stdout": started.stdout, "token": read_keys(run)["inference"],
+               "url": f"http://127.0.0.1:{port}/predictions/"}
+    finally:
+        cli("serve", "--stop", "--port", port, "--run-dir", run)
+
+
+def _requests():
+    """(name, path, body, content type, headers) covering every request format and every refusal."""
+    image = sample(80, 32)
+    form = multipart({"data": (image, "image/png"), "max_iters": (b"4", None), "tol": (b"0", None)})
+    typo = multipart({"data": (image, "image/png"), "max_iter": (b"4", None)})
+    out = [("raw body", "predictions/tiny", image, "image/png", {}),
+           ("budget headers", "predictions/tiny", image, "image/png", {"X-Max-Iters": "4", "X-Tol": "0"}),
+           ("clamped", "predictions/tiny", sample(81, 40), "image/png", {"X-Max-Iters": "5000"}),
+           ("invocations", "invocations?model_name=tiny&max_iters=3&tol=0", image, "image/png", {}),
+           ("invocations, unknown parameter", "invocations?model_name=tiny&colour=red", image, "image/png", {}),
+           ("unknown model", "predictions/nope", image, "image/png", {}),
+           ("multipart", "predictions/tiny", *form, {}),
+           ("multipart, typo", "predictions/tiny", *typo, {}),
+           ("budget twice, different", "predictions/tiny", *form, {"X-Max-Iters": "5"})]
+    for name, (data, ctype, headers, _, _) in BAD.items():
+        out.append((name, "predictions/tiny", image if data is None else data, ctype, headers))
+    return out
+
+
+def _ask(base, token, path, body, ctype, headers):
+    with Client(f"{base}/{path}", token=token, timeout=60) as client:
+        answer = client.post(body, content_type=ctype, headers=headers)
+    return answer.status, {k: v for k, v in answer.body.items() if k not in VARYING}
+
+
+def test_both_engines_answer_alike(torchserve, rayserve):
+    cases = _requests()
+    for name, path, body, ctype, headers in cases:
+        ts = _ask(f"http://127.0.0.1:{torchserve['port']}", torchserve["token"], path, body, ctype, headers)
+        rs = _ask(f"http://127.0.0.1:{rayserve['port']}", rayserve["token"], path, body, ctype, headers)
+        assert rs == ts, name
+    assert {s for n, p, b, c, h in cases for s in [_ask(f"http://127.0.0.1:{rayserve['port']}", rayserve["token"],
+                                                        p, b, c, h)[0]]} >= {200, 400, 404, 415}
+    wrong = [_ask(f"http://127.0.0.1:{srv['port']}", "wrong", "predictions/tiny", sample(80, 32), "image/png", {})
+             for srv in (torchserve, rayserve)]
+    assert wrong[0] == wrong[1] and wrong[0][0] == 400
+
+
+def test_ray_batches_by_budget_and_size(rayserve, store):
+    """48 requests from 16 clients over 2 sizes and 2 budgets on 2 replicas: every answer is the
+    one-at-a-time in-process answer for its own image and budget, and batches were formed."""
+    from crbp_deploy.serving.service import PanopticService, RawRequest
+
+    service = PanopticService(store["onnx"])
+    images = [sample(90 + i, 32 if i % 2 else 40) for i in range(4)]
+    budgets = [{}, {"max_iters": 12, "tol": 0.005}]
+    expected = {}
+    for i, im in enumerate(images):
+        for b, budget in enumerate(budgets):
+            headers = {f"X-{k.replace('_', '-')}": str(v) for k, v in budget.items()}
+            expected[(i, b)] = json.loads(service.handle([RawRequest({"body": im}, {"body": "image/png"}, headers)])[0].json())
+    plan = [(k % 4, (k // 4) % 2) for k in range(48)]
+    answers = hammer(rayserve["url"] + "tiny", rayserve["token"], [(images[i], budgets[b]) for i, b in plan], clients=16)
+    for (i, b), answer in zip(plan, answers):
+        assert answer.status == 200, answer.body
+        assert {k: v for k, v in answer.body.items() if k not in VARYING} == \
+               {k: v for k, v in expected[(i, b)].items() if k not in VARYING}
+    assert max(a.body["batch_size"] for a in answers) > 1, "Ray Serve never batched"
+
+
+def test_cluster_configs_follow_ray_schema(rayserve):
+    from ray.serve.schema import ServeDeploySchema
+
+    out = rayserve["stdout"]
+    assert "serve_config.yaml" in out and "rayservice.yaml" in out
+    config = yaml.safe_load((rayserve["run"] / "serve_config.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # Ray's own schema for `serve deploy`
+    app = config["applications"][0]
+    assert app["import_path"] == "crbp_deploy.serving.ray_app:build_app"
+    scaling = app["args"]["autoscaling_config"]
+    assert scaling["min_replicas"] == 1 and scaling["initial_replicas"] == 2 and scaling["max_replicas"] == 8
+    service = yaml.safe_load((rayserve["run"] / "rayservice.yaml").read_text())
+    assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
+    assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+
+
+def test_ray_bad_inputs(rayserve, tmp_path):
+    """--replicas 0, Ray missing, a port in use: one clear line, exit 1."""
+    def one_line(r, words):
+        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr
+
+    one_line(cli("serve", "--engine", "ray", "--replicas", "0", "--port", free_ports(10)), "--replicas must be at least 1")
+    shadow = tmp_path / "noray" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('No module named ray')\n")
+    one_line(cli("serve", "--engine", "ray", "--port", free_ports(10), env={"PYTHONPATH": str(shadow.parent)}),
+             "pip install 'crbp-deploy[ray]'")
+    store = yaml.safe_load((rayserve["run"] / "serve_config.yaml").read_text())["applications"][0]["args"]["model_store"]
+    one_line(cli("serve", "--engine", "ray", "--model-store", store, "--port", rayserve["port"],
+                 "--run-dir", tmp_path / "second"), "port(s) in use")
+
+
+def test_serve_stop_ends_the_cluster(rayserve):
+    from crbp_deploy.serving.ray_engine import _cluster_processes
+
+    procs = _cluster_processes(rayserve["run"])
+    assert len(procs) >= 3  # GCS, raylet, Serve controller / proxy / replicas
+    r = cli("serve", "--stop", "--port", rayserve["port"], "--run-dir", rayserve["run"])
+    assert r.returncode == 0 and "stopped the Ray cluster" in r.stdout, r.stdout + r.stderr
+    assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
+    assert not _cluster_processes(rayserve["run"]) and not (rayserve["run"] / "key_file.json").exists()
+    again = cli("serve", "--stop", "--port", rayserve["port"], "--run-dir", rayserve["run"])
+    assert again.returncode == 0 and "no TorchServe" in again.stdout
