@@ -134,8 +134,8 @@ def test_load_backend_dispatch_and_errors(model, artifacts, tmp_path):
     with pytest.raises(InputError, match=r"runs an engine \(.engine or .plan\)"):
         load_backend(artifacts["loop"], kind="tensorrt")
     with pytest.raises(InputError, match="unknown backend kind"):
-        load_backend(artifacts["loop"], kind="openvino")
-    with pytest.raises(InputError, match="runs on onnxruntime, not torch"):
+        load_backend(artifacts["loop"], kind="coreml")
+    with pytest.raises(InputError, match="runs on onnxruntime or openvino, not torch"):
         load_backend(artifacts["loop"], kind="torch")
     with pytest.raises(InputError, match="unknown artifact type"):
         load_backend(tmp_path / "m.bin")

@@ -35,13 +35,17 @@ def _pq_data(model, pq_data: Optional[Path], workdir: Path) -> Optional[Path]:
     return workdir / "pq" / "val"
 
 
-def _verify(artifact: Path, model, pq_data: Optional[Path], sizes, batches) -> dict:
+def _verify(artifact: Path, model, pq_data: Optional[Path], sizes, batches, backend: str = "onnxruntime",
+            precision: str = "fp32") -> dict:
     from ..export.verify import pq_parity_check, verify
+    from ..precision import tolerance
+    from ..runtime import load_backend
 
+    candidate = load_backend(artifact, backend, precision=precision)  # a missing runtime fails before any work
     with tempfile.TemporaryDirectory() as tmp:
         data = _pq_data(model, pq_data, Path(tmp))
-        checks = [pq_parity_check(data, model.meta)] if data is not None else []
-        report = verify(artifact, model, sizes=sizes, batches=batches, checks=checks)
+        checks = [pq_parity_check(data, model.meta, max_delta=tolerance(precision).pq)] if data is not None else []
+        report = verify(artifact, model, sizes=sizes, batches=batches, checks=checks, backend=candidate)
     typer.echo(report.summary())
     for check in report.checks:
         typer.echo(f"  {check['name']}: " + json.dumps({k: v for k, v in check.items() if k != "name"}))
@@ -135,6 +139,8 @@ def verify(
     artifact: Path = typer.Argument(..., help="Exported .onnx file."),
     against: Optional[str] = typer.Option(None, "--against", help="Checkpoint or bundled model it came from (default: bundled)."),
     pq_data: Optional[Path] = typer.Option(None, "--pq-data", help="COCO panoptic split for PQ parity (default: generated)."),
+    backend: str = typer.Option("onnxruntime", "--backend", help="Runtime to check: onnxruntime | openvino."),
+    precision: str = typer.Option("fp32", "--precision", help="openvino: fp32 | bf16 (held to the tolerances in docs/precision.md)."),
 ) -> None:
     """Compare an artifact with PyTorch: outputs, per-sample iterations, and PQ parity for panoptic models."""
     from ..sources import resolve_model
@@ -150,4 +156,6 @@ def verify(
 
         post = read_card(artifact).extra.get("postprocess_in_graph")
         m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
-    _verify(artifact, m, pq_data, _verify_sizes(m), None)
+    if backend not in ("onnxruntime", "ort", "openvino", "ov"):
+        raise InputError(f"--backend must be onnxruntime or openvino for an ONNX artifact, got {backend!r}")
+    _verify(artifact, m, pq_data, _verify_sizes(m), None, backend, precision)

@@ -19,6 +19,8 @@ def package(
     response_timeout: int = typer.Option(120, "--response-timeout", help="TorchServe responseTimeout in s."),
     threads: int = typer.Option(1, "--threads", help="Runtime threads per worker."),
     max_iters_limit: int = typer.Option(200, "--max-iters-limit", help="Largest max_iters a request gets (more is clamped)."),
+    backend: str = typer.Option("auto", "--backend", help="Runtime in the worker: auto (onnxruntime for .onnx) | openvino | torch."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (openvino / torch)."),
     handler: Optional[Path] = typer.Option(None, "--handler", help="Handler file (default: handlers/panoptic_handler.py)."),
     kserve: Optional[Path] = typer.Option(None, "--kserve", help="Also write KServe manifests (InferenceService, v2) here."),
     storage_uri: Optional[str] = typer.Option(None, "--storage-uri", help="KServe storageUri (default: pvc://crbp-models/NAME)."),
@@ -30,7 +32,7 @@ def package(
 
     config = ArchiveConfig(workers=workers, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
                            response_timeout_s=response_timeout)
-    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit)
+    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision)
     result = build(model, name=name, out=out, fmt=fmt, config=config, service=service, handler=handler,
                    progress=None if as_json else typer.echo)
     doc = result.to_dict()

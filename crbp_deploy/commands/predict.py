@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import CrbpError
-from .evaluate import _budget, _predictor
+from .evaluate import _budget, _panoptic_predictor, _predictor
 
 
 def predict(
@@ -19,6 +19,9 @@ def predict(
     iters: Optional[int] = typer.Option(None, "--iters"),
     max_iters: Optional[int] = typer.Option(None, "--max-iters"),
     tol: Optional[float] = typer.Option(None, "--tol"),
+    backend: str = typer.Option("torch", "--backend", help="torch | onnxruntime | openvino (a checkpoint is exported to an early-exit ONNX first)."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (torch autocast or OpenVINO; refused where this machine lacks it)."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: the runtime's)."),
 ) -> None:
     """Write <stem>_panoptic.png (COCO ids), <stem>_panoptic.json and <stem>_overlay.png per image."""
     from ..imageio import read_image
@@ -27,7 +30,10 @@ def predict(
     if url:
         _predict_url(images, url, model, token, out, iters, max_iters, tol)
         return
-    predictor, _ = _predictor(model)
+    if backend == "torch" and precision == "fp32" and threads is None:
+        predictor, _ = _predictor(model)
+    else:
+        predictor = _backend_predictor(model, backend, precision, threads)
     budget = _budget(iters, max_iters, tol)
     arrays = [read_image(p) for p in images]  # all validated before any work starts
     for path, image, pred in zip(images, arrays, predictor.predict(arrays, **budget)):
@@ -36,6 +42,46 @@ def predict(
             f"{path}: {len(pred.segments_info)} segments, {pred.iterations} iterations, "
             f"residual {pred.residual:.2e}, converged {pred.converged} -> {out / (path.stem + '_panoptic.json')}"
         )
+
+
+def _backend_predictor(spec: Optional[str], kind: str, precision: str, threads: Optional[int]):
+    """A predictor over `kind`'s Backend; a checkpoint goes to onnxruntime/openvino as an early-exit ONNX
+    export (compacted Loop, the card's budget) written to a temporary folder that lives with the process."""
+    import atexit
+    import shutil
+    import tempfile
+
+    from ..artifact import read_card
+    from ..panoptic.predict import PanopticPredictor
+    from ..runtime import ALIASES, load_backend
+    from ..sources import resolve
+
+    kind = ALIASES.get(kind, kind)
+    if kind not in ("torch", "onnxruntime", "openvino"):
+        raise CrbpError(f"--backend must be torch, onnxruntime or openvino, got {kind!r}")
+    source = resolve(spec)
+    options = {"precision": precision, "threads": threads}
+    if source.kind == "onnx":
+        card = read_card(source.path)
+        if card is None or not card.categories:
+            raise CrbpError(f"{source.path}: its sidecar (model card with the categories) is missing")
+        return PanopticPredictor.from_backend(load_backend(source.path, kind, **options), card)
+    model = source.load_model()
+    _panoptic_predictor(model, source.label)  # a clear error for a model that is not panoptic
+    if kind == "torch":
+        return PanopticPredictor.from_backend(load_backend(model, "torch", **options), model.meta)
+    from ..export import export_onnx
+    from ..modelcard import ModelCard
+
+    folder = tempfile.mkdtemp(prefix="crbp-predict-")
+    atexit.register(shutil.rmtree, folder, True)
+    budget = ModelCard.of(model).budget.early().kwargs()
+    if kind == "openvino":
+        from ..runtime.openvino_backend import check_installed
+
+        check_installed()  # before the export, not after it
+    artifact = export_onnx(model, Path(folder) / f"{source.name}-loop.onnx", strategy="loop", **budget)
+    return PanopticPredictor.from_backend(load_backend(artifact.path, kind, **options), model.meta)
 
 
 def _predict_url(images, url, model, token, out, iters, max_iters, tol) -> None:

@@ -22,6 +22,7 @@ import torch
 
 from ..artifact import read_sidecar, write_sidecar
 from ..errors import CrbpError, InputError
+from ..precision import tolerance
 from ..runtime import OrtBackend, TorchBackend
 
 Check = Callable[[Any, Any], dict]
@@ -31,6 +32,7 @@ Check = Callable[[Any, Any], dict]
 class VerifyReport:
     artifact: str
     backend: str
+    precision: str
     providers: list[str]
     strategy: str
     budget: dict[str, Any]
@@ -51,7 +53,7 @@ class VerifyReport:
     def summary(self) -> str:
         worst = ", ".join(f"{k} max abs {v['max_abs']:.3g} / rel {v['max_rel']:.3g}" for k, v in self.worst.items())
         head = "PASSED" if self.passed else "FAILED"
-        lines = [f"verify {head}: {self.artifact} ({self.strategy}, {self.budget}) on {self.backend}: {worst}"]
+        lines = [f"verify {head}: {self.artifact} ({self.strategy}, {self.budget}) on {self.backend} {self.precision}: {worst}"]
         for case in self.cases:
             if not case["ok"]:
                 bad = [k for k, v in case["outputs"].items() if not v["ok"]]
@@ -65,6 +67,16 @@ class VerifyReport:
 
 
 LABEL_MISMATCH = 1e-3
+
+
+def _iterations_match(ref: np.ndarray, got: np.ndarray | None, slack: float) -> bool:
+    """Identical counts (slack 0, fp32), or each within slack x the reference count (reduced precision)."""
+    if got is None or np.shape(ref) != np.shape(got):
+        return False
+    if slack == 0:
+        return bool(np.array_equal(ref, got))
+    ref64, got64 = np.asarray(ref, np.int64), np.asarray(got, np.int64)
+    return bool(np.all(np.abs(ref64 - got64) <= np.ceil(slack * ref64)))
 
 
 def _compare(ref: np.ndarray, got: np.ndarray, atol: float, rtol: float) -> dict[str, Any]:
@@ -103,8 +115,8 @@ def verify(
     sizes: Sequence[tuple[int, int]] | None = None,
     batches: Sequence[int] | None = None,
     seed: int = 0,
-    atol: float = 1e-4,
-    rtol: float = 1e-3,
+    atol: float | None = None,
+    rtol: float | None = None,
     max_iters: int | None = None,
     tol: float | None = None,
     backend: Any | None = None,
@@ -115,6 +127,8 @@ def verify(
 
     Sizes default to 32x32 and 48x64, batches to 1 and 3 (a static export: its own shape). The
     budget is the artifact's default unless `max_iters` / `tol` are given (loop artifacts).
+    Tolerances default to those of the candidate's precision (`crbp_deploy.precision.TOLERANCES`):
+    fp32 needs identical per-sample iterations, bf16 / fp16 a documented relative slack.
     Raises CrbpError (with `.report`) on any mismatch, after writing the report to the sidecar.
     """
     started = time.perf_counter()
@@ -126,6 +140,9 @@ def verify(
     batches = batches if batches is not None else ([static[0]] if static else [1, 3])
     if not sizes or not batches:
         raise InputError("verify needs at least one size and one batch size")
+    limits = tolerance(getattr(candidate, "precision", "fp32"))
+    atol = limits.atol if atol is None else atol
+    rtol = limits.rtol if rtol is None else rtol
     for name, value in (("atol", atol), ("rtol", rtol)):
         if not (isinstance(value, (int, float)) and np.isfinite(value) and value >= 0):
             raise InputError(f"{name} must be a finite number >= 0, got {value!r}")
@@ -134,6 +151,7 @@ def verify(
     report = VerifyReport(
         artifact=path.name,
         backend=candidate.name,
+        precision=getattr(candidate, "precision", "fp32"),
         providers=list(getattr(candidate, "providers", [])),
         strategy=candidate.strategy,
         budget=budget.kwargs(),
@@ -152,7 +170,7 @@ def verify(
                     outputs[name] = {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"), "missing": True}
                     continue
                 outputs[name] = _compare(ref[name], got[name], atol, rtol)
-            same_iters = bool(np.array_equal(ref["iterations"], got.outputs.get("iterations")))
+            same_iters = _iterations_match(ref["iterations"], got.outputs.get("iterations"), limits.iterations)
             report.iterations_match &= same_iters
             case = {
                 "size": list(size),

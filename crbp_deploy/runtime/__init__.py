@@ -1,28 +1,33 @@
-"""One `Backend` interface over every runtime: PyTorch eager and ONNX Runtime (CPU / CUDA)."""
+"""One `Backend` interface over every runtime: PyTorch (eager / compiled), ONNX Runtime (CPU / CUDA), OpenVINO
+(CPU), TensorRT."""
 from __future__ import annotations
 
 import os
 from typing import Any
 
 from ..errors import InputError
+from ..precision import canonical
 from .base import DEFAULT_MAX_ITERS, DEFAULT_TOL, Backend, Budget, RunResult
 from .ort_backend import OrtBackend, default_providers
 from .torch_backend import TorchBackend
 
-KINDS = ("auto", "torch", "onnxruntime", "tensorrt")
+KINDS = ("auto", "torch", "onnxruntime", "openvino", "tensorrt")
+ALIASES = {"ort": "onnxruntime", "trt": "tensorrt", "ov": "openvino"}
 
 
 def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
     """A backend for `spec`: a model object, or anything `crbp_deploy.sources.resolve` names (a
     checkpoint, a bundled model or a registered architecture run on torch; an `.onnx` artifact; an engine).
 
-    `kind` forces the runtime ("torch", "onnxruntime", "tensorrt"; "ort", "trt" are aliases); `options`
-    go to the backend's constructor (e.g. `threads=2`, `providers=[...]`).
+    `kind` forces the runtime ("torch", "onnxruntime", "openvino", "tensorrt"; "ort", "ov", "trt" are
+    aliases); `options` go to the backend's constructor (e.g. `threads=2`, `providers=[...]`,
+    `precision="bf16"`). A runtime that is not installed, or a precision it cannot run here, is an
+    InputError naming what is missing: never a silent fallback to another backend.
     """
     from ..models import RecurrentSegmenter
     from ..sources import resolve
 
-    kind = {"ort": "onnxruntime", "trt": "tensorrt"}.get(kind, kind)
+    kind = ALIASES.get(kind, kind)
     if kind not in KINDS:
         raise InputError(f"unknown backend kind {kind!r}; use one of {', '.join(KINDS)}")
     if isinstance(spec, RecurrentSegmenter):
@@ -39,8 +44,14 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
 
         return TrtBackend(source.path, **options)
     if source.kind == "onnx":
+        if kind == "openvino":
+            from .openvino_backend import OpenVinoBackend  # imports openvino only when asked for
+
+            return OpenVinoBackend(source.path, **options)
         if kind not in ("auto", "onnxruntime"):
-            raise InputError(f"{source.path} is an ONNX artifact; it runs on onnxruntime, not {kind}")
+            raise InputError(f"{source.path} is an ONNX artifact; it runs on onnxruntime or openvino, not {kind}")
+        if canonical(options.pop("precision", None)) != "fp32":
+            raise InputError("the onnxruntime backend runs fp32 artifacts here; use --backend openvino for bf16")
         return OrtBackend(source.path, **options)
     if source.kind == "checkpoint" and source.path.suffix != ".pt":
         raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected .onnx or .pt")

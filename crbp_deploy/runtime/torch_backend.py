@@ -1,4 +1,10 @@
-"""PyTorch eager backend: the reference every exported artifact is verified against."""
+"""PyTorch backend: eager fp32 is the reference every exported artifact is verified against.
+
+Options beyond the reference: `precision="bf16"`/`"fp16"` (autocast: convolutions in reduced
+precision, channels-last, while the drive, the recurrent state and the residual stay fp32, so the
+convergence test cannot stall on rounding), and `compile=True` (`torch.compile` of the recurrent step,
+the part that runs tens of times per input; the encoder and readout run once and stay eager).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -8,6 +14,8 @@ import torch
 
 from ..errors import InputError
 from ..models import RecurrentSegmenter
+from ..models.solver import fixed_point
+from ..precision import canonical, torch_cpu_support, torch_dtype
 from .base import Backend, Budget
 
 
@@ -29,6 +37,8 @@ class TorchBackend(Backend):
         iters: int | None = None,
         max_iters: int | None = None,
         tol: float | None = None,
+        precision: str | None = "fp32",
+        compile: bool = False,
     ):
         if not isinstance(model, RecurrentSegmenter):
             raise InputError(f"TorchBackend needs a RecurrentSegmenter, got {type(model).__name__}")
@@ -37,7 +47,18 @@ class TorchBackend(Backend):
                 raise InputError(f"threads must be a positive integer, got {threads!r}")
             torch.set_num_threads(threads)
         self.device = torch.device(device)
+        self.precision = canonical(precision)
+        if self.precision != "fp32" and self.device.type == "cpu":
+            missing = torch_cpu_support(self.precision)
+            if missing:
+                raise InputError(f"the torch backend cannot run {self.precision} here: {missing}; use --precision fp32")
+        if self.precision == "fp16" and self.device.type == "cpu":
+            raise InputError("the torch backend runs fp16 on CUDA only (CPU autocast supports bf16); use bf16")
         self.model = model.to(self.device).eval()
+        if self.precision != "fp32":
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.compiled = bool(compile)
+        self._step = torch.compile(self.model.step, dynamic=True) if self.compiled else self.model.step
         self.in_channels = model.in_channels
         self.size_multiple = int(getattr(model, "stride", 1) or 1)
         self.default_budget = Budget(iters=iters, tol=tol) if iters is not None else Budget.DEFAULT.merge(
@@ -49,10 +70,36 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def _infer(self, images, budget: Budget) -> dict[str, np.ndarray]:
         x = torch.as_tensor(images).to(self.device, torch.float32)
-        out = self.model(x, **budget.kwargs())
-        result = {k: v.detach().cpu().numpy() for k, v in out.items()}
+        if self.precision == "fp32" and not self.compiled:
+            out = self.model(x, **budget.kwargs())  # the reference path, unchanged
+        else:
+            out = self._forward(x, budget)
+        result = {k: v.detach().float().cpu().numpy() if v.is_floating_point() else v.cpu().numpy() for k, v in out.items()}
         result["residual"] = result["residual"].astype(np.float32, copy=False)
         return result
 
+    def _autocast(self):
+        if self.precision == "fp32":
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=torch_dtype(self.precision))
+
+    def _forward(self, x: torch.Tensor, budget: Budget) -> dict[str, torch.Tensor]:
+        """encode -> solve -> readout like `RecurrentSegmenter.run`, with the step compiled and/or under
+        autocast. Only the step runs in reduced precision: it is the cost (tens of calls per input),
+        while encoder and readout run once, and a bf16 readout cost the bundled model 1.1 PQ on 48 scenes
+        against 0.02 for a bf16 step. The drive and the state stay fp32 (the update promotes to fp32)."""
+        m = self.model
+        m.check_images(x)
+        if self.precision != "fp32":
+            x = x.contiguous(memory_format=torch.channels_last)
+        ctx = m.encode(x)
+        h0 = m.init_state(ctx)
+        with self._autocast():
+            h, stats = fixed_point(self._step, ctx, h0, **budget.kwargs())
+        out = m.readout(ctx, h.float())
+        out["iterations"], out["residual"] = stats.iterations, stats.residual
+        return out
+
     def telemetry_extra(self) -> dict[str, Any]:
-        return {"device": str(self.device), "threads": torch.get_num_threads()}
+        return {"device": str(self.device), "threads": torch.get_num_threads(), "precision": self.precision,
+                "compiled": self.compiled}

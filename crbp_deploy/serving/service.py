@@ -63,6 +63,8 @@ class ServiceConfig(StrictConfig):
 
     max_iters_limit: int = 200  # a request's max_iters above this is clamped to it
     threads: int = 1  # runtime intra-op threads per worker (scale with workers, not threads)
+    backend: str = "auto"  # runtime for the artifact: auto (onnxruntime for .onnx, torch for .pt) | openvino | ...
+    precision: str = "fp32"  # fp32 | bf16 (openvino, torch); refused at load where the machine lacks it
     max_bytes: int = 20 * 1024 * 1024
     min_side: int = 8
     max_side: int = 2048
@@ -73,6 +75,13 @@ class ServiceConfig(StrictConfig):
             raise ConfigError(f"max_iters_limit must be in 1..{MAX_ITERATIONS}, got {self.max_iters_limit}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
+        from ..precision import PRECISIONS
+        from ..runtime import ALIASES, KINDS
+
+        if ALIASES.get(self.backend, self.backend) not in KINDS:
+            raise ConfigError(f"backend must be one of {', '.join(KINDS)}, got {self.backend!r}")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"precision must be one of {', '.join(PRECISIONS)}, got {self.precision!r}")
         self.limits()  # ImageLimits validates itself
 
     def limits(self) -> ImageLimits:
@@ -164,7 +173,10 @@ class PanopticService:
         self.config = config or ServiceConfig()
         self.path = Path(artifact)
         self.name = name or self.path.stem
-        self.backend = load_backend(self.path, threads=self.config.threads)
+        options = {"threads": self.config.threads}
+        if self.config.precision != "fp32":
+            options["precision"] = self.config.precision
+        self.backend = load_backend(self.path, self.config.backend, **options)
         if self.backend.strategy == "unrolled":
             raise CrbpError(
                 f"{self.path.name} runs a fixed {self.backend.default_budget.iters} steps (unrolled); serving "
