@@ -10,7 +10,8 @@ client cannot tell the two engines apart:
   `POST /invocations?model_name=NAME&max_iters=..&tol=..`, `GET /ping`; the query string of
   /predictions is ignored, as TorchServe 0.12 does;
 - token auth with the key file's inference key (TorchServe's 400 `InvalidKeyException` otherwise),
-  TorchServe's 404 `ModelNotFoundException` for an unknown model, 413 above the request size limit.
+  TorchServe's 404 `ModelNotFoundException` for an unknown model, 413 above the request size limit,
+  400 for more than 8 KiB of headers.
 
 Batching: `serve.batch` collects up to the archive's `batchSize` requests within `maxBatchDelay` ms
 per replica; `PanopticService.handle` then groups them by model, budget and image size (only same-size,
@@ -37,6 +38,9 @@ from .service import PanopticService, RawRequest, Reply, ServiceConfig, error_re
 
 log = logging.getLogger(__name__)
 INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or not provided correctly"
+#: TorchServe's (Netty's) header limit: above it TorchServe answers 400 before anything else; Ray's
+#: proxy accepts 64 KiB of headers (measured), so the replica applies the same limit.
+MAX_HEADER_BYTES = 8192
 
 
 def _ts_error(code: int, kind: str, message: str) -> Response:
@@ -143,6 +147,9 @@ class PanopticIngress:
 
     async def __call__(self, request: Request) -> Response:
         parts = [p for p in request.url.path.split("/") if p]
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.items())
+        if header_bytes > MAX_HEADER_BYTES:
+            return _ts_error(400, "BadRequestException", f"headers of {header_bytes} bytes exceed {MAX_HEADER_BYTES}")
         if not self._authorized(request):
             return _ts_error(400, "InvalidKeyException", INVALID_KEY)
         if request.method == "GET" and parts == ["ping"]:
