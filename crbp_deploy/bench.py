@@ -1,4 +1,5 @@
-"""`crbp-deploy bench`: backend x strategy -> size, quality, iterations, latency, throughput, in one run.
+"""`crbp-deploy bench`: backend x strategy x precision -> size, quality, iterations, residual, latency,
+throughput and useful GFLOP/s (with the fraction of the machine's matmul peak, measured at start), in one run.
 
 Every number of a table comes from the same process and data, so the ratios between rows are the
 result (absolute times depend on the machine and its load). Quality is PQ for panoptic models
@@ -11,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 import statistics
 import tempfile
 import time
@@ -25,6 +27,8 @@ from .errors import CrbpError
 from .export import export_onnx
 from .budget import model_budget
 from .quality import model_task, open_data, scorer_for
+from .flops import measure_peak, step_gflop, step_profile
+from .precision import torch_cpu_support
 from .runtime import OrtBackend, TorchBackend
 
 PQ_MATCH = 0.5  # a fixed count "reaches the same quality" as early exit when within this many points
@@ -36,27 +40,38 @@ PATHFINDER_LENGTHS = (6, 9, 14, 20, 25)  # the generated held-out set mixes thes
 class Row:
     backend: str
     strategy: str
+    precision: str
     budget: str
     size_mb: float
     quality: float  # PQ, or IoU x 100 (result["metric"] says which)
     mean_iterations: float
+    median_residual: float  # final relative state change (fp32 in every precision)
     p50_b1_ms: float
     p90_b1_ms: float
     p50_b8_ms: float
     p90_b8_ms: float
     images_per_s: float
+    gflops_b1: float  # useful GFLOP/s: step FLOPs x reported iterations / wall time (encoder, readout included)
+    gflops_b8: float
+    peak_fraction_b8: float  # gflops_b8 / the measured matmul peak of this row's precision
 
 
-def _latency(backend, batches: list[np.ndarray], budget: dict, repeats: int) -> tuple[float, float]:
-    """p50 / p90 over every batch x repeat: with early exit each image has its own cost."""
-    backend.run(batches[0], **budget)  # warm-up (allocations, ORT's first-run optimisations)
-    times = []
-    for _ in range(repeats):
+def _latency(backend, batches: list[np.ndarray], budget: dict, repeats: int,
+             gflop_per_step: float = 0.0) -> tuple[float, float, float, list[float]]:
+    """p50 / p90 over every batch x repeat (with early exit each image has its own cost), useful GFLOP/s
+    over all timed runs, and the final residuals of the first repeat."""
+    backend.run(batches[0], **budget)  # warm-up (allocations, first-run optimisations)
+    times, steps, residuals = [], 0, []
+    for r in range(repeats):
         for images in batches:
             t0 = time.perf_counter()
-            backend.run(images, **budget)
+            out = backend.run(images, **budget)
             times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times), float(np.percentile(times, 90))
+            steps += int(np.sum(out["iterations"]))
+            if r == 0:
+                residuals += [float(v) for v in out["residual"]]
+    gflops = gflop_per_step * steps / (sum(times) / 1e3) if times else 0.0
+    return statistics.median(times), float(np.percentile(times, 90)), gflops, residuals
 
 
 def _quality(model, backend, data: Path, budget: dict, limit: int) -> tuple[float, float]:
@@ -88,8 +103,44 @@ def _latency_images(task: str, dataset, count: int = 16) -> np.ndarray:
     return np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
 
+def _extra_rows(model, work: Path, early: dict, threads: int, compiled: bool, progress) -> list[tuple]:
+    """Precision and compiler rows where this machine runs them: torch bf16 (autocast step), torch.compile,
+    OpenVINO fp32 and bf16 on the compacted early-exit Loop. What is missing is said, not faked."""
+    from .runtime import openvino_backend
+
+    ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+    rows = []
+    missing = torch_cpu_support("bf16")
+    if missing is None:
+        rows.append(("torch eager", "early exit", TorchBackend(model, threads=threads, precision="bf16"), early, ckpt_mb))
+    else:
+        progress(f"no torch bf16 row: {missing}")
+    if compiled:
+        rows.append(("torch compiled", "early exit", TorchBackend(model, threads=threads, compile=True), early, ckpt_mb))
+    if not openvino_backend.is_available():
+        progress(f"no openvino rows: {openvino_backend.INSTALL_HINT}")
+        return rows
+    loop = export_onnx(model, work / "ov-loop.onnx", strategy="loop", execution="compact", **early)
+    for precision in ("fp32", "bf16"):
+        try:
+            backend = openvino_backend.OpenVinoBackend(loop.path, threads=threads, precision=precision)
+        except CrbpError as exc:
+            progress(f"no openvino {precision} row: {exc}")
+            continue
+        rows.append(("openvino", "loop, early exit", backend, {}, loop.size_bytes / 1e6))
+    return rows
+
+
+def _best_vs(rows: list, baseline, column: str) -> dict[str, Any]:
+    """The fastest row at the baseline's quality (within PQ_MATCH points) and its speed-up."""
+    same = [r for r in rows if abs(r.quality - baseline.quality) <= PQ_MATCH]
+    best = min(same, key=lambda r: getattr(r, column))
+    return {"row": f"{best.backend} / {best.strategy} / {best.precision}",
+            "speedup": round(getattr(baseline, column) / getattr(best, column), 2)}
+
+
 def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int = 10, limit: int = 48,
-              size: int = 64, workdir: Path | None = None, progress=print) -> dict[str, Any]:
+              size: int = 64, workdir: Path | None = None, progress=print, compiled: bool = False) -> dict[str, Any]:
     meta = getattr(model, "meta", None) or {}
     task = model_task(model)
     if task == "panoptic" and "categories" not in meta:
@@ -105,6 +156,9 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
     singles = [stack[i : i + 1] for i in range(len(stack))]
     eights = [stack[i : i + 8] for i in range(0, len(stack) - 7, 8)]
     early = model_budget(meta)
+    peak = measure_peak(threads)  # first, before anything else warms the caches
+    progress(f"measured matmul peak ({threads} threads): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peak.items()))
+    gflop = step_gflop(model, *stack.shape[-2:])
     torch_backend = TorchBackend(model, threads=threads)
     ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
 
@@ -135,16 +189,21 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
         ("onnxruntime", "loop, early exit", ort_loop, {}, loop.size_bytes / 1e6),
         ("onnxruntime", "masked loop, early exit", ort_masked, {}, masked.size_bytes / 1e6),
     ]
+    plan += _extra_rows(model, work, early, threads, compiled, progress)
     rows = []
     for name, strategy, backend, budget, mb in plan:
         shown = budget or backend.default_budget.kwargs()
+        precision = getattr(backend, "precision", "fp32")
         quality, iters = _quality(model, backend, data, budget or backend.default_budget.kwargs(), limit)
-        p50_1, p90_1 = _latency(backend, singles, budget, max(1, repeats // 4))
-        p50_8, p90_8 = _latency(backend, eights, budget, max(2, repeats // 2))
-        rows.append(Row(name, strategy, json.dumps(shown), round(mb, 3), round(quality, 2), round(iters, 2),
-                        round(p50_1, 2), round(p90_1, 2), round(p50_8, 2), round(p90_8, 2), round(8e3 / p50_8, 1)))
-        progress(f"{name} / {strategy}: {metric} {quality:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms")
-    by = {(r.backend, r.strategy): r for r in rows}
+        p50_1, p90_1, gf_1, residuals = _latency(backend, singles, budget, max(1, repeats // 4), gflop)
+        p50_8, p90_8, gf_8, _ = _latency(backend, eights, budget, max(2, repeats // 2), gflop)
+        fraction = gf_8 / peak[precision] if peak.get(precision) else 0.0
+        rows.append(Row(name, strategy, precision, json.dumps(shown), round(mb, 3), round(quality, 2), round(iters, 2),
+                        float(f"{statistics.median(residuals):.3g}"), round(p50_1, 2), round(p90_1, 2), round(p50_8, 2),
+                        round(p90_8, 2), round(8e3 / p50_8, 1), round(gf_1, 1), round(gf_8, 1), round(fraction, 4)))
+        progress(f"{name} / {strategy} / {precision}: {metric} {quality:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms, "
+                 f"{gf_8:.1f} GFLOP/s b8")
+    by = {(r.backend, r.strategy): r for r in rows if r.precision == "fp32"}
     t_fixed, o_unrolled = by[("torch eager", "fixed")], by[("onnxruntime", "unrolled")]
     o_loop_fixed, o_early = by[("onnxruntime", "loop, fixed")], by[("onnxruntime", "loop, early exit")]
     ratios = {
@@ -156,7 +215,18 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
         "loop_vs_unrolled_per_iteration_b8": round(o_loop_fixed.p50_b8_ms / o_unrolled.p50_b8_ms, 2),
         "compact_vs_masked_early_exit_b8": round(by[("onnxruntime", "masked loop, early exit")].p50_b8_ms / o_early.p50_b8_ms, 2),
     }
+    baseline = by[("torch eager", "early exit")]
+    best = {f"b{b}": _best_vs(rows, baseline, f"p50_b{b}_ms") for b in (1, 8)}
+    ratios["best_cpu_vs_torch_eager_fp32_b1"] = best["b1"]["speedup"]
+    ratios["best_cpu_vs_torch_eager_fp32_b8"] = best["b8"]["speedup"]
+    top = max(rows, key=lambda r: r.gflops_b8)
+    bound = {"best_gflops_b8": top.gflops_b8, "row": f"{top.backend} / {top.strategy} / {top.precision}",
+             "fraction_of_bf16_peak": round(top.gflops_b8 / peak["bf16"], 4) if peak.get("bf16") else None,
+             "step_profile": [step_profile(model, p, 8, tuple(stack.shape[-2:])) for p in peak]}
     goals = {
+        "best_cpu_3x_torch_eager_fp32_b1": best["b1"]["speedup"] >= 3.0,
+        "best_cpu_3x_torch_eager_fp32_b8": best["b8"]["speedup"] >= 3.0,
+        "step_50pct_of_bf16_peak": bool(bound["fraction_of_bf16_peak"] and bound["fraction_of_bf16_peak"] >= 0.5),
         "ort_2x_torch": ratios["ort_vs_torch_same_iterations_b1"] >= 2.0,
         "early_exit_1.5x_fixed": ratios["early_exit_vs_fixed_same_quality_b1"] >= 1.5,
         "early_exit_1.5x_fixed_b8": ratios["early_exit_vs_fixed_same_quality_b8"] >= 1.5,
@@ -169,11 +239,16 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
         "rows": [asdict(r) for r in rows],
         "ratios": ratios,
         "goals_met": goals,
+        "best_at_equal_quality": best,
+        "peak_gflops": peak,
+        "gflop_per_step": gflop,
+        "compute_bound": bound,
         "fixed_count_matching_early_exit": n_fixed,
         "fixed_quality": fixed_quality,
         "early_exit": {"budget": early, "quality": q_early, "mean_iterations": it_early},
         "setup": {"threads": threads, "repeats": repeats, "images": min(limit, len(dataset)), "data": str(data),
-                  "image_size": list(stack.shape[-2:]), "latency_images": len(singles), "torch": torch.__version__, "arch": model.arch},
+                  "image_size": list(stack.shape[-2:]), "latency_images": len(singles), "torch": torch.__version__, "arch": model.arch,
+                  "load_average": [round(v, 2) for v in os.getloadavg()]},
     }
 
 
@@ -187,11 +262,12 @@ def to_csv(result: dict) -> str:
 
 def to_markdown(result: dict) -> str:
     metric = result.get("metric", "PQ") + (" x 100" if result.get("metric") == "IoU" else "")
-    head = (f"| backend | strategy | budget | MB | {metric} | mean it. | p50 b1 ms | p90 b1 ms | p50 b8 ms | p90 b8 ms | img/s (b8) |\n"
-            "|---|---|---|---|---|---|---|---|---|---|---|")
+    head = (f"| backend | strategy | precision | budget | MB | {metric} | mean it. | residual | p50 b1 ms | p90 b1 ms | "
+            "p50 b8 ms | p90 b8 ms | img/s (b8) | GFLOP/s b1 | GFLOP/s b8 | of peak b8 |\n" + "|---" * 16 + "|")
     lines = [head] + [
-        f"| {r['backend']} | {r['strategy']} | `{r['budget']}` | {r['size_mb']} | {r['quality']} | {r['mean_iterations']} | "
-        f"{r['p50_b1_ms']} | {r['p90_b1_ms']} | {r['p50_b8_ms']} | {r['p90_b8_ms']} | {r['images_per_s']} |"
+        f"| {r['backend']} | {r['strategy']} | {r['precision']} | `{r['budget']}` | {r['size_mb']} | {r['quality']} | "
+        f"{r['mean_iterations']} | {r['median_residual']} | {r['p50_b1_ms']} | {r['p90_b1_ms']} | {r['p50_b8_ms']} | "
+        f"{r['p90_b8_ms']} | {r['images_per_s']} | {r['gflops_b1']} | {r['gflops_b8']} | {100 * r['peak_fraction_b8']:.1f}% |"
         for r in result["rows"]
     ]
     return "\n".join(lines)

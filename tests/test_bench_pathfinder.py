@@ -13,8 +13,12 @@ def test_bench_runs_a_pathfinder_model_on_generated_mixed_lengths(tmp_path):
     model.meta = {"inference": {"budget": {"max_iters": 4, "tol": 0.2}}}
     res = run_bench(model, threads=1, repeats=1, limit=8, workdir=tmp_path, progress=lambda s: None)
     assert res["metric"] == "IoU" and res["setup"]["images"] == 8
-    rows = {(r["backend"], r["strategy"]): r for r in res["rows"]}
-    assert len(rows) == 5 and all(0 <= r["quality"] <= 100 for r in rows.values())
+    rows = {(r["backend"], r["strategy"]): r for r in res["rows"] if r["precision"] == "fp32"}
+    assert len(rows) >= 6 and all(0 <= r["quality"] <= 100 for r in res["rows"])
+    # every row says its precision, residual and useful GFLOP/s against the peak measured at start
+    assert res["peak_gflops"]["fp32"] > 0 and res["gflop_per_step"] > 0
+    assert all(r["gflops_b8"] > 0 and 0 < r["peak_fraction_b8"] < 1 and r["median_residual"] >= 0 for r in res["rows"])
+    assert {r["precision"] for r in res["rows"]} >= {"fp32"}
     # the same model at the same budget scores the same on every runtime
     fixed = rows[("torch eager", "fixed")]
     assert rows[("onnxruntime", "unrolled")]["quality"] == fixed["quality"]

@@ -19,8 +19,10 @@ def bench(
     min_metric: Optional[float] = typer.Option(None, "--min-metric", help="Fail (exit 1) if any row's quality (PQ, or IoU x 100) is below this."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the result as JSON."),
     csv_out: Optional[Path] = typer.Option(None, "--csv", help="Also write the table as CSV."),
+    compiled: bool = typer.Option(False, "--compiled", help="Also a torch.compile row (compiling takes about a minute on 2 cores)."),
 ) -> None:
-    """One table: backend x strategy x (MB, PQ or IoU, iterations, latency p50/p90 at batch 1 and 8, images/s)."""
+    """One table: backend x strategy x precision x (MB, PQ or IoU, iterations, residual, latency p50/p90 at batch 1 and 8,
+    images/s, GFLOP/s and the fraction of the matmul peak measured at start)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -29,15 +31,20 @@ def bench(
 
     m, source = resolve_model(model)
     console = Console(stderr=True)
-    result = run_bench(m, data=data, threads=threads, repeats=repeats, limit=limit, progress=lambda s: console.log(s))
+    result = run_bench(m, data=data, threads=threads, repeats=repeats, limit=limit, progress=lambda s: console.log(s),
+                       compiled=compiled)
     result["model"] = source
     table = Table(title=f"crbp-deploy bench: {source} ({threads} threads)")
-    for col in ("backend", "strategy", "budget", "MB", result["metric"] + (" x 100" if result["metric"] == "IoU" else ""), "mean it.", "p50 b1", "p90 b1", "p50 b8", "p90 b8", "img/s b8"):
-        table.add_column(col, justify="left" if col in ("backend", "strategy", "budget") else "right")
+    metric = result["metric"] + (" x 100" if result["metric"] == "IoU" else "")
+    for col in ("backend", "strategy", "precision", "budget", "MB", metric, "mean it.", "residual", "p50 b1", "p90 b1",
+                "p50 b8", "p90 b8", "img/s b8", "GFLOP/s b1", "GFLOP/s b8", "of peak b8"):
+        table.add_column(col, justify="left" if col in ("backend", "strategy", "precision", "budget") else "right")
     for r in result["rows"]:
         table.add_row(*(str(v) for v in r.values()))
     Console(width=200).print(table)
-    typer.echo(json.dumps({"ratios": result["ratios"], "goals_met": result["goals_met"]}, indent=2))
+    typer.echo(json.dumps({"ratios": result["ratios"], "goals_met": result["goals_met"], "peak_gflops": result["peak_gflops"],
+                           "gflop_per_step": result["gflop_per_step"], "best_at_equal_quality": result["best_at_equal_quality"],
+                           "compute_bound": result["compute_bound"]}, indent=2))
     if json_out:
         json_out.write_text(json.dumps(result, indent=2))
     if csv_out:

@@ -24,6 +24,10 @@ def print_card(card: dict) -> None:
     table.add_row("config", json.dumps(card["config"]))
     for key, value in card["meta"].items():
         table.add_row(f"meta.{key}", json.dumps(value) if not isinstance(value, str) else value)
+    if "flops" in card:
+        f = card["flops"]
+        table.add_row("GFLOP per step", f"{f['gflop_per_step']:.4g} at {f['image_size']}x{f['image_size']} "
+                      "(convolutions of one recurrent step; bench turns it into GFLOP/s)")
     if "contraction" in card:
         c = card["contraction"]
         table.add_row(
@@ -49,6 +53,11 @@ def info(
 
     m, source = resolve_model(model)
     card = model_card(m, source, check=not no_check)
+    from ..flops import step_gflop
+    from ..modelcard import ModelCard
+
+    size = ModelCard.of(m).image_size
+    card["flops"] = {"image_size": size, "gflop_per_step": step_gflop(m, size, size)}
     if as_json:
         typer.echo(json.dumps(card, indent=2))
     else:

@@ -91,6 +91,12 @@ class HGRUCell(nn.Module):
             gate.bias.uniform_(1.0, gate_bias_max - 1.0).log_()
         self.u2.bias.neg_()  # mix gate starts mostly closed (keeps h); drawn independently, see docstring
 
+    def flops(self, height: int, width: int) -> int:
+        """Multiply-adds x 2 of one step on a height x width state: two k x k and two 1 x 1 convolutions,
+        C -> C. The element-wise terms (gates, norms, softplus) are O(C) per pixel, not O(C^2 k^2): not counted."""
+        c, k = self.channels, 2 * self.padding + 1
+        return 2 * c * c * (2 * k * k + 2) * height * width
+
     def forward(self, x: Tensor, h: Tensor) -> Tensor:
         g1 = torch.sigmoid(self.u1(h))
         c1 = self.norm_inh(F.conv2d(g1 * h, self.w_inh, padding=self.padding))
