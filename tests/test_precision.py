@@ -74,3 +74,31 @@ def test_info_reports_gflop_per_step(run_cli):
     assert code == 0, err
     flops = json.loads(out)["flops"]
     assert flops["image_size"] == 64 and flops["gflop_per_step"] == pytest.approx(2 * 16 * 16 * (2 * 25 + 2) * 32 * 32 / 1e9)
+
+
+def test_cuda_graph_body_equals_the_eager_solver():
+    """The k-step body the CUDA graph captures (run here on CPU, no capture): per-sample iterations and
+    residuals equal the eager solver's, also when the cap falls inside a group of k steps."""
+    from crbp_deploy.models.solver import fixed_point, start
+    from crbp_deploy.runtime.cuda_graphs import k_steps
+
+    model = resolve_model(None)[0]
+    x = torch.from_numpy(sample_images(4, 3, (32, 32), seed=3))
+    with torch.no_grad():
+        ctx = model.encode(x)
+        h0 = model.init_state(ctx)
+        for max_iters, tol in ((80, 0.03), (10, 0.001)):
+            ref_h, ref = fixed_point(model.step, ctx, h0, max_iters=max_iters, tol=tol)
+            h, (active, iterations, residual) = h0.clone(), start(h0)
+            for _ in range(-(-max_iters // 3)):  # k = 3: the cap (10) falls inside a group
+                k_steps(model.step, ctx, h, active, iterations, residual, torch.tensor(tol), torch.tensor(max_iters), 3)
+                if not active.any():
+                    break
+            assert iterations.tolist() == ref.iterations.tolist()
+            torch.testing.assert_close(residual, ref.residual)
+            torch.testing.assert_close(h, ref_h)
+
+
+def test_cuda_graphs_need_cuda():
+    with pytest.raises(InputError, match="CUDA graphs need a CUDA device"):
+        TorchBackend(create_model("hgru-panoptic", get_entry("hgru-panoptic").tiny), cuda_graphs=4)

@@ -39,6 +39,7 @@ class TorchBackend(Backend):
         tol: float | None = None,
         precision: str | None = "fp32",
         compile: bool = False,
+        cuda_graphs: int = 0,
     ):
         if not isinstance(model, RecurrentSegmenter):
             raise InputError(f"TorchBackend needs a RecurrentSegmenter, got {type(model).__name__}")
@@ -59,6 +60,15 @@ class TorchBackend(Backend):
             self.model = self.model.to(memory_format=torch.channels_last)
         self.compiled = bool(compile)
         self._step = torch.compile(self.model.step, dynamic=True) if self.compiled else self.model.step
+        self.cuda_graphs = int(cuda_graphs)
+        self._graph_solver = None
+        if self.cuda_graphs:
+            if self.device.type != "cuda":
+                raise InputError(f"CUDA graphs need a CUDA device, not {self.device}")
+            from .cuda_graphs import CudaGraphSolver
+
+            dtype = None if self.precision == "fp32" else torch_dtype(self.precision)
+            self._graph_solver = CudaGraphSolver(self.model.step, k=self.cuda_graphs, autocast=dtype)
         self.in_channels = model.in_channels
         self.size_multiple = int(getattr(model, "stride", 1) or 1)
         self.default_budget = Budget(iters=iters, tol=tol) if iters is not None else Budget.DEFAULT.merge(
@@ -70,7 +80,7 @@ class TorchBackend(Backend):
     @torch.no_grad()
     def _infer(self, images, budget: Budget) -> dict[str, np.ndarray]:
         x = torch.as_tensor(images).to(self.device, torch.float32)
-        if self.precision == "fp32" and not self.compiled:
+        if self.precision == "fp32" and not self.compiled and not self.cuda_graphs:
             out = self.model(x, **budget.kwargs())  # the reference path, unchanged
         else:
             out = self._forward(x, budget)
@@ -94,12 +104,16 @@ class TorchBackend(Backend):
             x = x.contiguous(memory_format=torch.channels_last)
         ctx = m.encode(x)
         h0 = m.init_state(ctx)
-        with self._autocast():
-            h, stats = fixed_point(self._step, ctx, h0, **budget.kwargs())
+        if self._graph_solver is not None:  # k steps per launch, one sync per k steps (cuda_graphs.py)
+            cap, tol = (budget.iters, -1.0) if not budget.early_exit else (budget.max_iters, budget.tol)
+            h, stats = self._graph_solver.solve(ctx, h0, max_iters=cap, tol=tol)
+        else:
+            with self._autocast():
+                h, stats = fixed_point(self._step, ctx, h0, **budget.kwargs())
         out = m.readout(ctx, h.float())
         out["iterations"], out["residual"] = stats.iterations, stats.residual
         return out
 
     def telemetry_extra(self) -> dict[str, Any]:
         return {"device": str(self.device), "threads": torch.get_num_threads(), "precision": self.precision,
-                "compiled": self.compiled}
+                "compiled": self.compiled, "cuda_graphs": self.cuda_graphs}
