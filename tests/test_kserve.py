@@ -55,6 +55,41 @@ def test_inference_service_structure(archive, tmp_path):
     assert "image" not in model  # the runtime's own image unless one is given
 
 
+def _closed(node):
+    """The CRD's schema as `kubectl apply --validate=strict` reads it: unknown fields are errors (outside
+    x-kubernetes-preserve-unknown-fields), int-or-string is either."""
+    if isinstance(node, dict):
+        if node.get("x-kubernetes-int-or-string"):
+            node.pop("type", None)
+            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
+        if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
+            node.setdefault("additionalProperties", False)
+        for value in node.values():
+            _closed(value)
+    elif isinstance(node, list):
+        for value in node:
+            _closed(value)
+    return node
+
+
+@pytest.mark.skipif(not os.environ.get("KSERVE_CRD"), reason=(
+    "set KSERVE_CRD to KServe's config/crd/full/serving.kserve.io_inferenceservices.yaml: the kserve PyPI "
+    "package ships neither the CRD nor its OpenAPI schema (checked: kserve 0.21.0)"))
+def test_inference_service_against_the_kserve_crd():
+    """The generated InferenceService against the real v1beta1 CRD schema; a typo must fail it."""
+    jsonschema = pytest.importorskip("jsonschema")
+    from crbp_deploy.serving.kserve import inference_service
+
+    crd = yaml.safe_load(open(os.environ["KSERVE_CRD"]))
+    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
+    validator = jsonschema.Draft7Validator(_closed(version["schema"]["openAPIV3Schema"]))
+    for options in ({}, {"gpus": 1}, {"image": "example/torchserve-onnx:1", "max_replicas": 8}):
+        doc = inference_service("crbp-panoptic", "gs://bucket/crbp", **options)
+        assert not [e.message for e in validator.iter_errors(doc)], options
+    doc["spec"]["predictor"]["model"]["modelFormatt"] = {"name": "pytorch"}
+    assert any("modelFormatt" in e.message for e in validator.iter_errors(doc))
+
+
 def test_storage_layout_and_config_properties(archive, tmp_path):
     bundle = write_kserve(archive, tmp_path / "kserve")
     root = bundle.storage_dir
