@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: demo test test-all setup clean
+.PHONY: demo test test-all setup clean gpu-check
 
 setup: $(STAMP)
 
@@ -22,6 +22,10 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(BIN)/python -m pytest -m ''
+
+# The GPU paths (eager / compiled / CUDA graphs x fp32 / bf16 / fp16): JSON + markdown in docs/; < 8 min.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) export/*.pt export/*.onnx export/*.json

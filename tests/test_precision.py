@@ -102,3 +102,17 @@ def test_cuda_graph_body_equals_the_eager_solver():
 def test_cuda_graphs_need_cuda():
     with pytest.raises(InputError, match="CUDA graphs need a CUDA device"):
         TorchBackend(create_model("hgru-panoptic", get_entry("hgru-panoptic").tiny), cuda_graphs=4)
+
+
+def test_gpu_check_without_cuda_says_so(tmp_path, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA machine runs the real check (make gpu-check)")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
+    spec = importlib.util.spec_from_file_location("gpu_check", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--out", str(tmp_path / "g")]) == 0
+    assert "no CUDA GPU" in capsys.readouterr().out and not list(tmp_path.iterdir())
