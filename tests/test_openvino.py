@@ -109,3 +109,15 @@ def test_cli_predict_on_openvino_bf16(run_cli, tmp_path):
     code, out, err = run_cli("predict", image, "--backend", "openvino", "--precision", "bf16", "--out", tmp_path / "p")
     assert code == 0, err
     assert "segments" in out and (tmp_path / "p" / f"{image.stem}_panoptic.json").is_file()
+
+
+def test_serving_config_selects_openvino(loop_path):
+    from crbp_deploy.errors import ConfigError
+    from crbp_deploy.serving.service import PanopticService, ServiceConfig
+
+    service = PanopticService(loop_path, ServiceConfig(backend="openvino", precision="bf16"))
+    assert service.describe()["backend"] == "openvino" and service.backend.precision == "bf16"
+    with pytest.raises(ConfigError, match="backend must be one of"):
+        ServiceConfig(backend="coreml")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        ServiceConfig(precision="int4")
