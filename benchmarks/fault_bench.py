@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_bench import _free_port, _images, _percentile  # noqa: E402
+from serving_bench import _free_port, _images, _percentile, write_report  # noqa: E402
 
 COMPARED = ("panoptic_png", "segments_info", "iterations", "residual")
 BUDGETS = [{}, {"max_iters": 20, "tol": 0.05}, {"max_iters": 40, "tol": 0.01}]
@@ -248,10 +248,7 @@ def main(argv=None) -> int:
                 print("soak:", json.dumps(report["soak"]), flush=True)
         finally:
             server.stop()
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

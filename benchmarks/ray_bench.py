@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_bench import _free_port, _images, run_served  # noqa: E402
+from serving_bench import _free_port, _images, run_served, write_report  # noqa: E402
 
 COMPARED = ("panoptic_png", "segments_info", "iterations", "residual", "converged")
 BUDGETS = [{}, {"max_iters": 20, "tol": 0.05}]
@@ -32,20 +32,6 @@ def _answers(url, token, images):
 
     with Client(url, token=token) as client:
         return [{k: client.post(im, **b).body.get(k) for k in COMPARED} for im in images for b in BUDGETS]
-
-
-def _free_block(count: int) -> int:
-    import socket
-
-    for base in range(30000 + os.getpid() % 500 * 20, 65000, 20):
-        try:
-            for p in range(base, base + count):
-                with socket.socket() as s:
-                    s.bind(("127.0.0.1", p))
-            return base
-        except OSError:
-            continue
-    raise RuntimeError("no free ports")
 
 
 def main(argv=None) -> int:
@@ -88,7 +74,7 @@ def main(argv=None) -> int:
             server.stop()
         report["load_average"] = os.getloadavg()
         for replicas in args.replicas:
-            config = ray_engine.RayConfig(port=_free_block(10), replicas=replicas)
+            config = ray_engine.RayConfig(port=_free_port(10), replicas=replicas)
             ray = ray_engine.start(store, config, run_dir=work / f"ray{replicas}")
             try:
                 same = _answers(ray.predictions_url("bench"), ray.token, images) == reference
@@ -112,10 +98,7 @@ def main(argv=None) -> int:
               f"{r.get('identical_to_torchserve', '(reference)')} |")
     if "speedup" in report:
         print(f"\nspeedup {report['speedup']}x")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

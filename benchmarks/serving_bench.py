@@ -53,10 +53,11 @@ def _images(count: int, size: int) -> list[bytes]:
     return out
 
 
-def _free_port() -> int:
-    for base in range(28000 + os.getpid() % 1000 * 5, 65000, 5):
+def _free_port(count: int = 5) -> int:
+    """A base port P with P..P+count-1 free on 127.0.0.1."""
+    for base in range(28000 + os.getpid() % 1000 * count, 65000, count):
         ok = True
-        for p in range(base, base + 5):
+        for p in range(base, base + count):
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", p))
@@ -66,6 +67,14 @@ def _free_port() -> int:
         if ok:
             return base
     raise RuntimeError("no free ports")
+
+
+def write_report(report: dict, out: Path | None) -> None:
+    """The benchmark's JSON report to `out` (nothing when None)."""
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(report, indent=2) + "\n")
+        print(f"wrote {out}")
 
 
 def run_inprocess(service, images, concurrency, requests, batch_size):
@@ -230,10 +239,7 @@ def main(argv=None) -> int:
               f"{b['throughput']:.1f} | {b['p50_ms']:.1f} | {b['p99_ms']:.1f} | {b['mean_batch']:.1f} | {row['overhead']:.2f}x |")
     print(f"\nmodel {spec}, {size}x{size} images, iterations per image {iterations}; {args.threads} runtime thread(s), "
           f"TorchServe {args.workers} worker(s), batchSize {args.batch_size}, maxBatchDelay {args.max_batch_delay} ms")
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2) + "\n")
-        print(f"wrote {args.out}")
+    write_report(report, args.out)
     return 0
 
 

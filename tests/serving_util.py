@@ -136,6 +136,18 @@ def tiny_artifacts(folder) -> dict:
     return {"pt": pt, "onnx": onnx, "folder": folder, "model": model, "meta": meta}
 
 
+def tiny_store(tmp_path_factory, max_batch_delay_ms=10) -> dict:
+    """A model store holding the tiny ONNX model as `tiny.mar` (batchSize 8): {"path", "onnx"}."""
+    from crbp_deploy.serving.archive import ArchiveConfig, package
+
+    need_torchserve()
+    built = tiny_artifacts(tmp_path_factory.mktemp("models"))
+    store = tmp_path_factory.mktemp("store")
+    package(built["onnx"], name="tiny", out=store,
+            config=ArchiveConfig(batch_size=8, max_batch_delay_ms=max_batch_delay_ms))
+    return {"path": store, "onnx": built["onnx"]}
+
+
 @contextmanager
 def served(store, run, port=None, *extra):
     """`crbp-deploy serve` on free ports; `serve --stop` on the way out, even on failure."""

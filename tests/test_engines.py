@@ -10,10 +10,8 @@ import psutil
 import pytest
 import yaml
 
-from crbp_deploy.serving.archive import ArchiveConfig, package
 from crbp_deploy.serving.client import Client
-from serving_util import (BAD, BUDGET, cli, free_ports, hammer, multipart, need_torchserve, sample, served,
-                          tiny_artifacts)
+from serving_util import BAD, cli, free_ports, hammer, multipart, sample, served, tiny_store
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
 ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'crbp-deploy[ray]')")
@@ -22,11 +20,7 @@ VARYING = ("timings_ms", "batch_size")  # how long it took and what it was batch
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    need_torchserve()
-    built = tiny_artifacts(tmp_path_factory.mktemp("models"))
-    store = tmp_path_factory.mktemp("store")
-    package(built["onnx"], name="tiny", out=store, config=ArchiveConfig(batch_size=8, max_batch_delay_ms=20))
-    return {"path": store, "onnx": built["onnx"]}
+    return tiny_store(tmp_path_factory, max_batch_delay_ms=20)
 
 
 @pytest.fixture(scope="module")
@@ -158,3 +152,14 @@ def test_serve_stop_ends_the_cluster(rayserve):
     assert not _cluster_processes(rayserve["run"]) and not (rayserve["run"] / "key_file.json").exists()
     again = cli("serve", "--stop", "--port", rayserve["port"], "--run-dir", rayserve["run"])
     assert again.returncode == 0 and "no TorchServe" in again.stdout
+
+
+def test_ray_temp_dir_fits_unix_sockets(tmp_path):
+    """Ray binds Unix sockets ~60 characters below its temp dir (107 at most): a long run folder gets a
+    short, stable temp dir elsewhere, which `stop` derives the same way."""
+    from crbp_deploy.serving.ray_engine import temp_dir
+
+    deep = tmp_path / ("a" * 80) / "ray-8000"
+    assert len(str(temp_dir(deep))) <= 45 and temp_dir(deep) == temp_dir(deep)
+    assert temp_dir(deep) != temp_dir(tmp_path / ("b" * 80) / "ray-8000")
+    assert temp_dir(tmp_path) == tmp_path / "ray" or len(str(tmp_path / "ray")) > 45

@@ -13,21 +13,16 @@ import time
 import psutil
 import pytest
 
-from crbp_deploy.serving.archive import ArchiveConfig, package
 from crbp_deploy.serving.client import Client
 from crbp_deploy.serving.server import read_keys, running_pid, worker_processes
-from serving_util import cli, need_torchserve, same, sample, served, tiny_artifacts
+from serving_util import cli, same, sample, served, tiny_store
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory):
-    need_torchserve()
-    built = tiny_artifacts(tmp_path_factory.mktemp("models"))
-    store = tmp_path_factory.mktemp("store")
-    package(built["onnx"], name="tiny", out=store, config=ArchiveConfig(batch_size=8, max_batch_delay_ms=10))
-    return store
+    return tiny_store(tmp_path_factory)["path"]
 
 
 @pytest.fixture(scope="module")
@@ -167,6 +162,16 @@ def test_slow_and_broken_clients_do_not_stop_the_others(server):
     assert worker.is_running() and worker_processes(server["run"])[0].pid == worker.pid  # no worker died
 
 
+def _start_and_compare(server, args, data, expected):
+    """`crbp-deploy serve ARGS`, then the model must answer `data` as it did before (no other step)."""
+    r = cli("serve", *args)
+    assert r.returncode == 0, r.stdout + r.stderr
+    server["token"] = read_keys(server["run"])["inference"]
+    answer = _post(server, data)
+    assert answer.status == 200, answer.body
+    same(answer.body, expected)
+
+
 def test_restart_on_the_same_store(server):
     """`serve --stop` + `serve`, then a crashed server (Java SIGKILLed) + `serve`: the model answers
     again with no manual step, and answers what it answered before."""
@@ -176,12 +181,7 @@ def test_restart_on_the_same_store(server):
     args = ("--model-store", server["store"], "--port", server["port"], "--run-dir", server["run"])
     r = cli("serve", "--stop", "--port", server["port"], "--run-dir", server["run"])
     assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
-    r = cli("serve", *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    server["token"] = read_keys(server["run"])["inference"]
-    again = _post(server, data)
-    assert again.status == 200, again.body
-    same(again.body, before.body)
+    _start_and_compare(server, args, data, before.body)
 
     java = psutil.Process(running_pid(server["run"]))
     workers = worker_processes(server["run"])
@@ -189,9 +189,4 @@ def test_restart_on_the_same_store(server):
     java.wait(timeout=30)
     gone, alive = psutil.wait_procs(workers, timeout=30)
     assert not alive, "workers outlived their server by 30 s"
-    r = cli("serve", *args)
-    assert r.returncode == 0, r.stdout + r.stderr
-    server["token"] = read_keys(server["run"])["inference"]
-    third = _post(server, data)
-    assert third.status == 200, third.body
-    same(third.body, before.body)
+    _start_and_compare(server, args, data, before.body)

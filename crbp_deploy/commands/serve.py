@@ -85,7 +85,7 @@ def _serve_ray(model_store: Path, port: int, replicas: Optional[int], no_auth: b
     typer.echo(f"  cluster configs: {', '.join(str(p) for p in server.files.values())} (serve deploy / KubeRay)")
     _usage(server, port)
     if foreground:
-        _attach(lambda: ray_engine.running(run), lambda: ray_engine.stop(run), f"the Ray cluster exited; see {run / 'ray'}")
+        _attach(lambda: ray_engine.running(run), lambda: ray_engine.stop(run), f"the Ray cluster exited; see {ray_engine.temp_dir(run)}")
 
 
 def _stop(port: int, run_dir: Optional[Path], engine: str) -> None:

@@ -69,6 +69,20 @@ def default_run_dir(port: int) -> Path:
     return torchserve_dir(port).parent / f"ray-{port}"
 
 
+def temp_dir(run: Path) -> Path:
+    """Ray's temp dir for this run folder: inside it, unless that path is too long for the Unix sockets
+    Ray puts 60 characters below it (107 at most); then a short folder in the system temp dir, named
+    after the run folder so `stop` finds the same one."""
+    run = Path(run).resolve()
+    inside = run / "ray"
+    if len(str(inside)) <= 45:
+        return inside
+    import hashlib
+    import tempfile
+
+    return Path(tempfile.gettempdir()) / f"crbp-ray-{hashlib.sha1(str(run).encode()).hexdigest()[:10]}"
+
+
 def check_installed() -> None:
     try:
         import ray  # noqa: F401
@@ -138,7 +152,7 @@ def _cluster_processes(run: Path) -> list:
     """This cluster's processes: those naming its temp dir (GCS, raylet, agents) and all their children."""
     import psutil
 
-    marker = str(run / "ray")
+    marker = f"{temp_dir(run)}{os.sep}"  # its session folders, not a sibling that shares the prefix
     roots = []
     for proc in psutil.process_iter(["cmdline"]):
         try:
@@ -218,8 +232,7 @@ def start(model_store, config: RayConfig | None = None, *, run_dir=None, progres
     busy = [f"{name} {port}" for name, port in config.ports().items() if not _port_free(config.host, port)]
     if busy:
         raise CrbpError(f"port(s) in use on {config.host}: {', '.join(busy)}; choose another --port")
-    for stale in ("ray", "models", "key_file.json", STATE_FILE):
-        path = run / stale
+    for path in (temp_dir(run), run / "models", run / "key_file.json", run / STATE_FILE):
         shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
     token = None
     if config.auth:  # TorchServe's key file layout, so `predict --url` and the tests read it the same way
@@ -237,7 +250,7 @@ def start(model_store, config: RayConfig | None = None, *, run_dir=None, progres
         f"--dashboard-agent-listen-port={ports['dashboard_agent_listen']}",
         f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
         f"--runtime-env-agent-port={ports['runtime_env_agent']}", f"--metrics-export-port={ports['metrics_export']}",
-        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={run / 'ray'}",
+        "--include-dashboard=false", "--disable-usage-stats", f"--temp-dir={temp_dir(run)}",
         f"--num-cpus={cpus}", "--object-store-memory=100000000",
     ]
     with open(run / "ray-start.log", "wb") as log:
@@ -258,7 +271,7 @@ def start(model_store, config: RayConfig | None = None, *, run_dir=None, progres
             except OSError:
                 pass
             if time.monotonic() > deadline:
-                raise CrbpError(f"Ray Serve did not answer /ping within {config.startup_timeout_s:.0f} s; logs in {run / 'ray'}")
+                raise CrbpError(f"Ray Serve did not answer /ping within {config.startup_timeout_s:.0f} s; logs in {temp_dir(run)}")
             time.sleep(0.5)
     except BaseException:
         stop(run)
