@@ -71,8 +71,8 @@ def install(model, name: str, calibration: dict, source: str, command: str) -> P
     training = model.meta.get("training", {})
     (zoo / f"{name}.md").write_text(
         f"# {name}\n\n`{model.arch}`, {model.num_parameters():,} parameters, from `{source}`, trained with "
-        f"{training.get('grad', '?')} ({training.get('steps', '?')} steps) on Pathfinder contours of lengths "
-        f"{training.get('lengths', 'see the card')}.\n\nInference budget (calibrated): {calibration['budget']} -- "
+        f"{training.get('grad', '?')} ({training.get('steps', '?')} steps) on `{training.get('data', '?')}`; "
+        f"evaluated on contour lengths {', '.join(per)}.\n\nInference budget (calibrated): {calibration['budget']} -- "
         f"IoU x 100 {calibration['quality']:.2f} at {calibration['mean_iterations']:.2f} mean iterations; equal-IoU "
         f"fixed count: {calibration['fixed_baseline']}.\n\n| length | IoU x 100 | mean iterations |\n|---|---|---|\n"
         f"{table}\n\nProduced by `{command}`; details in docs/adaptive.md.\n"

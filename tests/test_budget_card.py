@@ -36,3 +36,15 @@ def test_one_resolver_for_every_kind(tmp_path):
     assert resolve("x.onnx").kind == "onnx" and resolve("x.plan").kind == "engine"
     with pytest.raises(InputError, match="unknown artifact type"):
         resolve("nothing-like-this")
+
+
+def test_bundled_pathfinder_model_carries_its_calibrated_budget():
+    model = zoo.load("crbp-pathfinder")
+    card = ModelCard.of(model)
+    assert model.arch == "hgru-pathfinder" and "crbp-pathfinder" in zoo.names()
+    budget = Budget.from_card(card)
+    assert budget.early_exit and budget != Budget.DEFAULT  # calibrated, not the fallback
+    calibration = card.inference["calibration"]
+    assert calibration["budget"] == budget.kwargs() and calibration["metric"] == "IoU"
+    assert set(calibration["sweep"][0]["per_length"]) == {"6", "9", "14", "20", "25"}
+    assert card.training["grad"] == "crbp" and model.meta["training_command"].startswith("crbp-deploy train")
