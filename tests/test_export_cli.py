@@ -89,3 +89,18 @@ def test_export_unwritable_and_bad_checkpoint(model_file, tmp_path):
     r = _cli("export", str(bad), "--out", str(tmp_path / "y.onnx"))
     assert r.returncode == 1 and "not a checkpoint" in r.stderr
     assert not (tmp_path / "y.onnx").exists()
+
+
+def test_export_loop_body_compact_by_default_masked_on_request(model_file, tmp_path):
+    compact, masked = tmp_path / "c.onnx", tmp_path / "m.onnx"
+    r = _cli("export", str(model_file), "--out", str(compact), "--no-verify")
+    assert r.returncode == 0 and "(compact)" in r.stdout, r.stdout + r.stderr
+    assert json.loads(compact.with_name("c.onnx.json").read_text())["execution"] == "compact"
+    r = _cli("export", str(model_file), "--loop", "masked", "--out", str(masked))
+    assert r.returncode == 0 and "verify PASSED" in r.stdout, r.stdout + r.stderr
+    assert json.loads(masked.with_name("m.onnx.json").read_text())["execution"] == "masked"
+    bad = _cli("export", str(model_file), "--iters", "5", "--loop", "masked", "--out", str(tmp_path / "x.onnx"))
+    assert bad.returncode == 1 and "--loop applies to the loop strategy" in bad.stderr + bad.stdout
+    assert not (tmp_path / "x.onnx").exists()
+    odd = _cli("export", str(model_file), "--loop", "lazy", "--out", str(tmp_path / "y.onnx"))
+    assert odd.returncode == 1 and "--loop must be compact or masked, got 'lazy'" in odd.stderr + odd.stdout

@@ -107,6 +107,8 @@ def export(
         m = WithPanopticLabels(m, ModelCard.of(m).postprocess)
     name = Path(source.split(":")[-1]).stem
     out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}.onnx"
+    if loop not in (None, "compact", "masked"):
+        raise InputError(f"--loop must be compact or masked, got {loop!r}")
     if loop is not None and strategy != "loop":
         raise InputError("--loop applies to the loop strategy (early exit or --strategy loop)")
     execution = (loop or ("masked" if fmt == "tensorrt" else "compact")) if strategy == "loop" else None
