@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_bench import _free_port, _images, _percentile, write_report  # noqa: E402
+from serving_bench import _free_port, _images, _percentile, export_early_exit, write_report  # noqa: E402
 
 COMPARED = ("panoptic_png", "segments_info", "iterations", "residual")
 BUDGETS = [{}, {"max_iters": 20, "tol": 0.05}, {"max_iters": 40, "tol": 0.01}]
@@ -218,21 +218,15 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from crbp_deploy.export import export_onnx
-    from crbp_deploy.modelcard import ModelCard
     from crbp_deploy.serving import server as ts
     from crbp_deploy.serving.archive import ArchiveConfig, package
     from crbp_deploy.serving.service import PanopticService, RawRequest
-    from crbp_deploy.sources import resolve_model
 
     report = {"command": "python benchmarks/fault_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)"}
     with tempfile.TemporaryDirectory(prefix="crbp-fault-bench-") as tmp:
         work = Path(tmp)
-        net, spec = resolve_model(args.model)
-        budget = ModelCard.of(net).budget.early().kwargs()
-        onnx = work / "model.onnx"
-        export_onnx(net, onnx, strategy="loop", source=spec, **budget)
+        _, spec, onnx = export_early_exit(args.model, work)
         service = PanopticService(onnx, name="bench")
         images = _images(8, 64)
         expected = [service.handle([RawRequest({"body": im}, {"body": "image/png"})])[0].body for im in images]

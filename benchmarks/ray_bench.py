@@ -21,7 +21,7 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from serving_bench import _free_port, _images, run_served, write_report  # noqa: E402
+from serving_bench import _free_port, _images, export_early_exit, run_served, write_report  # noqa: E402
 
 COMPARED = ("panoptic_png", "segments_info", "iterations", "residual", "converged")
 BUDGETS = [{}, {"max_iters": 20, "tol": 0.05}]
@@ -44,22 +44,17 @@ def main(argv=None) -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
 
-    from crbp_deploy.export import export_onnx
     from crbp_deploy.modelcard import ModelCard
     from crbp_deploy.serving import ray_engine
     from crbp_deploy.serving import server as ts
     from crbp_deploy.serving.archive import ArchiveConfig, package
-    from crbp_deploy.sources import resolve_model
 
     report = {"command": "python benchmarks/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
               "concurrency": args.concurrency, "requests": args.requests, "runs": {}}
     with tempfile.TemporaryDirectory(prefix="crbp-ray-bench-") as tmp:
         work = Path(tmp)
-        net, spec = resolve_model(args.model)
-        budget = ModelCard.of(net).budget.early().kwargs()
-        onnx = work / "model.onnx"
-        export_onnx(net, onnx, strategy="loop", source=spec, **budget)
+        net, spec, onnx = export_early_exit(args.model, work)
         store = work / "store"
         package(onnx, name="bench", out=store, config=ArchiveConfig(batch_size=8, max_batch_delay_ms=10))
         images = _images(8, ModelCard.of(net).image_size or 64)

@@ -69,6 +69,19 @@ def _free_port(count: int = 5) -> int:
     raise RuntimeError("no free ports")
 
 
+def export_early_exit(spec, work: Path):
+    """`spec` (checkpoint, bundled name, ...) exported as an early-exit ONNX with its card's budget:
+    (model, resolved spec, .onnx path) -- what the serving benchmarks package and serve."""
+    from crbp_deploy.export import export_onnx
+    from crbp_deploy.modelcard import ModelCard
+    from crbp_deploy.sources import resolve_model
+
+    net, spec = resolve_model(spec)
+    onnx = work / "model.onnx"
+    export_onnx(net, onnx, strategy="loop", source=spec, **ModelCard.of(net).budget.early().kwargs())
+    return net, spec, onnx
+
+
 def write_report(report: dict, out: Path | None) -> None:
     """The benchmark's JSON report to `out` (nothing when None)."""
     if out:
