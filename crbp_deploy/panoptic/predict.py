@@ -6,7 +6,6 @@ a runtime Backend), so `predict`, `eval`, verification and the server share one 
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -118,7 +117,7 @@ class PanopticPredictor:
         out = {k: torch.as_tensor(v) for k, v in self.run(padded, **budget).items()}
         t1 = time.perf_counter()
         heads = {k: out[k][..., :h, :w] for k in ("semantic", "center", "offset")}
-        finite = torch.isfinite(torch.as_tensor(out["residual"]))
+        finite = torch.isfinite(out["residual"])  # a non-finite residual: the state diverged
         grouped = _void(int(h), int(w), len(batch))  # a diverged state has no segmentation to group
         if bool(finite.any()):
             kept = postprocess({k: v[finite] for k, v in heads.items()}, self.categories, self.post)
@@ -136,9 +135,9 @@ class PanopticPredictor:
                     pan_ids=pan_ids,
                     segments_info=segments,
                     iterations=int(out["iterations"][i]),
-                    residual=residual if math.isfinite(residual) else float("inf"),
+                    residual=residual if finite[i] else float("inf"),
                     converged=converged,
-                    diverged=not math.isfinite(residual),
+                    diverged=not bool(finite[i]),
                     timings_ms={k: round(v, 3) for k, v in per_image.items()},
                 )
             )

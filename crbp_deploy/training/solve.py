@@ -161,5 +161,5 @@ def solve(
     else:
         penalty = torch.zeros((), dtype=last.dtype, device=last.device)
     outputs = model.readout(ctx, state)
-    residual = relative_change(last.detach(), prev.detach())
+    residual = relative_change(last, prev)  # detached, fp32
     return Solution(outputs=outputs, state=state, penalty=penalty, residual=residual, neumann=info)
