@@ -1,12 +1,16 @@
-"""KServe manifests: structure of the InferenceService (TorchServe runtime, Open Inference Protocol v2)
-and of the storage layout KServe's TorchServe runtime expects; then the same archive answering v2
-requests through TorchServe's kservev2 envelope on a real local TorchServe."""
+"""KServe manifests: the InferenceService (TorchServe runtime, Open Inference Protocol v2), validated
+against KServe's real v1beta1 CRD schema (tests/data/kserve, from KServe v0.20.0; KSERVE_CRD=path/to/
+serving.kserve.io_inferenceservices.yaml adds another release's), and the storage layout KServe's
+TorchServe runtime expects; then the same archive answering v2 requests through TorchServe's kservev2
+envelope on a real local TorchServe."""
 import json
 import os
 import shutil
 import socket
 import zipfile
+from pathlib import Path
 
+import jsonschema
 import pytest
 import torch
 import yaml
@@ -16,7 +20,7 @@ from crbp_deploy.data.panoptic_synth import CATEGORIES, generate_sample
 from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model
 from crbp_deploy.serving.archive import ArchiveConfig, package
-from crbp_deploy.serving.kserve import write_kserve
+from crbp_deploy.serving.kserve import API_VERSION, KIND, inference_service, write_kserve
 from crbp_deploy.serving.v2 import v2_answer, v2_request
 
 TINY = {"encoder_channels": 8, "channels": 6, "kernel_size": 3, "head_channels": 8, "downsample": 1}
@@ -53,41 +57,166 @@ def test_inference_service_structure(archive, tmp_path):
     assert model["resources"]["requests"] == {"cpu": "4", "memory": "8Gi"}
     assert model["resources"]["limits"] == {"cpu": "4", "memory": "8Gi"}
     assert "image" not in model  # the runtime's own image unless one is given
+    # the file as written, against KServe's v1beta1 CRD schema (more options below)
+    assert _errors(crd_validator(json.loads(SHIPPED_SCHEMA.read_text())), isvc) == []
 
 
-def _closed(node):
-    """The CRD's schema as `kubectl apply --validate=strict` reads it: unknown fields are errors (outside
-    x-kubernetes-preserve-unknown-fields), int-or-string is either."""
+# KServe's InferenceService CRD, v1beta1 schema, from KServe v0.20.0 (tests/data/kserve/README.md).
+SHIPPED_SCHEMA = Path(__file__).parent / "data" / "kserve" / "inferenceservice-v1beta1.schema.json"
+
+# The CRD says only `metadata: {type: object}`: the API server validates ObjectMeta itself. The part of
+# it these manifests use, with Kubernetes' rules (name: DNS-1123 subdomain; label keys and values).
+_DNS1123 = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_LABELS = {  # draft 4 has no propertyNames: keys through patternProperties, nothing else allowed
+    "type": "object",
+    "patternProperties": {rf"^({_DNS1123}(\.{_DNS1123})*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{{0,61}}[A-Za-z0-9])?$": {
+        "type": "string", "maxLength": 63, "pattern": r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$"}},
+    "additionalProperties": False,
+}
+OBJECT_META = {
+    "type": "object",
+    "required": ["name"],
+    "properties": {
+        "name": {"type": "string", "maxLength": 253, "pattern": rf"^{_DNS1123}(\.{_DNS1123})*$"},
+        "namespace": {"type": "string", "maxLength": 63, "pattern": rf"^{_DNS1123}$"},
+        "labels": _LABELS,
+        "annotations": {"type": "object", "additionalProperties": {"type": "string"}},
+    },
+}
+
+
+def _structural(node):
+    """A CRD structural schema as the API server applies it under `kubectl apply` (field validation
+    `strict`, kubectl's default): an object with `properties` rejects unknown fields unless it is marked
+    x-kubernetes-preserve-unknown-fields; x-kubernetes-int-or-string takes an integer or a string;
+    `nullable` admits null. x-kubernetes-list-type is checked by the validator below."""
     if isinstance(node, dict):
+        node = dict(node)
+        for key, value in list(node.items()):
+            if key in ("properties", "patternProperties"):
+                node[key] = {name: _structural(sub) for name, sub in value.items()}
+            elif isinstance(value, (dict, list)) and key not in ("default", "enum", "example"):  # data, not schemas
+                node[key] = _structural(value)
         if node.get("x-kubernetes-int-or-string"):
             node.pop("type", None)
-            node["anyOf"] = [{"type": "integer"}, {"type": "string"}]
-        if node.get("type") == "object" and "properties" in node and not node.get("x-kubernetes-preserve-unknown-fields"):
-            node.setdefault("additionalProperties", False)
-        for value in node.values():
-            _closed(value)
-    elif isinstance(node, list):
-        for value in node:
-            _closed(value)
+            node.setdefault("anyOf", [{"type": "integer"}, {"type": "string"}])
+        if node.get("nullable") and "type" in node:
+            node["type"] = [node["type"], "null"]
+        if (node.get("type") == "object" and "properties" in node and "additionalProperties" not in node
+                and not node.get("x-kubernetes-preserve-unknown-fields")):
+            node["additionalProperties"] = False
+        return node
+    if isinstance(node, list):
+        return [_structural(value) for value in node]
     return node
 
 
-@pytest.mark.skipif(not os.environ.get("KSERVE_CRD"), reason=(
-    "set KSERVE_CRD to KServe's config/crd/full/serving.kserve.io_inferenceservices.yaml: the kserve PyPI "
-    "package ships neither the CRD nor its OpenAPI schema (checked: kserve 0.21.0)"))
-def test_inference_service_against_the_kserve_crd():
-    """The generated InferenceService against the real v1beta1 CRD schema; a typo must fail it."""
-    jsonschema = pytest.importorskip("jsonschema")
-    from crbp_deploy.serving.kserve import inference_service
+def _list_type(validator, kind, instance, schema):
+    """x-kubernetes-list-type: `set` items are unique; `map` items are unique by x-kubernetes-list-map-keys
+    (the API server answers `Duplicate value`); `atomic` constrains nothing."""
+    if not validator.is_type(instance, "array") or kind not in ("set", "map"):
+        return
+    keys = schema.get("x-kubernetes-list-map-keys", [])
+    seen = set()
+    for item in instance:
+        what = {k: item.get(k) for k in keys} if kind == "map" and isinstance(item, dict) else item
+        key = json.dumps(what, sort_keys=True)
+        if key in seen:
+            yield jsonschema.ValidationError(f"duplicate entry {what!r} in a list-type {kind}")
+        seen.add(key)
 
-    crd = yaml.safe_load(open(os.environ["KSERVE_CRD"]))
-    version = next(v for v in crd["spec"]["versions"] if v["name"] == "v1beta1")
-    validator = jsonschema.Draft7Validator(_closed(version["schema"]["openAPIV3Schema"]))
-    for options in ({}, {"gpus": 1}, {"image": "example/torchserve-onnx:1", "max_replicas": 8}):
-        doc = inference_service("crbp-panoptic", "gs://bucket/crbp", **options)
-        assert not [e.message for e in validator.iter_errors(doc)], options
-    doc["spec"]["predictor"]["model"]["modelFormatt"] = {"name": "pytorch"}
-    assert any("modelFormatt" in e.message for e in validator.iter_errors(doc))
+
+def crd_validator(schema_doc: dict):
+    """A validator for one CRD version's openAPIV3Schema (OpenAPI v3.0 schemas are JSON Schema draft 4
+    in its keywords), closed as above, with ObjectMeta checked at the root and apiVersion/kind fixed."""
+    schema = _structural(schema_doc["openAPIV3Schema"])
+    schema["properties"] = {**schema["properties"], "metadata": OBJECT_META,
+                            "apiVersion": {"type": "string", "enum": [schema_doc["apiVersion"]]},
+                            "kind": {"type": "string", "enum": [schema_doc["kind"]]}}
+    schema["required"] = sorted({*schema.get("required", []), "apiVersion", "kind", "metadata"})
+    cls = jsonschema.validators.extend(jsonschema.Draft4Validator, {"x-kubernetes-list-type": _list_type})
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def _schema_from_crd(path: str, version: str = "v1beta1") -> dict:
+    crd = yaml.safe_load(open(path))
+    served = next(v for v in crd["spec"]["versions"] if v["name"] == version)
+    return {"apiVersion": f"{crd['spec']['group']}/{version}", "kind": crd["spec"]["names"]["kind"],
+            "openAPIV3Schema": served["schema"]["openAPIV3Schema"], "source": {"path": path}}
+
+
+def _schemas():
+    yield pytest.param(json.loads(SHIPPED_SCHEMA.read_text()), id="kserve-v0.20.0")
+    if os.environ.get("KSERVE_CRD"):  # also a CRD of the user's choice (another KServe release)
+        yield pytest.param(_schema_from_crd(os.environ["KSERVE_CRD"]), id="KSERVE_CRD")
+
+
+@pytest.fixture(scope="module", params=list(_schemas()))
+def isvc_validator(request):
+    return crd_validator(request.param)
+
+
+def _errors(validator, doc) -> list[str]:
+    return [f"{'.'.join(map(str, e.absolute_path))}: {e.message}" for e in validator.iter_errors(doc)]
+
+
+def test_shipped_schema_source():
+    doc = json.loads(SHIPPED_SCHEMA.read_text())
+    assert doc["source"]["repository"] == "https://github.com/kserve/kserve" and doc["source"]["tag"] == "v0.20.0"
+    assert doc["apiVersion"] == API_VERSION and doc["kind"] == KIND
+    assert (SHIPPED_SCHEMA.parent / "LICENSE").read_text().startswith(" " * 33 + "Apache License")
+    assert SHIPPED_SCHEMA.stat().st_size < 1_000_000
+
+
+@pytest.mark.parametrize("options", [
+    {}, {"gpus": 1}, {"image": "example/torchserve-onnx:1", "max_replicas": 8, "min_replicas": 0},
+    {"cpu": "500m", "memory": "512Mi", "threads": 2},
+])
+def test_inference_service_against_the_kserve_crd(isvc_validator, options):
+    """The generated InferenceService against KServe's real v1beta1 CRD schema."""
+    doc = inference_service("crbp-panoptic", "gs://bucket/crbp", **options)
+    assert _errors(isvc_validator, doc) == []
+    assert _errors(isvc_validator, yaml.safe_load(yaml.safe_dump(doc, sort_keys=False))) == []
+
+
+DELETE = object()
+
+
+def _broken(path: str, value):
+    doc = inference_service("crbp-panoptic", "gs://bucket/crbp")
+    *parents, last = path.split(".")
+    node = doc
+    for key in parents:
+        node = node[int(key)] if isinstance(node, list) else node[key]
+    if value is DELETE:
+        del node[last]
+    else:
+        node[last] = value
+    return doc
+
+
+@pytest.mark.parametrize("path, value, expected", [
+    ("spec.predictor.minReplicas", "two", "spec.predictor.minReplicas: 'two' is not of type 'integer'"),
+    ("spec.predictor.maxReplicas", True, "spec.predictor.maxReplicas: True is not of type 'integer'"),
+    ("spec.predictor.model.modelFormatt", {"name": "pytorch"}, "'modelFormatt' was unexpected"),
+    ("spec.predictr", {}, "'predictr' was unexpected"),
+    ("spec.predictor.model.modelFormat.name", DELETE,
+     "spec.predictor.model.modelFormat: 'name' is a required property"),
+    ("spec.predictor.model.resources.limits.memory", "8GB",  # a quantity is 8Gi or 8G
+     "spec.predictor.model.resources.limits.memory: '8GB' does not match"),
+    ("spec.predictor.model.env", [{"name": "A", "value": "1"}, {"name": "A", "value": "2"}],
+     "spec.predictor.model.env: duplicate entry {'name': 'A'} in a list-type map"),
+    ("spec.predictor.model.env", [{"value": "1"}], "spec.predictor.model.env.0: 'name' is a required property"),
+    ("spec.predictor.model.env.0.value", 1, "spec.predictor.model.env.0.value: 1 is not of type 'string'"),
+    ("metadata.labels.app", 1, "metadata.labels.app: 1 is not of type 'string'"),
+    ("metadata.labels.bad key!", "x", "metadata.labels: 'bad key!' does not match any of the regexes"),
+    ("metadata.name", "Crbp_Model", "metadata.name: 'Crbp_Model' does not match"),
+    ("apiVersion", "serving.kserve.io/v1alpha1", "apiVersion: 'serving.kserve.io/v1alpha1' is not one of"),
+])
+def test_the_crd_schema_rejects_broken_manifests(isvc_validator, path, value, expected):
+    errors = _errors(isvc_validator, _broken(path, value))
+    assert any(e.startswith(expected) or expected in e for e in errors), errors
 
 
 def test_storage_layout_and_config_properties(archive, tmp_path):
