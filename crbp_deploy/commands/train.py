@@ -44,6 +44,8 @@ def train(
     clip_grad: float = typer.Option(0.0, "--clip-grad", help="Max gradient norm (0 = off)."),
     max_train: int = typer.Option(0, "--max-train", help="Use at most this many training samples (0 = all)."),
     seed: int = typer.Option(0, "--seed"),
+    keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Also keep OUT/epochN.pt after every epoch."),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (the data stays on the host)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt."),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = PyTorch default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
@@ -64,6 +66,7 @@ def train(
         neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
         neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
         batch_size=batch_size, epochs=epochs, clip_grad=clip_grad, seed=seed, max_train=max_train,
+        keep_epochs=keep_epochs, device=device,
     )
     record = run_training(cfg, out, resume=resume, progress=not quiet)
     if os.environ.get("RANK", "0") == "0":

@@ -20,6 +20,11 @@ class WithPanopticLabels(RecurrentSegmenter):
         categories = list(ModelCard.of(model).categories)
         if not categories:
             raise InputError("--postprocess needs a trained panoptic model whose card lists its categories")
+        if getattr(model.config, "grouping", "center") != "center":
+            raise InputError(
+                f"--postprocess puts centre/offset grouping in the graph; this model groups by "
+                f"{model.config.grouping}, which runs on the host (export without --postprocess)"
+            )
         super().__init__(model.config)
         self.inner = model
         self.arch = model.arch

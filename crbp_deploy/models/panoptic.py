@@ -3,8 +3,13 @@
 encode:  normalise -> strided conv encoder (stride 2**downsample) -> drive X (ctx)
 step:    the hGRU cell, h <- F(X, h)   (trained with C-RBP through `training.solve`)
 readout: [h, X] -> 3x3 conv -> heads, upsampled to the input size:
-         "semantic" [B, K, H, W] logits, "center" [B, 1, H, W] logits of the instance-centre heatmap,
-         "offset" [B, 2, H, W] (dy, dx) in input pixels from each pixel to its instance centre.
+         "semantic" [B, K, H, W] logits, and the instance heads of the config's `grouping`:
+         - "center": "center" [B, 1, H, W] logits of the instance-centre heatmap and "offset" [B, 2, H, W]
+           (dy, dx) in input pixels from each pixel to its instance centre (Panoptic-DeepLab);
+         - "embedding": "embedding" [B, E, H, W], a per-pixel instance embedding (De Brabandere et al. 2017)
+           that the recurrent state refines: pixels of one instance lie close together, instances far apart.
+           It fits long thin curves, whose centre of mass can lie far off the curve, and occluded curves
+           cut in two, which keep one identity in embedding space though they are not connected.
 
 Every op is a plain conv / norm / pointwise op, so the whole model exports to ONNX and TensorRT (no RoI
 pooling, no NMS). `ff-panoptic` is the feed-forward baseline: same encoder and heads, the recurrence
@@ -26,6 +31,7 @@ from .registry import register_model
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+GROUPINGS = ("center", "embedding")
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class PanopticConfig(StrictConfig):
     ff_depth: int = 3  # ff-panoptic only: stacked kernel_size convs replacing the recurrence
     head_channels: int = 32
     norm: str = "group"
+    grouping: str = "center"  # instance heads: "center" (centre + offset) | "embedding"
+    embedding_dim: int = 8  # grouping="embedding" only
 
     def validate(self) -> None:
         for name in ("num_classes", "encoder_channels", "channels", "kernel_size", "head_channels", "ff_depth"):
@@ -51,6 +59,10 @@ class PanopticConfig(StrictConfig):
         bad = [c for c in self.thing_classes if not 0 <= c < self.num_classes]
         if bad:
             raise ConfigError(f"PanopticConfig.thing_classes {bad} outside 0..{self.num_classes - 1}")
+        if self.grouping not in GROUPINGS:
+            raise ConfigError(f"PanopticConfig.grouping must be one of {', '.join(GROUPINGS)}, got {self.grouping!r}")
+        if self.embedding_dim < 1:
+            raise ConfigError(f"PanopticConfig.embedding_dim must be >= 1, got {self.embedding_dim}")
         if self.norm not in ("group", "instance", "none"):
             raise ConfigError(f"PanopticConfig.norm must be group, instance or none, got {self.norm!r}")
 
@@ -74,9 +86,12 @@ class _PanopticBase(RecurrentSegmenter):
         self.drive = nn.Conv2d(c.encoder_channels, c.channels, 1)
         self.head_trunk = _conv_block(2 * c.channels, c.head_channels, 1, c.norm)
         self.semantic_head = nn.Conv2d(c.head_channels, c.num_classes, 1)
-        self.center_head = nn.Conv2d(c.head_channels, 1, 1)
-        self.offset_head = nn.Conv2d(c.head_channels, 2, 1)
-        nn.init.constant_(self.center_head.bias, -4.0)  # heatmap starts near 0, as most pixels are not centres
+        if c.grouping == "embedding":
+            self.embedding_head = nn.Conv2d(c.head_channels, c.embedding_dim, 1)
+        else:
+            self.center_head = nn.Conv2d(c.head_channels, 1, 1)
+            self.offset_head = nn.Conv2d(c.head_channels, 2, 1)
+            nn.init.constant_(self.center_head.bias, -4.0)  # heatmap starts near 0, as most pixels are not centres
         self.stride = 2**c.downsample
 
     def encode(self, images: Tensor) -> Tensor:
@@ -90,6 +105,8 @@ class _PanopticBase(RecurrentSegmenter):
         # Heads are computed at feature resolution and upsampled to the input size.
         size = (ctx.shape[-2] * self.stride, ctx.shape[-1] * self.stride)
         up = lambda t: F.interpolate(t, size=size, mode="bilinear", align_corners=False)  # noqa: E731
+        if self.config.grouping == "embedding":
+            return {"semantic": up(self.semantic_head(feats)), "embedding": up(self.embedding_head(feats))}
         return {
             "semantic": up(self.semantic_head(feats)),
             "center": up(self.center_head(feats)),

@@ -7,6 +7,10 @@ Two halves, split where the data stops having a fixed shape:
   max-pooling, a fixed top-k of centers, each thing pixel joins the center its offset points nearest to);
 - `to_coco` runs on the host (numpy) and turns one image's labels into a COCO panoptic id map and its
   `segments_info` (variable-length by nature).
+
+Models with an embedding head (`grouping="embedding"`) are grouped by `embedding_labels` instead: a
+mean-shift over the thing pixels' embeddings, on the host (its loop count depends on the data, so it
+does not go into a graph). Both return the same (labels, scores), so `to_coco` serves either.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ class PostprocessConfig(StrictConfig):
     label_divisor: int = 1000  # label = class_index * label_divisor + instance
     min_area: int = 32  # segments with fewer pixels become void
     min_stuff_area: int | None = None  # separate floor for stuff (Panoptic-DeepLab: 2048 on COCO); None = min_area
+    bandwidth: float = 1.5  # embedding grouping: mean-shift radius (half the trained push margin)
 
     def validate(self) -> None:
         if not 0.0 < self.center_threshold < 1.0:
@@ -45,6 +50,8 @@ class PostprocessConfig(StrictConfig):
             raise ConfigError(f"label_divisor ({self.label_divisor}) must exceed top_k ({self.top_k})")
         if self.min_area < 0 or (self.min_stuff_area is not None and self.min_stuff_area < 0):
             raise ConfigError("min_area and min_stuff_area must be >= 0")
+        if not self.bandwidth > 0:
+            raise ConfigError(f"bandwidth must be > 0, got {self.bandwidth}")
 
     def grouping(self) -> dict[str, Any]:
         """The keyword arguments of `panoptic_labels`."""
@@ -149,6 +156,71 @@ def panoptic_labels(
     return cls * label_divisor + instance, scores
 
 
+MEAN_SHIFT_ROUNDS = 10
+DENSITY_SAMPLE = 256  # seed candidates are scored against this many evenly spaced free pixels
+
+
+def embedding_labels(
+    semantic: Tensor,
+    embedding: Tensor,
+    thing_mask: Tensor,
+    *,
+    bandwidth: float = 1.5,
+    top_k: int = 32,
+    label_divisor: int = 1000,
+    min_area: int = 32,
+) -> tuple[Tensor, Tensor]:
+    """Group thing pixels by their embeddings; returns `(labels, scores)` as `panoptic_labels` does.
+
+    Per image: seed at the free thing pixel with the most free neighbours within `bandwidth` (counted
+    against an evenly spaced sample), mean-shift the seed to its mode with a flat kernel, and give
+    every free pixel within `bandwidth` of the mode the next instance number. Clusters under
+    `min_area` pixels are left without an instance (void, as `to_coco` makes them), so boundary
+    pixels with stray embeddings do not take instance slots. At most `top_k` instances; score =
+    mean (1 - distance / bandwidth) of the members.
+    """
+    if semantic.dim() != 4 or embedding.dim() != 4 or embedding.shape[-2:] != semantic.shape[-2:]:
+        raise InputError("semantic and embedding must be B x C x H x W of the same size")
+    if thing_mask.dim() != 1 or thing_mask.shape[0] != semantic.shape[1]:
+        raise InputError(f"thing_mask must be [K={semantic.shape[1]}], got {tuple(thing_mask.shape)}")
+    if not bandwidth > 0 or top_k < 1 or label_divisor <= top_k:
+        raise InputError(f"need bandwidth > 0 and 1 <= top_k < label_divisor, got {bandwidth}, {top_k}, {label_divisor}")
+    cls = semantic.argmax(dim=1)
+    is_thing = thing_mask.to(cls.device)[cls]
+    instance = torch.zeros_like(cls)
+    scores = torch.zeros(cls.shape[0], top_k)
+    for b in range(cls.shape[0]):
+        where = is_thing[b].flatten().nonzero().flatten()
+        emb = embedding[b].flatten(1).t()[where].float()  # n x E
+        label = torch.zeros(len(where), dtype=torch.int64)
+        free = torch.ones(len(where), dtype=torch.bool)
+        slot = 0
+        while slot < top_k and int(free.sum()) >= max(min_area, 1):
+            pool = free.nonzero().flatten()
+            sample = pool[:: max(1, len(pool) // DENSITY_SAMPLE)]
+            density = (torch.cdist(emb[pool], emb[sample]) < bandwidth).sum(1)
+            mode = emb[pool[density.argmax()]]
+            for _ in range(MEAN_SHIFT_ROUNDS):
+                near = free & ((emb - mode).norm(dim=1) < bandwidth)
+                moved = emb[near].mean(0)
+                if torch.equal(moved, mode):
+                    break
+                mode = moved
+            dist = (emb - mode).norm(dim=1)
+            members = free & (dist < bandwidth)
+            if not bool(members.any()):  # the mode drifted off every free pixel: take the seed alone
+                members = torch.zeros_like(free)
+                members[pool[density.argmax()]] = True
+            free &= ~members
+            if int(members.sum()) < min_area:
+                continue
+            slot += 1
+            label[members] = slot
+            scores[b, slot - 1] = float((1 - dist[members] / bandwidth).clamp_min(0).mean())
+        instance[b].view(-1)[where] = label
+    return cls * label_divisor + instance, scores
+
+
 def _numpy(x: Any, name: str) -> np.ndarray:
     if isinstance(x, Tensor):
         return x.detach().cpu().numpy()
@@ -245,13 +317,18 @@ def postprocess(
     if config is not None and opts:
         raise ConfigError("give either config or keyword options, not both")
     cfg = config or PostprocessConfig.from_dict(opts)
-    missing = [key for key in ("semantic", "center", "offset") if key not in heads]
+    need = ("semantic", "embedding") if "embedding" in heads else ("semantic", "center", "offset")
+    missing = [key for key in need if key not in heads]
     if missing:
         raise InputError(f"heads lack {', '.join(missing)}; got {', '.join(heads)}")
     semantic = heads["semantic"]
     thing_mask = thing_mask_of(categories).to(semantic.device)
     with torch.no_grad():
-        labels, scores = panoptic_labels(semantic, heads["center"], heads["offset"], thing_mask, **cfg.grouping())
+        if "embedding" in heads:
+            labels, scores = embedding_labels(semantic, heads["embedding"], thing_mask, bandwidth=cfg.bandwidth,
+                                              top_k=cfg.top_k, label_divisor=cfg.label_divisor, min_area=cfg.min_area)
+        else:
+            labels, scores = panoptic_labels(semantic, heads["center"], heads["offset"], thing_mask, **cfg.grouping())
         probs = torch.softmax(semantic.float(), dim=1)
     return [
         to_coco(labels[i], probs[i], scores[i], categories, label_divisor=cfg.label_divisor,

@@ -116,7 +116,7 @@ class PanopticPredictor:
         t0 = time.perf_counter()
         out = {k: torch.as_tensor(v) for k, v in self.run(padded, **budget).items()}
         t1 = time.perf_counter()
-        heads = {k: out[k][..., :h, :w] for k in ("semantic", "center", "offset")}
+        heads = {k: out[k][..., :h, :w] for k in ("semantic", "center", "offset", "embedding") if k in out}
         finite = torch.isfinite(out["residual"])  # a non-finite residual: the state diverged
         grouped = _void(int(h), int(w), len(batch))  # a diverged state has no segmentation to group
         if bool(finite.any()):

@@ -66,9 +66,10 @@ def evaluate_pathfinder(model, data: dict[str, Tensor], **budget) -> dict[str, f
     """IoU over a whole split and the iterations used (fixed `iters=` or early exit `max_iters=, tol=`)."""
     inter = union = 0
     iterations = []
+    device = next(model.parameters()).device
     for i in range(0, len(data["images"]), EVAL_BATCH):
-        out = model(data["images"][i : i + EVAL_BATCH], **budget)
-        a, b = iou_counts(out["logits"], data["mask"][i : i + EVAL_BATCH])
+        out = model(data["images"][i : i + EVAL_BATCH].to(device), **budget)
+        a, b = iou_counts(out["logits"], data["mask"][i : i + EVAL_BATCH].to(device))
         inter, union = inter + a, union + b
         iterations.append(out["iterations"].float())
     return {"iou": inter / max(union, 1), "mean_iterations": float(torch.cat(iterations).mean())}
@@ -100,10 +101,11 @@ class PanopticTask:
     def evaluate(self, model, data: dict[str, Tensor], steps: int) -> dict[str, float]:
         """Cheap per-epoch check: validation loss and semantic mIoU (PQ comes from `crbp-deploy eval`)."""
         k = model.config.num_classes
-        confusion = torch.zeros(k, k, dtype=torch.int64)
+        device = next(model.parameters()).device
+        confusion = torch.zeros(k, k, dtype=torch.int64, device=device)
         losses = []
         for i in range(0, len(data["images"]), EVAL_BATCH):
-            batch = {key: v[i : i + EVAL_BATCH] for key, v in data.items()}
+            batch = {key: v[i : i + EVAL_BATCH].to(device) for key, v in data.items()}
             out = model(batch["images"], iters=steps)
             losses.append(float(panoptic_loss(out, batch)[0]))
             pred, true = out["semantic"].argmax(1), batch["semantic"]
@@ -137,6 +139,7 @@ def load_panoptic_split(root: Path, split: str, sigma: float = 4.0) -> tuple[dic
         "center": torch.stack([it["center"] for it in items]),
         "offset": torch.stack([it["offset"] for it in items]),
         "thing": torch.stack([it["offset_mask"][0] for it in items]).bool(),
+        "instance": torch.stack([it["thing_instance"] for it in items]),
     }
     return tensors, categories
 
