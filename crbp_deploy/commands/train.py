@@ -44,6 +44,9 @@ def train(
     clip_grad: float = typer.Option(0.0, "--clip-grad", help="Max gradient norm (0 = off)."),
     max_train: int = typer.Option(0, "--max-train", help="Use at most this many training samples (0 = all)."),
     seed: int = typer.Option(0, "--seed"),
+    report_every: int = typer.Option(
+        1, "--report-every", help="Measure the contraction report every N epochs (0: last epoch only; it costs hundreds of steps)."
+    ),
     keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Also keep OUT/epochN.pt after every epoch."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (the data stays on the host)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt."),
@@ -66,7 +69,7 @@ def train(
         neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
         neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
         batch_size=batch_size, epochs=epochs, clip_grad=clip_grad, seed=seed, max_train=max_train,
-        keep_epochs=keep_epochs, device=device,
+        report_every=report_every, keep_epochs=keep_epochs, device=device,
     )
     record = run_training(cfg, out, resume=resume, progress=not quiet)
     if os.environ.get("RANK", "0") == "0":

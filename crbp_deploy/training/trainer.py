@@ -67,6 +67,7 @@ class TrainConfig(StrictConfig):
     clip_grad: float = 0.0  # max gradient norm; 0 = off
     seed: int = 0
     max_train: int = 0  # use at most this many training samples (0 = all)
+    report_every: int = 1  # contraction report in the checkpoint every N epochs (0: last epoch only)
     keep_epochs: bool = False  # also keep OUT/epoch{N}.pt, so runs can be compared at an equal epoch
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"; the data stays on the host, one batch at a time moves
 
@@ -81,6 +82,8 @@ class TrainConfig(StrictConfig):
         for name in ("steps", "batch_size", "epochs"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.report_every < 0:
+            raise ConfigError(f"report_every must be >= 0, got {self.report_every}")
         if self.neumann_steps < 0 or self.penalty_weight < 0 or self.clip_grad < 0 or self.max_train < 0:
             raise ConfigError("neumann_steps, penalty_weight, clip_grad and max_train must be >= 0")
         if not (self.lr > 0 and math.isfinite(self.lr)):
@@ -265,8 +268,10 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
                     "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
                     "history": history,
                     **task.extra_meta(),
-                    "contraction_report": contraction_report(model, train_set["images"][:REPORT_IMAGES].to(device)),
                 }
+                last = epoch + 1 == cfg.epochs
+                if last or (cfg.report_every and (epoch + 1) % cfg.report_every == 0):
+                    meta["contraction_report"] = contraction_report(model, train_set["images"][:REPORT_IMAGES].to(device))
                 checkpoint.save(model, out / "last.pt", meta=meta)
                 if cfg.keep_epochs:
                     checkpoint.save(model, out / f"epoch{epoch + 1}.pt", meta=meta)
