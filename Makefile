@@ -11,7 +11,7 @@ setup: $(STAMP)
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,serve,openvino,ray]'
+	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,serve,openvino,ray,fp16]'
 	touch $(STAMP)
 
 demo: $(STAMP)

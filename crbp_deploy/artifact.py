@@ -46,6 +46,7 @@ class ArtifactMeta:
     substeps: int = 1
     arch: str = ""
     execution: str = "masked"  # loop body: "compact" or "masked" (solver.EXECUTIONS); older artifacts are masked
+    precision: str = "fp32"  # "fp16": float math in fp16, I/O and the convergence test fp32 (export --fp16)
 
     @property
     def budget(self) -> Budget:

@@ -177,10 +177,13 @@ def test_failed_export_leaves_no_file(model, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only message")
-def test_fp16_needs_a_gpu(model, tmp_path):
-    with pytest.raises(InputError, match="fp16 export requires a GPU backend"):
-        export_onnx(model, tmp_path / "m.onnx", fp16=True)
+def test_export_records_its_precision(loop_art):
+    """fp32 unless exported with fp16=True (tests/test_fp16_export.py); older artifacts read as fp32."""
+    props = {p.key: p.value for p in onnx.load(str(loop_art.path)).metadata_props}
+    assert json.loads(props["crbp_deploy.precision"]) == "fp32" and loop_art.meta.precision == "fp32"
+    assert read_sidecar(loop_art.path)["precision"] == "fp32"
+    del props["crbp_deploy.precision"]
+    assert onnx_export.ArtifactMeta.from_props(props).precision == "fp32"
 
 
 def test_verify_passes_and_records_in_sidecar(model, loop_art):

@@ -67,7 +67,6 @@ def test_verify_fails_loudly_against_another_model(model_file, tmp_path):
     [
         (["--iters", "0"], "iters=0 is outside"),
         (["--max-iters", "5", "--tol", "-1"], "tol must be a finite number"),
-        (["--fp16"], "fp16 export requires a GPU backend"),
         (["--iters", "3", "--tol", "0.1"], "exclude each other"),
         (["--format", "tensorrt"], "TensorRT"),
         (["--size", "big"], "--size must look like"),

@@ -35,21 +35,73 @@ def _pq_data(model, pq_data: Optional[Path], workdir: Path) -> Optional[Path]:
     return workdir / "pq" / "val"
 
 
+#: onnxruntime's words for "no kernel for this op and type" (session creation or run).
+_NO_KERNEL = ("NOT_IMPLEMENTED", "Could not find an implementation")
+
+
+def _skip_fp16(artifact: Path, reason: str) -> dict:
+    """An fp16 artifact the runtime has no kernels for: say so in the report (and the sidecar), do not crash."""
+    from ..artifact import read_sidecar, write_sidecar
+
+    report = {"passed": None, "skipped": True, "precision": "fp16", "reason": reason}
+    sidecar = read_sidecar(artifact)
+    if sidecar is not None:
+        sidecar["verification"] = report
+        write_sidecar(artifact, sidecar)
+    typer.echo(f"verify SKIPPED: {artifact} (fp16): {reason}")
+    return report
+
+
 def _verify(artifact: Path, model, pq_data: Optional[Path], sizes, batches, backend: str = "onnxruntime",
             precision: str = "fp32") -> dict:
     from ..export.verify import pq_parity_check, verify
     from ..precision import tolerance
     from ..runtime import load_backend
 
-    candidate = load_backend(artifact, backend, precision=precision)  # a missing runtime fails before any work
+    fp16 = backend in ("onnxruntime", "ort") and _artifact_precision(artifact) == "fp16"
+    try:
+        candidate = load_backend(artifact, backend, precision=precision)  # a missing runtime fails before any work
+    except CrbpError as exc:
+        if fp16 and any(k in str(exc) for k in _NO_KERNEL):
+            return _skip_fp16(artifact, f"onnxruntime has no fp16 kernel for part of this graph ({exc})")
+        raise
+    limits = tolerance(getattr(candidate, "precision", precision))  # an fp16 artifact: the fp16 tolerances
     with tempfile.TemporaryDirectory() as tmp:
         data = _pq_data(model, pq_data, Path(tmp))
-        checks = [pq_parity_check(data, model.meta, max_delta=tolerance(precision).pq)] if data is not None else []
-        report = verify(artifact, model, sizes=sizes, batches=batches, checks=checks, backend=candidate)
+        checks = [pq_parity_check(data, model.meta, max_delta=limits.pq)] if data is not None else []
+        if fp16:
+            from ..export.fp16 import execution_check
+
+            checks.append(execution_check(artifact))
+        try:
+            report = verify(artifact, model, sizes=sizes, batches=batches, checks=checks, backend=candidate)
+        except CrbpError as exc:
+            if fp16 and getattr(exc, "report", None) is None and any(k in str(exc) for k in _NO_KERNEL):
+                return _skip_fp16(artifact, f"onnxruntime has no fp16 kernel for part of this graph ({exc})")
+            raise
     typer.echo(report.summary())
     for check in report.checks:
+        if check.get("informational"):  # the full numbers are in the sidecar
+            typer.echo(f"  {check['name']}: {check.get('note', '')}")
+            continue
         typer.echo(f"  {check['name']}: " + json.dumps({k: v for k, v in check.items() if k != "name"}))
+    if fp16:
+        iters = [(c["iterations"]["reference"], c["iterations"]["candidate"]) for c in report.cases]
+        same = sum(a == b for a, b in iters)
+        typer.echo(f"  fp16 tolerances (crbp_deploy/precision.py): heads atol {limits.atol} / rtol {limits.rtol}, "
+                   f"iterations within {limits.iterations:.0%}; per-sample iterations identical in {same} of "
+                   f"{len(iters)} cases: " + "; ".join(f"torch {a} vs onnx {b}" for a, b in iters))
+        if not any(p != "CPUExecutionProvider" for p in report.providers):
+            typer.echo("  not verified here: fp16 execution on a GPU (TensorRT, onnxruntime CUDA) -- no GPU on this "
+                       "machine; onnxruntime CPU checks the fp16 graph, weights and casts (see fp16_execution)")
     return report.to_dict()
+
+
+def _artifact_precision(artifact: Path) -> str:
+    from ..artifact import read_sidecar
+
+    sidecar = read_sidecar(artifact) or {}
+    return sidecar.get("precision") or ("fp16" if sidecar.get("fp16") else "fp32")
 
 
 def _verify_sizes(model) -> list[tuple[int, int]]:
@@ -72,7 +124,9 @@ def export(
     dynamic: bool = typer.Option(True, "--dynamic/--static", help="Dynamic batch and image size."),
     size: str = typer.Option("64x64", "--size", help="Example (or, with --static, fixed) image size HxW."),
     batch: int = typer.Option(1, "--batch", help="Batch size of a --static export."),
-    fp16: bool = typer.Option(False, "--fp16", help="Half precision (needs a GPU backend)."),
+    fp16: bool = typer.Option(
+        False, "--fp16", help="fp16 graph (onnxconverter-common): math in fp16, inputs/outputs and the convergence "
+        "test (residual, tol) in fp32. Needs pip install 'crbp-deploy[fp16]'."),
     opset: int = typer.Option(18, "--opset"),
     out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: export/<model>-<strategy>.onnx)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification against PyTorch."),
@@ -92,6 +146,10 @@ def export(
 
         if not tensorrt_available():
             raise CrbpError("--format tensorrt needs TensorRT and a CUDA device; neither is usable here")
+    if fp16:
+        from ..export.fp16 import require_converter
+
+        require_converter()  # one line naming the package and how to install it, before any work
     m, source = resolve_model(model)
     if iters is not None:
         strategy = strategy or "unrolled"  # measured faster per iteration on ONNX Runtime CPU
@@ -106,7 +164,7 @@ def export(
         from ..export.panoptic_graph import WithPanopticLabels
         m = WithPanopticLabels(m, ModelCard.of(m).postprocess)
     name = Path(source.split(":")[-1]).stem
-    out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}.onnx"
+    out = out or Path("export") / f"{name}-{strategy}{'-pp' if postprocess else ''}{'-fp16' if fp16 else ''}.onnx"
     if loop not in (None, "compact", "masked"):
         raise InputError(f"--loop must be compact or masked, got {loop!r}")
     if loop is not None and strategy != "loop":
@@ -118,6 +176,17 @@ def export(
     )
     body = f" ({execution})" if execution else ""
     typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}{body}, {budget}) in {result.seconds:.1f} s")
+    if fp16:
+        from ..artifact import read_sidecar
+
+        conv = read_sidecar(result.path)["fp16_conversion"]
+        kept = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in conv["kept_fp32_ops"].items())
+        extra = ", tol, the Loop's condition and counters" if result.strategy == "loop" else ""
+        typer.echo(f"fp16 ({conv['converter']}): {conv['fp16_initializers']} fp16 initializers; inputs/outputs{extra} "
+                   f"and the convergence test stay fp32 (kept fp32: {kept})")
+        if conv.get("clamped_values"):
+            typer.echo(f"  warning: {conv['clamped_values']} constant value(s) lie outside fp16's range and were clamped "
+                       f"into [{conv['range'][0]:g}, {conv['range'][1]:g}] in magnitude")
     from ..export.trt_lint import lint_tensorrt
 
     lint = lint_tensorrt(result.path)  # checkable without a GPU: what TensorRT's ONNX parser would reject

@@ -219,9 +219,9 @@ def _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_
             )
         check_budget(None, max_iters, tol)
     if fp16:
-        if not torch.cuda.is_available():
-            raise InputError("fp16 export requires a GPU backend (CUDA/TensorRT); not available here")
-        raise InputError("fp16 export is not implemented yet; export fp32 (TensorRT can build fp16 engines from it)")
+        from .fp16 import require_converter
+
+        require_converter()  # before the (slow) export: one line naming the missing package
     if isinstance(opset, bool) or not isinstance(opset, int) or not 17 <= opset <= 23:
         raise InputError(f"opset must be an integer in 17..23, got {opset!r}")
     if isinstance(substeps, bool) or not isinstance(substeps, int) or not 1 <= substeps <= 16:
@@ -268,6 +268,9 @@ def export_onnx(
     ONNX Runtime), "masked" steps every row and freezes converged ones (fixed shapes, for TensorRT).
     Default: compact, masked with `substeps` > 1 (a later sub-step could find no sample left,
     and an empty batch breaks reshapes in the step).
+    `fp16`: the float math in fp16 (onnxconverter-common, extra `fp16`; see fp16.py) while `images`,
+    the outputs, `tol`, the Loop's counters and the convergence test stay fp32; the metadata says
+    `precision: fp16`, so backends and `verify` hold it to the fp16 tolerances.
     """
     if strategy == "loop":
         max_iters = Budget.DEFAULT.max_iters if max_iters is None else max_iters
@@ -286,14 +289,14 @@ def export_onnx(
     was_training = model.training
     model.eval()
     try:
-        proto, meta, inputs, outputs = _build(
-            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps, execution
+        proto, meta, inputs, outputs, converted = _build(
+            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps, execution, fp16
         )
     finally:
         model.train(was_training)
     try:
         onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise CrbpError(f"the exported ONNX graph failed the checker: {str(exc).strip().splitlines()[0]}") from exc
     data = proto.SerializeToString()
     from ..card import model_card
@@ -313,6 +316,9 @@ def export_onnx(
         "ir_version": proto.ir_version,
         "dynamic": dynamic,
         "fp16": fp16,
+        "precision": meta.precision,
+        "fp16_conversion": None if converted is None else {
+            "converter": _converter_version(), "keep_io_types": True, **converted.to_dict()},
         "inputs": inputs,
         "outputs": outputs,
         "heads": list(meta.heads),
@@ -334,7 +340,13 @@ def export_onnx(
     )
 
 
-def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution):
+def _converter_version() -> str:
+    from importlib.metadata import version
+
+    return f"onnxconverter-common {version('onnxconverter-common')}"
+
+
+def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution, fp16=False):
     mult = int(getattr(model, "stride", 1) or 1)
     h, w = size
     gen = torch.Generator().manual_seed(0)
@@ -395,8 +407,10 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         substeps=substeps if strategy == "loop" else 1,
         arch=model.arch,
         execution=execution if strategy == "loop" else "masked",
+        precision="fp16" if fp16 else "fp32",
     )
     images_dyn = _dynamic(ex_a, ex_b, dynamic)
+    converted = None
     if strategy == "unrolled":
         proto = _dynamo(
             "unrolled model", _Unrolled(model, iters, heads), (ex_a.clone(),), ["images"],
@@ -406,10 +420,14 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         proto.graph.output.extend(_value_info(o) for o in outputs)
         del proto.graph.input[:]
         proto.graph.input.append(_value_info(images_spec))
+        if fp16:
+            from .fp16 import convert
+
+            proto, converted = convert(proto, ["residual"])
         inputs = [images_spec]
     else:
-        proto = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
-                             dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs)
+        proto, converted = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
+                                        dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs, fp16)
         inputs = [
             images_spec,
             {"name": "max_iters", "dtype": "int64", "shape": [], "default": max_iters, "optional": True},
@@ -419,11 +437,11 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
     for key, value in meta.to_props().items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "crbp-deploy"
-    return proto, meta, inputs, outputs
+    return proto, meta, inputs, outputs, converted
 
 
 def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, substeps, execution, max_iters, tol,
-                 images_spec, outputs):
+                 images_spec, outputs, fp16=False):
     (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b) = ex, leaves, hs
     names = PieceNames(ctx_names, heads, substeps)
     b = h_a.shape[0]
@@ -444,8 +462,13 @@ def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, 
         dyn = (_dynamic(ex_a, ex_b, True), tuple([*rest, *ctx_dyn, h_dyn]))
     pieces = _dynamo("encoder/step/readout", _Pieces(model, spec, heads, substeps, execution), tuple(args),
                      names.inputs, names.outputs, dyn, opset)
+    converted = None
+    if fp16:  # before the Loop exists: every piece interface (state, residual, tol, ctx) stays fp32 (see fp16.py)
+        from .fp16 import convert
+
+        pieces, converted = convert(pieces, ["residual0", "residual_next"])
     try:
         return compose_loop(pieces, names, max_iters=max_iters, tol=float(tol),
-                            images=_value_info(images_spec), outputs=[_value_info(o) for o in outputs])
+                            images=_value_info(images_spec), outputs=[_value_info(o) for o in outputs]), converted
     except ValueError as exc:
         raise CrbpError(f"composing the ONNX Loop failed: {exc}") from exc

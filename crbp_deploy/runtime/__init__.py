@@ -50,9 +50,13 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
             return OpenVinoBackend(source.path, **options)
         if kind not in ("auto", "onnxruntime"):
             raise InputError(f"{source.path} is an ONNX artifact; it runs on onnxruntime or openvino, not {kind}")
-        if canonical(options.pop("precision", None)) != "fp32":
+        precision = canonical(options.pop("precision", None))
+        if precision == "bf16":
             raise InputError("the onnxruntime backend runs fp32 artifacts here; use --backend openvino for bf16")
-        return OrtBackend(source.path, **options)
+        backend = OrtBackend(source.path, **options)  # runs in the artifact's own precision (fp16: export --fp16)
+        if precision == "fp16" and backend.precision != "fp16":
+            raise InputError(f"{source.path} is an fp32 artifact; for fp16 on onnxruntime export it with --fp16")
+        return backend
     if source.kind == "checkpoint" and source.path.suffix != ".pt":
         raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected .onnx or .pt")
     if kind not in ("auto", "torch"):

@@ -80,6 +80,8 @@ class OrtBackend(Backend):
             raise CrbpError(f"{self.path}: onnxruntime cannot load it ({first})") from None
         self.meta = ArtifactMeta.from_props(self.session.get_modelmeta().custom_metadata_map, str(self.path))
         self.adopt_artifact(self.meta)
+        # what the artifact computes in ("fp16": export --fp16); verify holds it to that precision's tolerance
+        self.precision = self.meta.precision
         self.output_names = [o.name for o in self.session.get_outputs()]
         self.input_shape = list(self.session.get_inputs()[0].shape)  # ints where the export was static
 
@@ -116,4 +118,5 @@ class OrtBackend(Backend):
         return dict(zip(self.output_names, values))
 
     def telemetry_extra(self) -> dict[str, Any]:
-        return {"providers": self.providers, "threads": self.threads, "artifact": self.path.name}
+        return {"providers": self.providers, "threads": self.threads, "artifact": self.path.name,
+                "precision": self.precision}
