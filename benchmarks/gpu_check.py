@@ -4,7 +4,7 @@ installed; budgeted to finish in under 8 minutes.
 Rows: torch CUDA eager vs torch.compile vs CUDA graphs (k steps per launch) x fp32 / bf16 / fp16 x fixed
 count vs early exit x the bundled model(s) x batch 1 / 8 / 64; ONNX Runtime CUDA and TensorRT rows run
 when their packages import and otherwise say "not installed". Writes JSON and a markdown table.
-Without CUDA it says so and exits 0. (Not yet run on a GPU by this project: no session was lent one.)
+Without CUDA it says so and exits 0. Run once on a lent H200: docs/gpu.md.
 """
 from __future__ import annotations
 
