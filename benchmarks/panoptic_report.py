@@ -64,12 +64,29 @@ def summary(result: dict) -> dict:
 LIMIT = 0  # --limit: evaluate on the first N val images only (quick checks)
 
 
+CACHE: dict = {}  # --cache: results by (model file, data, budget), so a report can be re-run as runs finish
+CACHE_FILE: Path | None = None
+
+
 def run(predictor, dataset, **budget) -> dict:
+    key = json.dumps([predictor.source, str(dataset.images_dir), LIMIT, budget], sort_keys=True)
+    if key in CACHE:
+        return CACHE[key]
     t0 = time.perf_counter()
     res = summary(evaluate_predictor(predictor, dataset, batch_size=50, limit=LIMIT, **budget))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps({"budget": budget, "pq": res["pq"]["all"], "iters": res["iterations"]["mean"]}), flush=True)
+    CACHE[key] = res
+    if CACHE_FILE:
+        CACHE_FILE.write_text(json.dumps(CACHE))
     return res
+
+
+def _predictor(path: Path, post: PostprocessConfig, **kwargs):
+    model = checkpoint.load(path)
+    predictor = PanopticPredictor.from_model(model, postprocess_config=post, **kwargs)
+    predictor.source = str(path.resolve())
+    return model, predictor
 
 
 def picture(predictor, dataset, path: Path, count: int = 6) -> None:
@@ -95,9 +112,9 @@ def _other(path: Path | None, dataset, post, **budget) -> dict | None:
     """A compared model: its parameters, training record and PQ at the given budget."""
     if path is None:
         return None
-    model = checkpoint.load(path)
+    model, predictor = _predictor(path, post)
     return {"path": str(path), "parameters": model.num_parameters(), "training": model.meta.get("training", {}),
-            "budget": budget, "result": run(PanopticPredictor.from_model(model, postprocess_config=post), dataset, **budget)}
+            "budget": budget, "result": run(predictor, dataset, **budget)}
 
 
 def main() -> None:
@@ -115,20 +132,24 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--limit", type=int, default=0, help="first N val images only (quick checks)")
     ap.add_argument("--render-only", action="store_true", help="rewrite panoptic.md from an existing panoptic.json")
+    ap.add_argument("--cache", type=Path, help="JSON file of evaluation results to reuse and extend")
     args = ap.parse_args()
     if args.render_only:
         report = json.loads((args.docs / "panoptic.json").read_text())
         write_markdown(report, args.docs / "panoptic.md")
         plot(report, args.docs / "panoptic_pq_vs_steps.png")
         return
-    global LIMIT
+    global LIMIT, CACHE_FILE
     LIMIT = args.limit
+    if args.cache:
+        CACHE_FILE = args.cache
+        CACHE.update(json.loads(args.cache.read_text()) if args.cache.exists() else {})
     torch.set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
 
-    model = checkpoint.load(args.model)
     post = PostprocessConfig.from_dict(POSTPROCESS)
-    predictor = PanopticPredictor.from_model(model, postprocess_config=post)
+    small_post = PostprocessConfig.from_dict({"min_area": 8})  # 64 px scenes: the 32 px floor scaled by 1/4
+    model, predictor = _predictor(args.model, post)
     dataset = open_dataset(args.data, "val")
     train_steps = model.meta["training"]["steps"]
     cap = 4 * train_steps
@@ -141,21 +162,25 @@ def main() -> None:
     points += [Point({"max_iters": cap, "tol": float(t)}, r["pq"]["all"], r["iterations"]["mean"]) for t, r in early.items()]
     choice = choose(points, PQ_SLACK)
     budget = choice["budget"]
+    rule = (f"the loosest tolerance whose PQ is within {PQ_SLACK} of the best PQ of the sweep (the rule of "
+            "`crbp-deploy calibrate`)")
     if "tol" not in budget:  # the card holds an early-exit budget; keep the best tolerance of the sweep
         budget = {"max_iters": cap, "tol": max(TOLS, key=lambda t: early[str(t)]["pq"]["all"])}
+        rule = (f"the sweep's best PQ was a fixed count ({choice['budget']}); the card keeps early exit at the "
+                "tolerance with the best PQ")
     at_budget = early[str(budget["tol"])]
 
     bptt_steps = checkpoint.load(args.bptt).meta["training"]["steps"] if args.bptt else None
     size = {}
     if args.size_data:
         small = open_dataset(args.size_data, "val")
-        size["crbp_64"] = run(PanopticPredictor.from_model(model, postprocess_config=PostprocessConfig.from_dict({"min_area": 8})), small, **budget)
+        size["crbp_64"] = run(_predictor(args.model, small_post)[1], small, **budget)
     if args.old_model:
-        old = checkpoint.load(args.old_model)
+        old, old_predictor = _predictor(args.old_model, post)
         old_budget = old.meta.get("inference", {}).get("budget", {"max_iters": 80, "tol": 0.03})
-        size["old_128"] = run(PanopticPredictor.from_model(old, postprocess_config=post), dataset, **old_budget)
+        size["old_128"] = run(old_predictor, dataset, **old_budget)
         if args.size_data:
-            size["old_64"] = run(PanopticPredictor.from_model(old, postprocess_config=PostprocessConfig.from_dict({"min_area": 8})), small, **old_budget)
+            size["old_64"] = run(_predictor(args.old_model, small_post)[1], small, **old_budget)
     report = {
         "command": command,
         "model": str(args.model),
@@ -166,6 +191,7 @@ def main() -> None:
         "fixed_steps": {str(k): v for k, v in fixed.items()},
         "early_exit": early,
         "chosen_budget": budget,
+        "budget_rule": rule,
         "pq_at_budget": at_budget["pq"],
         "fixed_count_matching_early_exit": (choice.get("fixed_baseline") or {}).get("iters"),
         "baseline": _other(args.baseline, dataset, post, iters=1),
@@ -177,7 +203,7 @@ def main() -> None:
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "panoptic.json").write_text(json.dumps(report, indent=2))
     plot(report, args.docs / "panoptic_pq_vs_steps.png")
-    deployed = PanopticPredictor.from_model(model, postprocess_config=post, budget=budget)
+    _, deployed = _predictor(args.model, post, budget=budget)
     picture(deployed, dataset, args.docs / "panoptic_predictions.png")
     write_markdown(report, args.docs / "panoptic.md")
     if args.install:
@@ -278,8 +304,7 @@ def write_markdown(report: dict, path: Path) -> None:
             lines.append(_row(names[key], r))
     lines += [
         "",
-        f"Deployed budget (in the model card): `{report['chosen_budget']}` — the loosest tolerance whose PQ is within "
-        f"{PQ_SLACK} of the best PQ of the sweep (the rule of `crbp-deploy calibrate`).",
+        f"Deployed budget (in the model card): `{report['chosen_budget']}` — {report['budget_rule']}.",
         "",
         "![PQ vs steps](panoptic_pq_vs_steps.png)",
         "",
@@ -307,8 +332,14 @@ def install(model, report: dict, source: Path) -> None:
     meta = dict(model.meta)
     meta["inference"] = {"budget": report["chosen_budget"], "postprocess": report["postprocess"]}
     meta["data"] = {**meta.get("data", {}), "command": DATA_COMMAND}
+    if "contraction_report" not in meta:  # the run was stopped by a time limit before its last-epoch report
+        from crbp_deploy.contraction import contraction_report
+        from crbp_deploy.data.coco_panoptic import PanopticDataset
+
+        train = PanopticDataset.from_split(meta["training"]["data"], "train", targets=False)
+        meta["contraction_report"] = contraction_report(model, torch.stack([train[i]["image"] for i in range(4)]))
     meta["evaluation"] = {
-        "split": "val (held out)", "data": report["data"], "pq_at_budget": report["pq_at_budget"],
+        "split": "val (held out)", "data": report["data"], "pq_at_budget": report["pq_at_budget"], "image_size": 128,
         "pq_vs_steps": {s: r["pq"]["all"] for s, r in report["fixed_steps"].items()}, "command": report["command"],
     }
     pq = report["pq_at_budget"]
@@ -323,6 +354,8 @@ def install(model, report: dict, source: Path) -> None:
 def install_baseline(model, report: dict) -> None:
     meta = dict(model.meta)
     meta["inference"] = {"budget": {"iters": 1}, "postprocess": report["postprocess"]}
+    meta["evaluation"] = {"split": "val (held out)", "data": report["data"], "image_size": 128,
+                          "pq": report["baseline"]["result"]["pq"], "command": report["command"]}
     meta["data"] = {**meta.get("data", {}), "command": DATA_COMMAND}
     pq = report["baseline"]["result"]["pq"]
     summary = (f"`ff-panoptic`, the feed-forward twin of crbp-panoptic ({model.num_parameters():,} parameters): the "
