@@ -199,6 +199,7 @@ def main() -> None:
         "bptt_at_crbp_budget": _other(args.bptt, dataset, post, **budget) if args.bptt else None,
         "size_generalisation": size,
         "memory": json.loads(args.memory.read_text()) if args.memory else None,
+        "contraction_report": model.meta.get("contraction_report") or _contraction(model),
     }
     args.docs.mkdir(parents=True, exist_ok=True)
     (args.docs / "panoptic.json").write_text(json.dumps(report, indent=2))
@@ -252,6 +253,43 @@ def _mb(report: dict, key: str) -> str:
     return f"{mem[key] / 2**20:,.0f} MiB" if key in mem else "not measured"
 
 
+def _contraction(model) -> dict:
+    """The trainer's contraction report (4 training scenes), for a run stopped before its last epoch wrote one."""
+    from crbp_deploy.contraction import contraction_report
+    from crbp_deploy.data.coco_panoptic import PanopticDataset
+
+    train = PanopticDataset.from_split(model.meta["training"]["data"], "train", targets=False)
+    return contraction_report(model, torch.stack([train[i]["image"] for i in range(4)]))
+
+
+def _discussion(report: dict) -> list[str]:
+    ours = report["early_exit"][str(report["chosen_budget"]["tol"])]
+    pc = lambda r, c: r["per_class"].get(c, {}).get("pq", float("nan"))  # noqa: E731
+    lines = ["", "What this shows:", ""]
+    for key, label in (("baseline", "the feed-forward twin"), ("bptt", "memory-matched BPTT")):
+        if report.get(key):
+            r = report[key]["result"]
+            lines.append(
+                f"- C-RBP vs {label}: PQ {ours['pq']['all']:.2f} vs {r['pq']['all']:.2f}, PQ things "
+                f"{ours['pq']['things']:.2f} vs {r['pq']['things']:.2f} ({ours['pq']['things'] - r['pq']['things']:+.2f}). "
+                f"By class: blobs {pc(ours, '3'):.1f} vs {pc(r, '3'):.1f}, curves {pc(ours, '1'):.1f} vs {pc(r, '1'):.1f}.")
+    lines.append(
+        "- The gain is on blobs (ellipses up to 17 px in radius: a pixel's embedding must agree with pixels far "
+        "beyond two 5x5 layers at stride 2, which the recurrence reaches and the twin does not). Crossing curves "
+        "are *not* told apart better: PQ curves is about 25-28 for all three models; tangles of many same-coloured "
+        "curves still merge or split (docs/panoptic_predictions.png).")
+    it = ours["iterations"]
+    radius = report["contraction_report"]["spectral_radius"]
+    above = sum(r > 1 for r in radius)
+    lines.append(
+        f"- Early exit at the card's budget: {it['mean']:.1f} mean iterations, {100 * it['converged_fraction']:.0f}% of "
+        f"the scenes converge within the cap of {report['chosen_budget']['max_iters']}; the rest (dense tangles) run "
+        f"to the cap. The contraction report in the card ({len(radius)} training scenes) shows why: spectral radius "
+        f"{min(radius):.2f}-{max(radius):.2f}, {above} scene(s) above 1 — the mean-reduced LCP lets a minority of "
+        "inputs escape contraction. PQ stays stable past the horizon all the same (table below).")
+    return lines
+
+
 def write_markdown(report: dict, path: Path) -> None:
     tr = report["training"]
     ours = report["pq_at_budget"]
@@ -287,6 +325,7 @@ def write_markdown(report: dict, path: Path) -> None:
               f"C-RBP ({horizon} steps) {_mb(report, 'crbp')}; BPTT 1 step {_mb(report, 'bptt1')}, 2 steps "
               f"{_mb(report, 'bptt2')}, 3 steps {_mb(report, 'bptt3')} — so BPTT gets 2 steps within C-RBP's memory. "
               "The feed-forward twin's memory was not measured."]
+    lines += _discussion(report)
     lines += ["", "## PQ vs test-time steps (C-RBP)", "", cols]
     for s, r in report["fixed_steps"].items():
         lines.append(_row(f"{s} fixed steps", r))
@@ -332,12 +371,7 @@ def install(model, report: dict, source: Path) -> None:
     meta = dict(model.meta)
     meta["inference"] = {"budget": report["chosen_budget"], "postprocess": report["postprocess"]}
     meta["data"] = {**meta.get("data", {}), "command": DATA_COMMAND}
-    if "contraction_report" not in meta:  # the run was stopped by a time limit before its last-epoch report
-        from crbp_deploy.contraction import contraction_report
-        from crbp_deploy.data.coco_panoptic import PanopticDataset
-
-        train = PanopticDataset.from_split(meta["training"]["data"], "train", targets=False)
-        meta["contraction_report"] = contraction_report(model, torch.stack([train[i]["image"] for i in range(4)]))
+    meta["contraction_report"] = report["contraction_report"]
     meta["evaluation"] = {
         "split": "val (held out)", "data": report["data"], "pq_at_budget": report["pq_at_budget"], "image_size": 128,
         "pq_vs_steps": {s: r["pq"]["all"] for s, r in report["fixed_steps"].items()}, "command": report["command"],

@@ -1,4 +1,6 @@
 """One budget type with one default, the typed model card (old files load), one model-source resolver."""
+from pathlib import Path
+
 import pytest
 
 from crbp_deploy import checkpoint, zoo
@@ -20,13 +22,17 @@ def test_budget_merge_and_default():
         card.merge({"tol": -1})
 
 
-def test_the_bundled_checkpoint_loads_as_a_typed_card():
-    meta = checkpoint.read(zoo.path())["meta"]  # the file as shipped, never rewritten
-    card = ModelCard.of(zoo.load())
+OLD_CHECKPOINT = Path(__file__).parent / "data" / "old-crbp-panoptic.pt"  # bundled until issue 11, as shipped
+
+
+@pytest.mark.parametrize("source, size", [(OLD_CHECKPOINT, 64), (zoo.path(), 128)], ids=["previous", "bundled"])
+def test_shipped_checkpoints_load_as_typed_cards(source, size):
+    meta = checkpoint.read(source)["meta"]  # the file as shipped, never rewritten
+    card = ModelCard.of(checkpoint.load(source))
     assert card == ModelCard.of(meta) and card.budget == Budget.from_dict(meta["inference"]["budget"])
     assert [c["id"] for c in card.categories] == [c["id"] for c in meta["categories"]]
     assert card.postprocess.min_area == meta["inference"]["postprocess"]["min_area"]
-    assert card.image_size == 64 and set(card.extra) == set(meta) - {"categories", "inference", "training", "evaluation"}
+    assert card.image_size == size and set(card.extra) == set(meta) - {"categories", "inference", "training", "evaluation"}
 
 
 def test_one_resolver_for_every_kind(tmp_path):
