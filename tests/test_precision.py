@@ -73,7 +73,8 @@ def test_info_reports_gflop_per_step(run_cli):
     code, out, err = run_cli("info", "crbp-panoptic", "--no-check", "--json")
     assert code == 0, err
     flops = json.loads(out)["flops"]
-    assert flops["image_size"] == 64 and flops["gflop_per_step"] == pytest.approx(2 * 16 * 16 * (2 * 25 + 2) * 32 * 32 / 1e9)
+    # the bundled model: 32 channels, 5x5, stride 2, evaluated at 128 px -> a 64x64 state
+    assert flops["image_size"] == 128 and flops["gflop_per_step"] == pytest.approx(2 * 32 * 32 * (2 * 25 + 2) * 64 * 64 / 1e9)
 
 
 def test_cuda_graph_body_equals_the_eager_solver():
