@@ -52,6 +52,16 @@ def test_pieces_of_one_instance_get_one_label_and_strays_none():
     assert bool((labels[0][background] == 2 * 1000).all())  # stuff: its class, no instance
 
 
+def test_noise_is_bounded_by_the_seed_budget():
+    """Random embeddings (no instance structure): few pixels group, the loop stops after its seed budget."""
+    semantic = torch.zeros(1, 3, 96, 96)
+    semantic[0, 0] = 5.0  # every pixel a thing
+    labels, scores = embedding_labels(semantic, 3 * torch.randn(1, 8, 96, 96, generator=torch.Generator().manual_seed(0)),
+                                      torch.tensor([True, True, False]), top_k=4, min_area=8)
+    assert int((scores[0] > 0).sum()) <= 4
+    assert labels.shape == (1, 96, 96)
+
+
 def test_postprocess_dispatches_on_the_embedding_head():
     semantic, embedding, _ = _scene()
     [(pan, segments)] = postprocess({"semantic": semantic, "embedding": embedding}, CATS, min_area=8)

@@ -158,6 +158,7 @@ def panoptic_labels(
 
 MEAN_SHIFT_ROUNDS = 10
 DENSITY_SAMPLE = 256  # seed candidates are scored against this many evenly spaced free pixels
+SEEDS_PER_SLOT = 4
 
 
 def embedding_labels(
@@ -176,8 +177,9 @@ def embedding_labels(
     against an evenly spaced sample), mean-shift the seed to its mode with a flat kernel, and give
     every free pixel within `bandwidth` of the mode the next instance number. Clusters under
     `min_area` pixels are left without an instance (void, as `to_coco` makes them), so boundary
-    pixels with stray embeddings do not take instance slots. At most `top_k` instances; score =
-    mean (1 - distance / bandwidth) of the members.
+    pixels with stray embeddings do not take instance slots. At most `top_k` instances and
+    SEEDS_PER_SLOT * top_k seeds (a noisy embedding cannot make the loop run once per pixel);
+    score = mean (1 - distance / bandwidth) of the members.
     """
     if semantic.dim() != 4 or embedding.dim() != 4 or embedding.shape[-2:] != semantic.shape[-2:]:
         raise InputError("semantic and embedding must be B x C x H x W of the same size")
@@ -192,10 +194,12 @@ def embedding_labels(
     for b in range(cls.shape[0]):
         where = is_thing[b].flatten().nonzero().flatten()
         emb = embedding[b].flatten(1).t()[where].float()  # n x E
-        label = torch.zeros(len(where), dtype=torch.int64)
-        free = torch.ones(len(where), dtype=torch.bool)
+        label = torch.zeros(len(where), dtype=torch.int64, device=emb.device)
+        free = torch.ones(len(where), dtype=torch.bool, device=emb.device)
         slot = 0
-        while slot < top_k and int(free.sum()) >= max(min_area, 1):
+        for _ in range(SEEDS_PER_SLOT * top_k):
+            if slot == top_k or int(free.sum()) < max(min_area, 1):
+                break
             pool = free.nonzero().flatten()
             sample = pool[:: max(1, len(pool) // DENSITY_SAMPLE)]
             density = (torch.cdist(emb[pool], emb[sample]) < bandwidth).sum(1)
