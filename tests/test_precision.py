@@ -63,6 +63,7 @@ def test_bf16_converges_like_fp32():
 
 
 def test_torch_fp16_on_cpu_is_refused():
+    """Refused on every CPU with the same reason, whether or not it has native fp16 (AVX512-FP16 / AMX-FP16)."""
     with pytest.raises(InputError, match="fp16 on CUDA only"):
         TorchBackend(create_model("hgru-panoptic", get_entry("hgru-panoptic").tiny), precision="fp16")
 

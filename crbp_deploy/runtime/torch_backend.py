@@ -49,12 +49,12 @@ class TorchBackend(Backend):
             torch.set_num_threads(threads)
         self.device = torch.device(device)
         self.precision = canonical(precision)
+        if self.precision == "fp16" and self.device.type == "cpu":  # whatever this CPU has: refused first
+            raise InputError("the torch backend runs fp16 on CUDA only (CPU autocast supports bf16); use bf16")
         if self.precision != "fp32" and self.device.type == "cpu":
             missing = torch_cpu_support(self.precision)
             if missing:
                 raise InputError(f"the torch backend cannot run {self.precision} here: {missing}; use --precision fp32")
-        if self.precision == "fp16" and self.device.type == "cpu":
-            raise InputError("the torch backend runs fp16 on CUDA only (CPU autocast supports bf16); use bf16")
         self.model = model.to(self.device).eval()
         if self.precision != "fp32":
             self.model = self.model.to(memory_format=torch.channels_last)
