@@ -26,7 +26,7 @@ SIDECAR_VERSION = 1
 ENGINE_FORMAT = "crbp-deploy/tensorrt-engine"
 ENGINE_VERSION = 1
 META_PREFIX = "crbp_deploy."
-BUDGET_INPUTS = ("max_iters", "tol")  # loop artifacts: graph inputs holding the default budget
+BUDGET_INPUTS = ("max_iters", "tol", "threshold", "patience")  # loop artifacts: graph inputs holding the default budget
 
 
 @dataclass(frozen=True)
@@ -47,13 +47,17 @@ class ArtifactMeta:
     arch: str = ""
     execution: str = "masked"  # loop body: "compact" or "masked" (solver.EXECUTIONS); older artifacts are masked
     precision: str = "fp32"  # "fp16": float math in fp16, I/O and the convergence test fp32 (export --fp16)
+    policy: str = "tol"  # the halting policy computed in the Loop body (models/halting.py); older artifacts: tol
+    threshold: float | None = None  # its default (a graph input, like tol)
+    patience: int = 1
 
     @property
     def budget(self) -> Budget:
         """The artifact's default budget: its fixed count, or its loop's defaults."""
         if self.strategy == "unrolled":
             return Budget(iters=self.iters)
-        return Budget(max_iters=self.max_iters, tol=self.tol)
+        return Budget(max_iters=self.max_iters, tol=self.tol, policy=self.policy, threshold=self.threshold,
+                      patience=self.patience)
 
     def to_props(self) -> dict[str, str]:
         return {META_PREFIX + k: json.dumps(v) for k, v in asdict(self).items()}

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field, fields
 from typing import Any, Mapping
 
+from .budget import Budget
 from .config import StrictConfig
 
 
@@ -35,10 +36,9 @@ class ModelCard(StrictConfig):
         return cls.from_meta(source if source is None or isinstance(source, Mapping) else getattr(source, "meta", None))
 
     @property
-    def budget(self):
-        from .budget import Budget
-
-        return Budget.from_card(self)
+    def budget(self) -> Budget:
+        """The budget this card records (`inference.budget`), else `Budget.DEFAULT`."""
+        return resolve_budget(self)
 
     @property
     def postprocess(self):
@@ -49,3 +49,12 @@ class ModelCard(StrictConfig):
     @property
     def image_size(self) -> int:
         return int(self.evaluation.get("image_size", 64))
+
+
+def resolve_budget(card: Any = None, request: Mapping[str, Any] | None = None, fallback: Budget | None = None) -> Budget:
+    """The one answer to "which budget does this run use": the request, over the budget the card
+    records (`inference.budget`), over `fallback` (an exported artifact's defaults), over `Budget.DEFAULT`.
+    A card without a policy (older checkpoints) runs the `tol` policy."""
+    recorded = ModelCard.of(card).inference.get("budget")
+    base = Budget.from_dict(recorded) if recorded else fallback or Budget.DEFAULT
+    return base.merge(dict(request or {}))

@@ -91,9 +91,10 @@ def test_cuda_graph_body_equals_the_eager_solver():
         h0 = model.init_state(ctx)
         for max_iters, tol in ((80, 0.03), (10, 0.001)):
             ref_h, ref = fixed_point(model.step, ctx, h0, max_iters=max_iters, tol=tol)
-            h, (active, iterations, residual) = h0.clone(), start(h0)
+            h, (active, iterations, residual, streak) = h0.clone(), start(h0)
             for _ in range(-(-max_iters // 3)):  # k = 3: the cap (10) falls inside a group
-                k_steps(model.step, ctx, h, active, iterations, residual, torch.tensor(tol), torch.tensor(max_iters), 3)
+                k_steps(model.step, ctx, h, active, iterations, residual, streak, torch.tensor(tol),
+                        torch.tensor(max_iters), 3)
                 if not active.any():
                     break
             assert iterations.tolist() == ref.iterations.tolist()

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper
 
-CARRIED = ("h", "active", "iterations", "residual")
+CARRIED = ("h", "active", "iterations", "residual", "streak")
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,7 @@ class PieceNames:
     ctx: tuple[str, ...]
     heads: tuple[str, ...]
     substeps: int = 1
+    halting: bool = False  # a policy beyond tol: its threshold and patience are step (and graph) inputs
 
     @property
     def encoder_outputs(self) -> list[str]:
@@ -41,7 +42,11 @@ class PieceNames:
     @property
     def step_inputs(self) -> list[str]:
         extra = ["trip", "max_iters"] if self.substeps > 1 else []
-        return [*self.ctx, *CARRIED, "tol", *extra]
+        return [*self.ctx, *CARRIED, "tol", *self.policy_inputs, *extra]
+
+    @property
+    def policy_inputs(self) -> list[str]:
+        return ["threshold", "patience"] if self.halting else []
 
     @property
     def step_outputs(self) -> list[str]:
@@ -170,12 +175,15 @@ def compose_loop(
     max_iters: int,
     tol: float,
     images: onnx.ValueInfoProto,
+    threshold: float | None = None,
+    patience: int = 1,
     outputs: list[onnx.ValueInfoProto],
 ) -> ModelProto:
     """One model: encoder nodes, a `Loop` over the step graph, readout nodes.
 
     `max_iters` and `tol` become graph inputs with initializers of the same name: their values are
-    the defaults and any call may feed its own (IR >= 4). `images` / `outputs` give declared types.
+    the defaults and any call may feed its own (IR >= 4); so do a halting policy's `threshold` and
+    `patience`. `images` / `outputs` give declared types.
     """
     if len(pieces.functions):
         raise ValueError("the exported pieces contain ONNX functions; compose expects them inlined")
@@ -192,7 +200,7 @@ def compose_loop(
     # *of the body*: onnxruntime only rewrites convs to its fast blocked layout (NCHWc) when the
     # weights are constants of the same graph; read from the outer scope, they were not (measured).
     body_io = {c: f"step/in/{c}" for c in CARRIED} | {f"{c}_next": f"step/out/{c}" for c in CARRIED}
-    outer = {**ctx, "tol": "tol", "max_iters": "max_iters"}
+    outer = {**ctx, "tol": "tol", "max_iters": "max_iters", **{n: n for n in names.policy_inputs}}
     _rename(body, {**body_io, **outer, "trip": "step/trip", "cond": "step/out/cond"}, "step/")
     by_name = {v.name: v for v in body.input}
     carried_in = [by_name.get(f"step/in/{c}") or helper.make_empty_tensor_value_info(f"step/in/{c}") for c in CARRIED]
@@ -216,18 +224,24 @@ def compose_loop(
         trips = "loop/trips"
     nodes.append(helper.make_node(
         "Loop", [trips, "loop/cond0", *(f"loop/{c}0" for c in CARRIED)],
-        ["loop/h", "loop/active", "iterations", "residual"], name="recurrence", body=body,
+        ["loop/h", "loop/active", "iterations", "residual", "loop/streak"], name="recurrence", body=body,
     ))
     nodes.extend(read.node)
+    inputs = [images, helper.make_tensor_value_info("max_iters", TensorProto.INT64, []),
+              helper.make_tensor_value_info("tol", TensorProto.FLOAT, [])]
+    defaults = [helper.make_tensor("max_iters", TensorProto.INT64, [], [int(max_iters)]),
+                helper.make_tensor("tol", TensorProto.FLOAT, [], [float(tol)])]
+    if names.halting:
+        inputs += [helper.make_tensor_value_info("threshold", TensorProto.FLOAT, []),
+                   helper.make_tensor_value_info("patience", TensorProto.INT64, [])]
+        defaults += [helper.make_tensor("threshold", TensorProto.FLOAT, [], [float(threshold)]),
+                     helper.make_tensor("patience", TensorProto.INT64, [], [int(patience)])]
     graph = helper.make_graph(
         nodes,
         "crbp_recurrent_segmenter",
-        [images, helper.make_tensor_value_info("max_iters", TensorProto.INT64, []),
-         helper.make_tensor_value_info("tol", TensorProto.FLOAT, [])],
+        inputs,
         outputs,
-        initializer=[helper.make_tensor("max_iters", TensorProto.INT64, [], [int(max_iters)]),
-                     helper.make_tensor("tol", TensorProto.FLOAT, [], [float(tol)]),
-                     *enc.initializer, *read.initializer],
+        initializer=[*defaults, *enc.initializer, *read.initializer],
         value_info=[*enc.value_info, *read.value_info],
     )
     _dedupe_initializers(graph)

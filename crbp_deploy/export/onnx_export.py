@@ -35,6 +35,7 @@ from ..artifact import read_sidecar, sidecar_path, write_atomic, write_sidecar  
 from ..budget import Budget, check_budget
 from ..errors import CrbpError, InputError
 from ..models import RecurrentSegmenter, solver
+from ..models.halting import HaltRule
 from .loop import PieceNames, compose_loop
 
 DEFAULT_OPSET = 18
@@ -42,7 +43,7 @@ DEFAULT_OPSET = 18
 #: the unrolled graph per iteration (body weights stay body initializers, so the NCHWc conv layout
 #: applies inside the Loop); more sub-steps gained nothing measurable and can waste up to k-1 steps.
 DEFAULT_SUBSTEPS = 1
-RESERVED = {"images", "max_iters", "tol", "iterations", "residual"}
+RESERVED = {"images", "max_iters", "tol", "threshold", "patience", "iterations", "residual"}
 
 
 @dataclass
@@ -86,23 +87,29 @@ class _Pieces(nn.Module):
     """
 
     def __init__(self, model: RecurrentSegmenter, spec: pytree.TreeSpec, heads: tuple[str, ...], substeps: int,
-                 execution: str):
+                 execution: str, rule: HaltRule = HaltRule()):
         super().__init__()
         self.m, self.spec, self.heads, self.substeps, self.execution = model, spec, heads, substeps, execution
+        self.rule = rule
 
     def encoder(self, images: Tensor):
         ctx = self.m.encode(images)
         h = self.m.init_state(ctx)
         return (*pytree.tree_leaves(ctx), h, *solver.start(h))
 
-    def step(self, ctx, h, active, iterations, residual, tol, trip=None, max_iters=None):
+    def step(self, ctx, h, active, iterations, residual, streak, tol, *rest):
+        halting = None
+        if self.rule.policy != "tol":  # threshold and patience are graph inputs
+            halting, rest = solver.Halting(self.rule, self.m, rest[0], rest[1]), rest[2:]
+        trip, max_iters = rest if rest else (None, None)
         for _ in range(self.substeps):
             if self.substeps > 1:
                 active = active & (iterations < max_iters)
-            h, active, iterations, residual = solver.advance(
-                self.m.step, ctx, h, active, iterations, residual, tol, execution=self.execution
+            h, active, iterations, residual, streak = solver.advance(
+                self.m.step, ctx, h, active, iterations, residual, streak, tol, execution=self.execution,
+                halting=halting,
             )
-        return active.any(), h, active, iterations, residual
+        return active.any(), h, active, iterations, residual, streak
 
     def forward(self, images: Tensor, *args: Tensor):
         n = self.spec.num_leaves
@@ -257,6 +264,9 @@ def export_onnx(
     substeps: int = DEFAULT_SUBSTEPS,
     execution: str | None = None,
     source: str | None = None,
+    policy: str = "tol",
+    threshold: float | None = None,
+    patience: int = 1,
 ) -> ExportResult:
     """Export `model` to `path` (.onnx) plus a sidecar `path.json`; both written atomically.
 
@@ -271,10 +281,13 @@ def export_onnx(
     `fp16`: the float math in fp16 (onnxconverter-common, extra `fp16`; see fp16.py) while `images`,
     the outputs, `tol`, the Loop's counters and the convergence test stay fp32; the metadata says
     `precision: fp16`, so backends and `verify` hold it to the fp16 tolerances.
+    `policy` / `threshold` / `patience`: the halting policy the Loop body computes (models/halting.py);
+    threshold and patience become graph inputs beside max_iters and tol.
     """
     if strategy == "loop":
         max_iters = Budget.DEFAULT.max_iters if max_iters is None else max_iters
         tol = Budget.DEFAULT.tol if tol is None else tol
+    rule = _check_policy(model, strategy, fp16, max_iters, tol, policy, threshold, patience)
     height, width = _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_size, substeps, path)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
@@ -290,7 +303,8 @@ def export_onnx(
     model.eval()
     try:
         proto, meta, inputs, outputs, converted = _build(
-            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps, execution, fp16
+            model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps, execution, fp16,
+            rule,
         )
     finally:
         model.train(was_training)
@@ -346,7 +360,25 @@ def _converter_version() -> str:
     return f"onnxconverter-common {version('onnxconverter-common')}"
 
 
-def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution, fp16=False):
+def _check_policy(model, strategy, fp16, max_iters, tol, policy, threshold, patience) -> HaltRule:
+    """The halting rule to build into the Loop; refused (with the reason) where the export cannot run it."""
+    rule = HaltRule(policy or "tol", threshold, patience)
+    if rule.policy == "tol":
+        if threshold is not None or patience != 1:
+            raise InputError("the tol policy takes no threshold or patience (it stops on relative change <= tol)")
+        return rule
+    if strategy != "loop":
+        raise InputError(f"the {rule.policy} halting policy needs strategy=loop: an unrolled graph runs a fixed count")
+    if fp16:
+        raise InputError(f"the {rule.policy} halting policy is not exported in fp16 (its features must stay fp32): "
+                         "export it in fp32")
+    Budget(max_iters=max_iters, tol=tol, policy=rule.policy, threshold=threshold, patience=patience)
+    solver.Halting.of(model, rule.policy, threshold, patience)  # e.g. learned without a halting head
+    return rule
+
+
+def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution, fp16=False,
+           rule: HaltRule = HaltRule()):
     mult = int(getattr(model, "stride", 1) or 1)
     h, w = size
     gen = torch.Generator().manual_seed(0)
@@ -408,6 +440,9 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         arch=model.arch,
         execution=execution if strategy == "loop" else "masked",
         precision="fp16" if fp16 else "fp32",
+        policy=rule.policy,
+        threshold=None if rule.threshold is None else float(rule.threshold),
+        patience=rule.patience,
     )
     images_dyn = _dynamic(ex_a, ex_b, dynamic)
     converted = None
@@ -427,12 +462,20 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         inputs = [images_spec]
     else:
         proto, converted = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
-                                        dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs, fp16)
+                                        dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs, fp16,
+                                        rule)
         inputs = [
             images_spec,
             {"name": "max_iters", "dtype": "int64", "shape": [], "default": max_iters, "optional": True},
             {"name": "tol", "dtype": "float32", "shape": [], "default": float(tol), "optional": True},
         ]
+        if rule.policy != "tol":
+            inputs += [
+                {"name": "threshold", "dtype": "float32", "shape": [], "default": float(rule.threshold), "optional": True,
+                 "meaning": f"the {rule.policy} halting policy's threshold"},
+                {"name": "patience", "dtype": "int64", "shape": [], "default": rule.patience, "optional": True,
+                 "meaning": "steps in a row the policy must fire"},
+            ]
     del proto.metadata_props[:]
     for key, value in meta.to_props().items():
         proto.metadata_props.add(key=key, value=value)
@@ -441,15 +484,17 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
 
 
 def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, substeps, execution, max_iters, tol,
-                 images_spec, outputs, fp16=False):
+                 images_spec, outputs, fp16=False, rule: HaltRule = HaltRule()):
     (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b) = ex, leaves, hs
-    names = PieceNames(ctx_names, heads, substeps)
+    names = PieceNames(ctx_names, heads, substeps, halting=rule.policy != "tol")
     b = h_a.shape[0]
     # every example tensor is a fresh clone: the exporter merges inputs that are the same object
     dev = h_a.device
     args = [ex_a.clone(), *(t.clone() for t in leaves_a), h_a.clone(), torch.ones(b, dtype=torch.bool, device=dev),
             torch.zeros(b, dtype=torch.int64, device=dev), torch.full((b,), math.inf, device=dev),
-            torch.tensor(float(tol), device=dev)]
+            torch.zeros(b, dtype=torch.int64, device=dev), torch.tensor(float(tol), device=dev)]
+    if names.halting:
+        args += [torch.tensor(float(rule.threshold), device=dev), torch.tensor(int(rule.patience), device=dev)]
     if substeps > 1:
         args += [torch.tensor(0, dtype=torch.int64, device=dev), torch.tensor(max_iters, dtype=torch.int64, device=dev)]
     args += [*(t.clone() for t in leaves_a), h_a.clone()]
@@ -458,9 +503,10 @@ def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, 
         vec = {0: torch.export.Dim.DYNAMIC}
         ctx_dyn = [_dynamic(x, y, True) for x, y in zip(leaves_a, leaves_b)]
         h_dyn = _dynamic(h_a, h_b, True)
-        rest = [*ctx_dyn, h_dyn, vec, vec, vec, None] + ([None, None] if substeps > 1 else [])
+        rest = [*ctx_dyn, h_dyn, vec, vec, vec, vec, None] + [None] * len(names.policy_inputs)
+        rest += [None, None] if substeps > 1 else []
         dyn = (_dynamic(ex_a, ex_b, True), tuple([*rest, *ctx_dyn, h_dyn]))
-    pieces = _dynamo("encoder/step/readout", _Pieces(model, spec, heads, substeps, execution), tuple(args),
+    pieces = _dynamo("encoder/step/readout", _Pieces(model, spec, heads, substeps, execution, rule), tuple(args),
                      names.inputs, names.outputs, dyn, opset)
     converted = None
     if fp16:  # before the Loop exists: every piece interface (state, residual, tol, ctx) stays fp32 (see fp16.py)
@@ -468,7 +514,8 @@ def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, 
 
         pieces, converted = convert(pieces, ["residual0", "residual_next"])
     try:
-        return compose_loop(pieces, names, max_iters=max_iters, tol=float(tol),
-                            images=_value_info(images_spec), outputs=[_value_info(o) for o in outputs]), converted
+        return compose_loop(pieces, names, max_iters=max_iters, tol=float(tol), threshold=rule.threshold,
+                            patience=rule.patience, images=_value_info(images_spec),
+                            outputs=[_value_info(o) for o in outputs]), converted
     except ValueError as exc:
         raise CrbpError(f"composing the ONNX Loop failed: {exc}") from exc

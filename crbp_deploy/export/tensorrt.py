@@ -156,7 +156,7 @@ def prepare_for_tensorrt(model: onnx.ModelProto, expose_budget: bool = True) -> 
     out.CopyFrom(model)
     graph = out.graph
     names = {vi.name for vi in graph.input}
-    if not expose_budget or not set(BUDGET_INPUTS) <= names:
+    if not expose_budget or not {"max_iters", "tol"} <= names:
         return out
     kept = [t for t in graph.initializer if t.name not in BUDGET_INPUTS]
     del graph.initializer[:]
@@ -222,6 +222,15 @@ def plan_engine(
 
 
 # --- the build ----------------------------------------------------------------------------------
+
+
+def engine_shapes(model, size: tuple[int, int], batch: int, dynamic: bool) -> dict[str, tuple[int, ...]]:
+    """The optimization profile `export --format tensorrt` builds: from batch 1 at 8 x stride px, best at the
+    example size and batch, up to 4x the size and batch 8 (a static export: none, its graph fixes the shape)."""
+    if not dynamic:
+        return {}
+    (h, w), c, s = size, model.in_channels, int(getattr(model, "stride", 1) or 1)
+    return {"min_shape": (1, c, 8 * s, 8 * s), "opt_shape": (batch, c, h, w), "max_shape": (max(8, batch), c, 4 * h, 4 * w)}
 
 
 def build_engine(

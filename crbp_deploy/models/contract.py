@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..budget import MAX_ITERATIONS, check_budget  # noqa: F401  (re-exported: the contract's budget rules)
 from ..config import StrictConfig
 from ..errors import InputError
-from .solver import fixed_point
+from .solver import fixed_point, split_budget
 
 
 class RecurrentSegmenter(nn.Module):
@@ -58,8 +58,12 @@ class RecurrentSegmenter(nn.Module):
         max_iters: int | None = None,
         tol: float | None = None,
         execution: str = "compact",
+        policy: str | None = None,
+        threshold: float | None = None,
+        patience: int | None = None,
     ) -> dict[str, Tensor]:
-        """`iters=N`: N steps. `max_iters=M, tol=eps`: per sample until relative change <= eps or M.
+        """`iters=N`: N steps. `max_iters=M, tol=eps`: per sample until relative change <= eps, the halting
+        `policy` (models/halting.py) fires `patience` steps in a row at `threshold`, or M steps.
 
         Returns the readout heads plus `iterations` (int64 [B]) and `residual` (float32 [B], the
         relative state change of each sample's last step; non-finite where the sample diverged).
@@ -67,13 +71,15 @@ class RecurrentSegmenter(nn.Module):
         iterations); "masked" steps every row and freezes converged ones (see solver.py).
         """
         check_budget(iters, max_iters, tol)
+        rule = {k: v for k, v in (("policy", policy), ("threshold", threshold), ("patience", patience)) if v is not None}
         self.check_images(images)
-        return self.run(images, iters=iters, max_iters=max_iters, tol=tol, execution=execution)
+        return self.run(images, iters=iters, max_iters=max_iters, tol=tol, execution=execution, **rule)
 
     def run(self, images: Tensor, *, execution: str = "compact", **budget) -> dict[str, Tensor]:
         """encode -> solve -> readout, unchecked (`forward` validates; exporters trace this)."""
+        budget, halting = split_budget(self, budget)
         ctx = self.encode(images)
-        h, stats = fixed_point(self.step, ctx, self.init_state(ctx), execution=execution, **budget)
+        h, stats = fixed_point(self.step, ctx, self.init_state(ctx), execution=execution, halting=halting, **budget)
         out = self.readout(ctx, h)
         out["iterations"] = stats.iterations
         out["residual"] = stats.residual

@@ -113,6 +113,10 @@ class _PanopticBase(RecurrentSegmenter):
             "offset": up(self.offset_head(feats)) * float(self.stride),
         }
 
+    def answer_proxy(self, ctx: Tensor, h: Tensor) -> Tensor:
+        """The semantic argmax at state resolution: the cheap answer the `stable` halting policy watches."""
+        return self.semantic_head(self.head_trunk(torch.cat([h, ctx], dim=1))).argmax(dim=1)
+
     def check_images(self, images: Tensor) -> None:
         super().check_images(images)
         h, w = images.shape[-2:]

@@ -63,3 +63,7 @@ class HGRUPathfinder(RecurrentSegmenter):
 
     def readout(self, ctx: Tensor, h: Tensor) -> dict[str, Tensor]:
         return {"logits": self.head(self.head_norm(h))}
+
+    def answer_proxy(self, ctx: Tensor, h: Tensor) -> Tensor:
+        """The per-pixel decision (the answer itself: the readout is one 1x1 conv)."""
+        return self.readout(ctx, h)["logits"].argmax(dim=1)

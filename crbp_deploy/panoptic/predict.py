@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..budget import Budget, merge_budget, model_budget  # noqa: F401  (model_budget: re-exported)
+from ..budget import Budget
 from ..errors import InputError
 from ..modelcard import ModelCard
 from .encoding import id_to_rgb
@@ -96,7 +96,7 @@ class PanopticPredictor:
 
     def predict(self, images: Sequence[np.ndarray], **budget: Any) -> list[Prediction]:
         """Each image H x W x 3 float in [0, 1]; images of equal size are batched together."""
-        budget = merge_budget(self.budget, budget)
+        budget = Budget.from_dict(self.budget).merge(budget).kwargs()
         results: list[Prediction | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
         for i, img in enumerate(images):

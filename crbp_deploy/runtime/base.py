@@ -17,6 +17,7 @@ import torch
 
 from ..budget import DEFAULT_MAX_ITERS, DEFAULT_TOL, Budget  # noqa: F401  (re-exported)
 from ..errors import InputError
+from ..models.solver import stop_reasons
 
 RANGE_SLACK = 1e-3  # resampling overshoot; a 0..255 image is far outside
 
@@ -56,14 +57,17 @@ class Backend(ABC):
     default_budget: Budget
 
     # --- budget ------------------------------------------------------------------------------
-    def resolve_budget(self, iters: int | None = None, max_iters: int | None = None, tol: float | None = None) -> Budget:
-        """Fill what the caller left out from the defaults; reject what this backend cannot run."""
+    def resolve_budget(self, iters: int | None = None, max_iters: int | None = None, tol: float | None = None,
+                       **rule: Any) -> Budget:
+        """Fill what the caller left out from the defaults; reject what this backend cannot run.
+        `rule`: policy / threshold / patience (an exported Loop computes one policy: its parameters are
+        inputs, the policy itself is not)."""
         default = self.default_budget
         if self.strategy == "unrolled":
-            if max_iters is not None or tol is not None:
+            if max_iters is not None or tol is not None or any(v is not None for v in rule.values()):
                 raise InputError(
                     f"{self.describe_artifact()} is exported with the unrolled strategy ({default.iters} fixed steps): "
-                    "max_iters/tol need an artifact exported with strategy=loop"
+                    "max_iters/tol and halting policies need an artifact exported with strategy=loop"
                 )
             if iters is not None and iters != default.iters:
                 Budget(iters=iters)  # an impossible count is reported as such first
@@ -79,7 +83,24 @@ class Backend(ABC):
             )
         if iters is not None and (max_iters is not None or tol is not None):
             raise InputError("give either iters=N (fixed steps) or max_iters/tol (early exit), not both")
-        return default.merge({"iters": iters, "max_iters": max_iters, "tol": tol})
+        policy = rule.get("policy")
+        if self.strategy == "loop" and policy is not None and policy != default.policy:
+            Budget.DEFAULT.merge({"policy": policy, "threshold": rule.get("threshold"), "patience": rule.get("patience")})
+            raise InputError(
+                f"{self.describe_artifact()} computes the {default.policy} halting policy in its Loop; a request may "
+                f"set its threshold and patience, not another policy ({policy}): re-export with --policy {policy}"
+            )
+        return default.merge({"iters": iters, "max_iters": max_iters, "tol": tol, **rule})
+
+    def budget_feeds(self, budget: Budget) -> dict[str, np.ndarray]:
+        """The Loop's budget inputs for this call (none for an unrolled graph)."""
+        if not budget.early_exit:
+            return {}
+        feeds = {"max_iters": np.array(budget.max_iters, dtype=np.int64), "tol": np.array(budget.tol, dtype=np.float32)}
+        if budget.policy != "tol":
+            feeds["threshold"] = np.array(budget.threshold, dtype=np.float32)
+            feeds["patience"] = np.array(budget.patience, dtype=np.int64)
+        return feeds
 
     def adopt_artifact(self, meta) -> None:
         """Take strategy, input spec and default budget from an exported artifact's metadata."""
@@ -132,10 +153,12 @@ class Backend(ABC):
         iters: int | None = None,
         max_iters: int | None = None,
         tol: float | None = None,
+        **rule: Any,
     ) -> RunResult:
-        """Heads + `iterations` (int64 [N]) + `residual` (float32 [N]) as numpy, plus telemetry."""
+        """Heads + `iterations` (int64 [N]) + `residual` (float32 [N]) as numpy, plus telemetry.
+        `rule`: the halting policy's policy / threshold / patience."""
         started = time.perf_counter()
-        budget = self.resolve_budget(iters, max_iters, tol)
+        budget = self.resolve_budget(iters, max_iters, tol, **rule)
         images = self.check_images(images)
         ready = time.perf_counter()
         outputs = self._infer(images, budget)
@@ -152,6 +175,7 @@ class Backend(ABC):
             "residual": [float(r) for r in residual],
             "converged": [bool(r <= budget.tol) for r in residual] if budget.early_exit else None,
             "diverged": [not np.isfinite(r) for r in residual],
+            "stopped": stop_reasons(iterations, residual, budget.kwargs()),
             "timings": {
                 "total_ms": 1000 * (done - started),
                 "prepare_ms": 1000 * (ready - started),

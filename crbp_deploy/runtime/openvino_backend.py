@@ -118,9 +118,7 @@ class OpenVinoBackend(Backend):
         if not isinstance(images, np.ndarray):
             images = images.cpu().numpy()
         feeds: dict[str, Any] = {"images": np.ascontiguousarray(images, dtype=np.float32)}
-        if "max_iters" in self.input_names:
-            feeds["max_iters"] = np.array(budget.max_iters, dtype=np.int64)
-            feeds["tol"] = np.array(budget.tol, dtype=np.float32)
+        feeds.update(self.budget_feeds(budget))
         try:
             result = self.request.infer(feeds)
         except Exception as exc:

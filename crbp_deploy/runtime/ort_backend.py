@@ -107,9 +107,7 @@ class OrtBackend(Backend):
         if not isinstance(images, np.ndarray):  # a (possibly CUDA) tensor
             images = images.cpu().numpy()
         feeds: dict[str, Any] = {"images": np.ascontiguousarray(images, dtype=np.float32)}
-        if budget.early_exit:
-            feeds["max_iters"] = np.array(budget.max_iters, dtype=np.int64)
-            feeds["tol"] = np.array(budget.tol, dtype=np.float32)
+        feeds.update(self.budget_feeds(budget))
         try:
             values = self.session.run(self.output_names, feeds)
         except Exception as exc:  # onnxruntime's own exception types; keep its first line

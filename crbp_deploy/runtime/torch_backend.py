@@ -14,7 +14,7 @@ import torch
 
 from ..errors import InputError
 from ..models import RecurrentSegmenter
-from ..models.solver import fixed_point
+from ..models.solver import fixed_point, split_budget
 from ..precision import canonical, torch_cpu_support, torch_dtype
 from .base import Backend, Budget
 
@@ -102,14 +102,15 @@ class TorchBackend(Backend):
         m.check_images(x)
         if self.precision != "fp32":
             x = x.contiguous(memory_format=torch.channels_last)
+        kwargs, halting = split_budget(m, budget.kwargs())
         ctx = m.encode(x)
         h0 = m.init_state(ctx)
         if self._graph_solver is not None:  # k steps per launch, one sync per k steps (cuda_graphs.py)
             cap, tol = (budget.iters, -1.0) if not budget.early_exit else (budget.max_iters, budget.tol)
-            h, stats = self._graph_solver.solve(ctx, h0, max_iters=cap, tol=tol)
+            h, stats = self._graph_solver.solve(ctx, h0, max_iters=cap, tol=tol, halting=halting)
         else:
             with self._autocast():
-                h, stats = fixed_point(self._step, ctx, h0, **budget.kwargs())
+                h, stats = fixed_point(self._step, ctx, h0, halting=halting, **kwargs)
         out = m.readout(ctx, h.float())
         out["iterations"], out["residual"] = stats.iterations, stats.residual
         return out

@@ -105,7 +105,7 @@ class TrtBackend(Backend):
         missing += [n for n in (*self.meta.heads, "iterations", "residual") if n not in self.output_names]
         if missing:
             raise CrbpError(f"{self.path}: the engine lacks tensor(s) {missing}; it was not built from a crbp-deploy artifact")
-        self.budget_inputs = all(n in self.input_names for n in BUDGET_INPUTS)
+        self.budget_inputs = all(n in self.input_names for n in ("max_iters", "tol"))  # threshold/patience: with a policy
         self.adopt_artifact(self.meta)
         lo, _, hi = (tuple(int(d) for d in s) for s in self.engine.get_tensor_profile_shape("images", 0))
         self.profile = (lo, hi)
@@ -114,8 +114,8 @@ class TrtBackend(Backend):
     def describe_artifact(self) -> str:
         return f"engine {self.path.name}"
 
-    def resolve_budget(self, iters=None, max_iters=None, tol=None) -> Budget:
-        budget = super().resolve_budget(iters, max_iters, tol)
+    def resolve_budget(self, iters=None, max_iters=None, tol=None, **rule) -> Budget:
+        budget = super().resolve_budget(iters, max_iters, tol, **rule)
         if self.strategy == "loop" and not self.budget_inputs and budget != self.default_budget:
             raise InputError(
                 f"{self.describe_artifact()} was built with its budget fixed at {self.default_budget.kwargs()} "
@@ -160,8 +160,8 @@ class TrtBackend(Backend):
                 raise InputError(f"{self.describe_artifact()} rejected input shape {list(x.shape)}")
             self.context.set_tensor_address("images", x.data_ptr())
             if self.budget_inputs:
-                self._bind_scalar("max_iters", budget.max_iters, keep)
-                self._bind_scalar("tol", float(budget.tol), keep)
+                for name, value in self.budget_feeds(budget).items():
+                    self._bind_scalar(name, value.item(), keep)
             outputs: dict[str, torch.Tensor] = {}
             for name in self.output_names:
                 shape = tuple(self.context.get_tensor_shape(name))
