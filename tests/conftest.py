@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -32,6 +36,24 @@ def run_cli(monkeypatch, capsys):
             cli.main()
         out = capsys.readouterr()
         return info.value.code or 0, out.out, out.err
+
+    return run
+
+
+@pytest.fixture
+def run_cli_process():
+    """`run_cli_process(*args, launcher=..., timeout=..., env=...)`: `python -m crbp_deploy.cli ARGS` in a separate
+    process -> (exit code, stdout, stderr).
+
+    Only for what needs a real process: the `python -m crbp_deploy.cli` entry point itself (its help, the
+    interpreter's traceback under --debug) and launchers such as torch.distributed.run; everything else uses
+    `run_cli`. (tests/serving_util.cli does the same for servers that outlive a test.)
+    """
+
+    def run(*args, launcher=(sys.executable,), timeout=600, env=None):
+        r = subprocess.run([*launcher, "-m", "crbp_deploy.cli", *map(str, args)], capture_output=True, text=True,
+                           timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})})
+        return r.returncode, r.stdout, r.stderr
 
     return run
 

@@ -1,7 +1,5 @@
 import os
 import pickle
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -140,36 +138,36 @@ def test_pickle_with_code_is_refused_and_not_run(good, tmp_path, container):
     assert not marker.exists(), "code in the checkpoint was executed"
 
 
-def test_cli_info_on_checkpoint(good):
-    r = subprocess.run([sys.executable, "-m", "crbp_deploy.cli", "info", str(good), "--json"], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
+def test_cli_info_on_checkpoint(good, run_cli):
+    code, out, err = run_cli("info", good, "--json")
+    assert code == 0, err
     import json
 
-    card = json.loads(r.stdout)
+    card = json.loads(out)
     assert card["architecture"] == "hgru-pathfinder"
     assert card["parameters"] == sum(p.numel() for p in tiny_model("hgru-pathfinder").parameters())
     assert card["contraction"]["inputs"] == 4 and len(card["contraction"]["iterations"]) == 4
 
 
 @pytest.mark.parametrize("content, match", [(b"", "empty"), (b"garbage" * 10, "not a checkpoint")])
-def test_cli_refuses_bad_file_cleanly(tmp_path, content, match):
+def test_cli_refuses_bad_file_cleanly(tmp_path, content, match, run_cli, one_error_line):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(content)
-    r = subprocess.run([sys.executable, "-m", "crbp_deploy.cli", "info", str(bad)], capture_output=True, text=True)
-    assert r.returncode == 1
-    assert "Traceback" not in r.stderr
-    lines = [line for line in r.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error:") and match in lines[0]
+    code, _, err = run_cli("info", bad)
+    one_error_line(code, err, match)
 
 
-def test_cli_debug_shows_traceback(tmp_path):
+def test_cli_debug_shows_traceback(tmp_path, run_cli_process):
+    """The interpreter's own traceback: a real `python -m crbp_deploy.cli` process."""
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"")
-    r = subprocess.run([sys.executable, "-m", "crbp_deploy.cli", "--debug", "info", str(bad)], capture_output=True, text=True)
-    assert r.returncode != 0 and "Traceback" in r.stderr
+    code, _, err = run_cli_process("--debug", "info", bad)
+    assert code != 0 and "Traceback" in err and "CheckpointError" in err
 
 
-def test_cli_help_lists_commands():
-    r = subprocess.run([sys.executable, "-m", "crbp_deploy.cli", "--help"], capture_output=True, text=True)
+def test_cli_help_lists_commands(run_cli_process):
+    """The `python -m crbp_deploy.cli` entry point itself."""
+    code, out, err = run_cli_process("--help")
+    assert code == 0, err
     for cmd in ("info", "data", "train", "eval", "predict", "export", "verify", "bench", "package", "serve"):
-        assert cmd in r.stdout
+        assert cmd in out

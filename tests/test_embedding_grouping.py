@@ -102,11 +102,9 @@ def test_embedding_model_heads_loss_and_export_refusal(tmp_path):
         WithPanopticLabels(model)
 
 
-def test_trainer_keeps_epochs_and_checks_the_device(tmp_path):
-    from crbp_deploy.cli import app
+def test_trainer_keeps_epochs_and_checks_the_device(tmp_path, run_cli):
     from crbp_deploy.data.panoptic_synth import write_dataset
     from crbp_deploy.training.trainer import TrainConfig
-    from typer.testing import CliRunner
 
     with pytest.raises(ConfigError, match="device"):
         TrainConfig.from_dict(device="tpu")
@@ -114,13 +112,13 @@ def test_trainer_keeps_epochs_and_checks_the_device(tmp_path):
         with pytest.raises(ConfigError, match="CUDA"):
             TrainConfig.from_dict(device="cuda")
     write_dataset(tmp_path / "data", count=20, size=32, seed=0, val_fraction=0.2, progress=False)
-    result = CliRunner().invoke(app, [
-        "train", "--task", "panoptic", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "run"),
+    code, _, err = run_cli(
+        "train", "--task", "panoptic", "--data", tmp_path / "data", "--out", tmp_path / "run",
         "--model-config", json.dumps({k: v for k, v in EMBED.items() if k not in ("num_classes", "thing_classes")}),
         "--steps", "3", "--neumann-steps", "3", "--forward-tol", "0.01", "--epochs", "2", "--batch-size", "8",
         "--keep-epochs", "--report-every", "0", "--quiet",
-    ])
-    assert result.exit_code == 0, result.output
+    )
+    assert code == 0, err
     from crbp_deploy import checkpoint
 
     first, last = checkpoint.read(tmp_path / "run" / "epoch1.pt"), checkpoint.read(tmp_path / "run" / "last.pt")

@@ -1,7 +1,5 @@
 """`crbp-deploy export` / `verify` end to end on a small trained-shaped panoptic checkpoint."""
 import json
-import subprocess
-import sys
 
 import onnxruntime as ort
 import pytest
@@ -24,15 +22,11 @@ def model_file(tmp_path_factory):
     return checkpoint.save(model, tmp_path_factory.mktemp("m") / "tiny.pt", meta=meta)
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "crbp_deploy.cli", *args], capture_output=True, text=True, timeout=600)
-
-
-def test_export_early_exit_default_verifies_with_pq_parity(model_file, tmp_path):
+def test_export_early_exit_default_verifies_with_pq_parity(model_file, tmp_path, run_cli):
     out = tmp_path / "m.onnx"
-    r = _cli("export", str(model_file), "--out", str(out))
-    assert r.returncode == 0, r.stderr
-    assert "verify PASSED" in r.stdout and '"delta_pq": 0.0' in r.stdout
+    code, stdout, err = run_cli("export", model_file, "--out", out)
+    assert code == 0, err
+    assert "verify PASSED" in stdout and '"delta_pq": 0.0' in stdout
     sidecar = json.loads(out.with_name("m.onnx.json").read_text())
     assert sidecar["strategy"] == "loop" and sidecar["defaults"] == {"max_iters": 25, "tol": 0.01}
     assert sidecar["verification"]["passed"] is True
@@ -41,25 +35,25 @@ def test_export_early_exit_default_verifies_with_pq_parity(model_file, tmp_path)
     assert {"max_iters", "tol"} <= overridable
 
 
-def test_export_fixed_count_unrolled_and_postprocess(model_file, tmp_path):
+def test_export_fixed_count_unrolled_and_postprocess(model_file, tmp_path, run_cli):
     out = tmp_path / "u.onnx"
-    r = _cli("export", str(model_file), "--iters", "5", "--postprocess", "--out", str(out))
-    assert r.returncode == 0, r.stderr
+    code, _, err = run_cli("export", model_file, "--iters", "5", "--postprocess", "--out", out)
+    assert code == 0, err
     sidecar = json.loads(out.with_name("u.onnx.json").read_text())
     assert sidecar["strategy"] == "unrolled"
     assert "panoptic" in [o["name"] for o in sidecar["outputs"]]
-    again = _cli("verify", str(out), "--against", str(model_file))
-    assert again.returncode == 0 and "verify PASSED" in again.stdout, again.stdout + again.stderr
+    code, stdout, err = run_cli("verify", out, "--against", model_file)
+    assert code == 0 and "verify PASSED" in stdout, stdout + err
 
 
-def test_verify_fails_loudly_against_another_model(model_file, tmp_path):
+def test_verify_fails_loudly_against_another_model(model_file, tmp_path, run_cli):
     out = tmp_path / "m.onnx"
-    assert _cli("export", str(model_file), "--out", str(out), "--no-verify").returncode == 0
+    assert run_cli("export", model_file, "--out", out, "--no-verify")[0] == 0
     torch.manual_seed(1)
     other = create_model("hgru-panoptic", num_classes=4, thing_classes=[0, 1], **TINY)
     other_file = checkpoint.save(other, tmp_path / "other.pt", meta=checkpoint.load(model_file).meta)
-    r = _cli("verify", str(out), "--against", str(other_file))
-    assert r.returncode == 1 and "FAILED" in r.stderr + r.stdout and "max abs" in r.stderr + r.stdout
+    code, stdout, err = run_cli("verify", out, "--against", other_file)
+    assert code == 1 and "FAILED" in err + stdout and "max abs" in err + stdout
 
 
 @pytest.mark.parametrize(
@@ -72,34 +66,34 @@ def test_verify_fails_loudly_against_another_model(model_file, tmp_path):
         (["--size", "big"], "--size must look like"),
     ],
 )
-def test_export_bad_options(model_file, tmp_path, args, message):
-    r = _cli("export", str(model_file), "--out", str(tmp_path / "x.onnx"), *args)
-    assert r.returncode == 1 and message in r.stderr and "Traceback" not in r.stderr
+def test_export_bad_options(model_file, tmp_path, args, message, run_cli, one_error_line):
+    code, _, err = run_cli("export", model_file, "--out", tmp_path / "x.onnx", *args)
+    one_error_line(code, err, message)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_unwritable_and_bad_checkpoint(model_file, tmp_path):
+def test_export_unwritable_and_bad_checkpoint(model_file, tmp_path, run_cli, one_error_line):
     blocker = tmp_path / "a-file"
     blocker.write_text("a file where a folder would have to be")
-    r = _cli("export", str(model_file), "--out", str(blocker / "x.onnx"))
-    assert r.returncode == 1 and "cannot write" in r.stderr and "Traceback" not in r.stderr
+    code, _, err = run_cli("export", model_file, "--out", blocker / "x.onnx")
+    one_error_line(code, err, "cannot write")
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"\x00" * 100)
-    r = _cli("export", str(bad), "--out", str(tmp_path / "y.onnx"))
-    assert r.returncode == 1 and "not a checkpoint" in r.stderr
+    code, _, err = run_cli("export", bad, "--out", tmp_path / "y.onnx")
+    one_error_line(code, err, "not a checkpoint")
     assert not (tmp_path / "y.onnx").exists()
 
 
-def test_export_loop_body_compact_by_default_masked_on_request(model_file, tmp_path):
+def test_export_loop_body_compact_by_default_masked_on_request(model_file, tmp_path, run_cli, one_error_line):
     compact, masked = tmp_path / "c.onnx", tmp_path / "m.onnx"
-    r = _cli("export", str(model_file), "--out", str(compact), "--no-verify")
-    assert r.returncode == 0 and "(compact)" in r.stdout, r.stdout + r.stderr
+    code, stdout, err = run_cli("export", model_file, "--out", compact, "--no-verify")
+    assert code == 0 and "(compact)" in stdout, stdout + err
     assert json.loads(compact.with_name("c.onnx.json").read_text())["execution"] == "compact"
-    r = _cli("export", str(model_file), "--loop", "masked", "--out", str(masked))
-    assert r.returncode == 0 and "verify PASSED" in r.stdout, r.stdout + r.stderr
+    code, stdout, err = run_cli("export", model_file, "--loop", "masked", "--out", masked)
+    assert code == 0 and "verify PASSED" in stdout, stdout + err
     assert json.loads(masked.with_name("m.onnx.json").read_text())["execution"] == "masked"
-    bad = _cli("export", str(model_file), "--iters", "5", "--loop", "masked", "--out", str(tmp_path / "x.onnx"))
-    assert bad.returncode == 1 and "--loop applies to the loop strategy" in bad.stderr + bad.stdout
+    code, _, err = run_cli("export", model_file, "--iters", "5", "--loop", "masked", "--out", tmp_path / "x.onnx")
+    one_error_line(code, err, "--loop applies to the loop strategy")
     assert not (tmp_path / "x.onnx").exists()
-    odd = _cli("export", str(model_file), "--loop", "lazy", "--out", str(tmp_path / "y.onnx"))
-    assert odd.returncode == 1 and "--loop must be compact or masked, got 'lazy'" in odd.stderr + odd.stdout
+    code, _, err = run_cli("export", model_file, "--loop", "lazy", "--out", tmp_path / "y.onnx")
+    one_error_line(code, err, "--loop must be compact or masked, got 'lazy'")

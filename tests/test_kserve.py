@@ -253,19 +253,12 @@ def test_bad_names_and_archives(tmp_path):
         write_kserve(tmp_path / "missing.mar", tmp_path / "out")
 
 
-def test_cli_package_writes_kserve(archive, tmp_path):
-    import subprocess
-    import sys
-
+def test_cli_package_writes_kserve(archive, tmp_path, run_cli):
     pt = archive.parent.parent / "tiny.pt"
-    r = subprocess.run(
-        [sys.executable, "-m", "crbp_deploy.cli", "package", str(pt), "--name", "crbp-cli", "--format", "checkpoint",
-         "--out", str(tmp_path / "store"), "--kserve", str(tmp_path / "kserve"), "--storage-uri", "s3://b/crbp-cli",
-         "--json"],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
-    assert r.returncode == 0, r.stderr
-    doc = json.loads(r.stdout)
+    code, out, err = run_cli("package", pt, "--name", "crbp-cli", "--format", "checkpoint", "--out", tmp_path / "store",
+                             "--kserve", tmp_path / "kserve", "--storage-uri", "s3://b/crbp-cli", "--json")
+    assert code == 0, err
+    doc = json.loads(out)
     assert doc["kserve"]["storage_uri"] == "s3://b/crbp-cli"
     isvc = yaml.safe_load((tmp_path / "kserve" / "inferenceservice.yaml").read_text())
     assert isvc["spec"]["predictor"]["model"]["storageUri"] == "s3://b/crbp-cli"

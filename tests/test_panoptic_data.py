@@ -6,9 +6,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
-from crbp_deploy.cli import app
 from crbp_deploy.data.coco_panoptic import (
     IGNORE,
     DatasetError,
@@ -347,13 +345,12 @@ def test_unknown_category_in_json(small_copy):
 # ---------------------------------------------------------------- CLI
 
 
-def test_cli_writes_splits(tmp_path):
+def test_cli_writes_splits(tmp_path, run_cli):
     out = tmp_path / "cli"
-    result = CliRunner().invoke(
-        app, ["data", "panoptic", "--out", str(out), "--count", "5", "--size", "40", "--seed", "2", "--val-fraction", "0.4"]
-    )
-    assert result.exit_code == 0, result.output
-    assert "3 train, 2 val" in result.output
+    code, stdout, err = run_cli("data", "panoptic", "--out", out, "--count", "5", "--size", "40", "--seed", "2",
+                                "--val-fraction", "0.4")
+    assert code == 0, err
+    assert "wrote 3 train, 2 val images" in stdout
     for split, n in (("train", 3), ("val", 2)):
         doc = json.loads((out / split / "annotations.json").read_text())
         assert len(doc["images"]) == n
@@ -367,6 +364,7 @@ def test_cli_writes_splits(tmp_path):
     "args, match",
     [(["--size", "8"], "size"), (["--config", '{"bogus": 1}'], "bogus"), (["--count", "0"], "count"), (["--config", "[1]"], "JSON object")],
 )
-def test_cli_bad_options_are_config_errors(tmp_path, args, match):
-    result = CliRunner().invoke(app, ["data", "panoptic", "--out", str(tmp_path / "x"), *args])
-    assert isinstance(result.exception, ConfigError) and match in str(result.exception)
+def test_cli_bad_options_are_config_errors(tmp_path, args, match, run_cli, one_error_line):
+    code, _, err = run_cli("data", "panoptic", "--out", tmp_path / "x", *args)
+    one_error_line(code, err, match)
+    assert not (tmp_path / "x").exists()

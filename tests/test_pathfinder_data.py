@@ -1,15 +1,12 @@
 """Pathfinder generator: determinism, geometry of the task, rendering, folder round-trip, CLI."""
 import json
 import math
-import sys
-import time
 from collections import deque
 
 import numpy as np
 import pytest
 import torch
 
-from crbp_deploy import cli
 from crbp_deploy.data import pathfinder as pf
 from crbp_deploy.data.pathfinder import (
     PathfinderConfig,
@@ -321,18 +318,10 @@ def test_parallel_writing_gives_identical_files(tmp_path):
 # ---------------------------------------------------------------- CLI
 
 
-def run_cli(monkeypatch, capsys, *args):
-    monkeypatch.setattr(sys, "argv", ["crbp-deploy", *args])
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main()
-    out = capsys.readouterr()
-    return exit_info.value.code or 0, out.out, out.err
-
-
-def test_cli_writes_a_dataset_the_folder_loader_reads(tmp_path, monkeypatch, capsys):
+def test_cli_writes_a_dataset_the_folder_loader_reads(tmp_path, run_cli):
     out = tmp_path / "pf14"
     code, stdout, stderr = run_cli(
-        monkeypatch, capsys, "data", "pathfinder", "--length", "14", "--size", "64", "--count", "4",
+        "data", "pathfinder", "--length", "14", "--size", "64", "--count", "4",
         "--out", str(out), "--seed", "3", "--distractors", "2", "--no-progress",
     )
     assert code == 0, stderr
@@ -356,27 +345,11 @@ def test_cli_writes_a_dataset_the_folder_loader_reads(tmp_path, monkeypatch, cap
         (["--out", "{blocked}/sub"], "cannot write"),
     ],
 )
-def test_cli_rejects_bad_options_in_one_line(tmp_path, monkeypatch, capsys, args, match):
+def test_cli_rejects_bad_options_in_one_line(tmp_path, run_cli, one_error_line, args, match):
     (tmp_path / "blocked").write_text("a file, not a folder")
     base = {"--count": "2", "--out": str(tmp_path / "out")}
     for flag, value in zip(args[::2], args[1::2]):
         base[flag] = value.format(blocked=tmp_path / "blocked")
     argv = ["data", "pathfinder", "--no-progress"] + [x for kv in base.items() for x in kv]
-    code, stdout, stderr = run_cli(monkeypatch, capsys, *argv)
-    lines = [line for line in stderr.splitlines() if line.strip()]
-    assert code == 1 and len(lines) == 1 and lines[0].startswith("error:") and match in lines[0], stderr
-
-
-# ---------------------------------------------------------------- speed (measured and printed, not asserted)
-
-
-def test_report_generation_speed(capsys):
-    cfg = PathfinderConfig(length=14, size=64)
-    generate(cfg, 0, 0)
-    start, n = time.process_time(), 0
-    while time.process_time() - start < 1.0:
-        generate(cfg, n, 123)
-        n += 1
-    rate = n / (time.process_time() - start)
-    with capsys.disabled():
-        print(f"\n[pathfinder] PF14 64x64, {cfg.distractor_count} distractors: {rate:.0f} images/s (CPU, 1 core)")
+    code, _, stderr = run_cli(*argv)
+    one_error_line(code, stderr, match)

@@ -298,10 +298,50 @@ def test_info_is_only_for_rbp_modes():
 
 @pytest.mark.parametrize("steps", [1, 2])
 def test_single_step_runs_in_every_mode(steps):
+    """The shortest runs: the four modes compute the same forward (they differ only in what is recorded),
+    the LCP's value does not depend on the mode, every parameter gets a finite gradient, and the task
+    gradient is the same with or without the LCP (bptt = cbptt, rbp = crbp). With one step the recorded
+    step starts at h0 = 0, which carries no graph, so RBP without Neumann terms is exactly BPTT; and the
+    parameters that act on the state only through a product with it (C1 = W_I * (G1 ⊙ h), ...) get no task
+    gradient, in every mode alike."""
     model, x = tiny_model("hgru-pathfinder"), images(size=8).float()
+    params = dict(model.named_parameters())
+    sols, task_grads = {}, {}
     for mode in GRAD_MODES:
-        sol = solve(model, x, steps=steps, grad=mode, lcp_lambda=0.0)
-        (task_loss(sol.outputs) + sol.penalty).backward()
+        model.zero_grad(set_to_none=True)
+        sol = sols[mode] = solve(model, x, steps=steps, grad=mode, lcp_lambda=0.0)
+        assert sol.outputs["logits"].shape == (2, 2, 8, 8) and sol.state.shape == (2, 4, 8, 8), mode
+        assert sol.residual.shape == (2,) and torch.isfinite(sol.residual).all(), mode
+        assert sol.penalty.shape == () and torch.isfinite(sol.penalty), mode
+        loss = task_loss(sol.outputs)
+        task_grads[mode] = dict(zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True)))
+        (loss + sol.penalty).backward()
+        for name, p in params.items():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), (mode, name)
+        if sol.neumann is not None:
+            assert sol.neumann.stop is not None and sol.neumann.terms >= 0, mode
+    for mode in GRAD_MODES[1:]:
+        torch.testing.assert_close(sols[mode].outputs["logits"], sols["bptt"].outputs["logits"], rtol=0, atol=0)
+        torch.testing.assert_close(sols[mode].state, sols["bptt"].state, rtol=0, atol=0)
+        torch.testing.assert_close(sols[mode].residual, sols["bptt"].residual, rtol=0, atol=0)
+    assert float(sols["bptt"].penalty) == 0 and float(sols["rbp"].penalty) == 0
+    assert float(sols["crbp"].penalty.detach()) > 0
+    torch.testing.assert_close(sols["cbptt"].penalty.detach(), sols["crbp"].penalty.detach())
+    zero = {mode: {n for n, g in task_grads[mode].items() if float(g.norm()) == 0} for mode in GRAD_MODES}
+    if steps == 1:
+        assert "cell.w_inh" in zero["bptt"] and all(z == zero["bptt"] for z in zero.values()), zero
+        assert not zero["bptt"] & {"conv0.weight", "cell.w_exc", "cell.u2.weight", "head.weight"}, zero
+    else:
+        assert not any(zero.values()), zero
+    for with_lcp, without in (("cbptt", "bptt"), ("crbp", "rbp")):
+        for name in params:
+            torch.testing.assert_close(task_grads[with_lcp][name], task_grads[without][name], msg=name)
+    if steps == 1:
+        model.zero_grad(set_to_none=True)
+        one = dict(zip(params, torch.autograd.grad(
+            task_loss(solve(model, x, steps=1, grad="rbp", neumann_steps=0).outputs), list(params.values()))))
+        for name in params:
+            torch.testing.assert_close(one[name], task_grads["bptt"][name], msg=name)
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,5 @@
 """The training loop: single process, resume, checkpoints for `info`, and torchrun with 2 CPU processes."""
 import json
-import subprocess
 import sys
 
 import pytest
@@ -28,20 +27,16 @@ def _cfg(data, **kw):
     return TrainConfig.from_dict({**base, **kw})
 
 
-def _cli(*args, launcher=(sys.executable,)):
-    return subprocess.run([*launcher, "-m", "crbp_deploy.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_train_writes_checkpoint_info_understands(panoptic_data, tmp_path):
+def test_train_writes_checkpoint_info_understands(panoptic_data, tmp_path, run_cli):
     record = train(_cfg(panoptic_data), tmp_path, progress=False)
     assert record["epoch"] == 1 and 0.0 <= record["val_miou"] <= 1.0
     model = checkpoint.load(tmp_path / "last.pt")
     assert model.arch == "hgru-panoptic"
     assert model.meta["training"]["grad"] == "crbp" and model.meta["training"]["epochs_done"] == 1
     assert [c["id"] for c in model.meta["categories"]] == sorted(c["id"] for c in model.meta["categories"])
-    r = _cli("info", str(tmp_path / "last.pt"), "--json", "--no-check")
-    assert r.returncode == 0, r.stderr
-    assert json.loads(r.stdout)["meta"]["training"]["steps"] == 3
+    code, out, err = run_cli("info", tmp_path / "last.pt", "--json", "--no-check")
+    assert code == 0, err
+    assert json.loads(out)["meta"]["training"]["steps"] == 3
 
 
 def test_resume_continues_where_it_stopped(panoptic_data, tmp_path):
@@ -62,27 +57,29 @@ def test_every_grad_mode_trains(panoptic_data, tmp_path):
         assert record["train_loss"] == record["train_loss"]  # not NaN
 
 
-def test_bad_training_options(panoptic_data, tmp_path):
+def test_bad_training_options(panoptic_data, tmp_path, run_cli, one_error_line):
     with pytest.raises(ConfigError, match="grad must be one of"):
         _cfg(panoptic_data, grad="sgd")
     with pytest.raises(ConfigError, match="unknown key"):
         TrainConfig.from_dict(stepz=3)
     with pytest.raises(ConfigError, match="fewer than one batch"):
         train(_cfg(panoptic_data, batch_size=64), tmp_path, progress=False)
-    r = _cli("train", "--task", "panoptic", "--data", str(tmp_path / "missing"), "--out", str(tmp_path / "o"))
-    assert r.returncode == 1 and "Traceback" not in r.stderr and "annotations.json" in r.stderr
+    code, _, err = run_cli("train", "--task", "panoptic", "--data", tmp_path / "missing", "--out", tmp_path / "o")
+    one_error_line(code, err, "annotations.json")
 
 
-def test_torchrun_two_processes_match_one(panoptic_data, tmp_path):
-    """2 gloo processes with half the batch each take exactly the steps of 1 process on the global batch."""
+def test_torchrun_two_processes_match_one(panoptic_data, tmp_path, run_cli_process):
+    """2 gloo processes with half the batch each take exactly the steps of 1 process on the global batch
+    (both runs are real processes: the same entry point, launched plainly and by torch.distributed.run)."""
     args = ["train", "--task", "panoptic", "--data", str(panoptic_data), "--model-config", json.dumps(TINY),
             "--steps", "3", "--neumann-steps", "5", "--batch-size", "4", "--epochs", "1", "--max-train", "12",
             "--lcp-lambda", "0.95", "--penalty-weight", "0.001", "--quiet", "--threads", "1"]
-    one = _cli(*args, "--out", str(tmp_path / "one"))
-    assert one.returncode == 0, one.stderr
-    two = _cli(*args, "--out", str(tmp_path / "two"),
-               launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"))
-    assert two.returncode == 0, two.stderr[-3000:]
+    code, _, err = run_cli_process(*args, "--out", tmp_path / "one", timeout=300)
+    assert code == 0, err
+    code, _, err = run_cli_process(*args, "--out", tmp_path / "two", timeout=300,
+                                   launcher=(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                             "--nproc-per-node", "2"))
+    assert code == 0, err[-3000:]
     a, b = checkpoint.load(tmp_path / "one" / "last.pt"), checkpoint.load(tmp_path / "two" / "last.pt")
     assert b.meta["training"]["world_size"] == 2
     for (k, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
