@@ -102,6 +102,15 @@ def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> R
     except ConfigError as exc:
         raise CheckpointError(f"{path}: {exc}") from None
     model = entry.builder(config)
+    head = ((payload["meta"].get("inference") or {}).get("halting_head") if isinstance(payload["meta"], dict) else None)
+    if head:  # the learned halting policy's head (models/halting.py), recorded in the card
+        from .models.halting import HaltingHead
+
+        try:
+            model.halting_head = HaltingHead(int(head["in_features"]), int(head["hidden"]))
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{path}: the card's inference.halting_head {head!r} is not "
+                                  "{in_features, hidden}") from None
     expected = model.state_dict()
     state = payload["state_dict"]
     missing = sorted(set(expected) - set(state))

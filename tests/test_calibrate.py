@@ -9,11 +9,13 @@ from crbp_deploy import checkpoint, zoo
 from crbp_deploy.data.pathfinder import PathfinderConfig, write_dataset
 from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model, get_entry
-from crbp_deploy.panoptic.predict import model_budget
+from crbp_deploy.modelcard import resolve_budget
 
 
-def point(quality, mean_iterations, iters=None, tol=None):
+def point(quality, mean_iterations, iters=None, tol=None, policy=None):
     budget = {"iters": iters} if iters else {"max_iters": 40, "tol": tol}
+    if policy:
+        budget.update(tol=1e-4, policy=policy, threshold=0.5, patience=1)
     return cal.Point(budget, quality, mean_iterations)
 
 
@@ -23,24 +25,31 @@ SWEEP = [
 ]
 
 
-def test_choose_the_loosest_tol_within_max_drop_and_the_equal_quality_fixed_count():
+def test_choose_the_fewest_steps_within_max_drop_of_the_best_fixed_count():
     c = cal.choose(SWEEP, max_drop=0.5)
     assert c["best_quality"] == 50.0 and c["within_max_drop"]
-    assert c["budget"] == {"max_iters": 40, "tol": 0.03}  # 49.5 >= 50 - 0.5; 0.1 (45.0) is too lossy
-    assert c["fixed_baseline"]["iters"] == 10  # smallest count >= 49.5 - 0.5
+    assert c["budget"] == {"max_iters": 40, "tol": 0.03}  # 49.5 >= 50 - 0.5 at 7 steps; 0.1 (45.0) is too lossy
+    assert c["fixed_baseline"]["iters"] == 10 and c["policy"] == "tol"  # smallest count >= 50 - 0.5
     c = cal.choose(SWEEP, max_drop=0.3)
-    assert c["budget"]["tol"] == 0.01 and c["fixed_baseline"]["iters"] == 10
+    assert c["budget"]["tol"] == 0.01 and c["fixed_baseline"]["iters"] == 20
     c = cal.choose(SWEEP, max_drop=0.0)
     assert c["budget"]["tol"] == 0.001 and c["fixed_baseline"]["iters"] == 20
     c = cal.choose(SWEEP, max_drop=10)
     assert c["budget"]["tol"] == 0.1 and c["fixed_baseline"]["iters"] == 5
+    c = cal.choose(SWEEP + [point(49.8, 6, policy="learned"), point(49.0, 3, policy="stable")], max_drop=0.5)
+    assert c["policy"] == "learned" and c["mean_iterations"] == 6  # any policy; stable is too lossy
 
 
-def test_choose_flags_when_no_tolerance_is_good_enough():
+def test_choose_flags_when_no_budget_is_good_enough():
     c = cal.choose([point(60.0, 30, iters=30), point(50.0, 9, tol=0.01), point(52.0, 12, tol=0.001)], max_drop=0.5)
     assert not c["within_max_drop"] and c["budget"]["tol"] == 0.001 and c["fixed_baseline"]["iters"] == 30
     c = cal.choose([point(40.0, 5, iters=5), point(50.0, 9, tol=0.01)], max_drop=0.5)
-    assert c["within_max_drop"] and c["budget"]["tol"] == 0.01 and c["fixed_baseline"] is None
+    assert c["within_max_drop"] and c["budget"]["tol"] == 0.01 and c["fixed_baseline"]["iters"] == 5
+
+
+def test_frontier_keeps_only_pareto_points():
+    front = cal.frontier(SWEEP)
+    assert [(p.quality, p.mean_iterations) for p in front] == [(10.0, 1), (45.0, 4), (49.5, 7), (49.7, 9), (50.0, 14)]
 
 
 def test_options_are_checked():
@@ -71,24 +80,29 @@ def ckpt(tmp_path_factory):
 
 def test_calibrate_a_small_model_and_write_the_card(data, ckpt):
     model = checkpoint.load(ckpt)
-    res = cal.calibrate(model, data, fixed=[1, 3, 6], tols=[0.3, 0.05, 0.001], max_drop=0.5)
+    res = cal.calibrate(model, data, fixed=[1, 3, 6], tols=[0.3, 0.05, 0.001], max_drop=0.5, latency=False)
     assert res["task"] == "pathfinder" and res["metric"] == "IoU" and res["images"] == 6
-    assert [p["budget"] for p in res["sweep"]][:3] == [{"iters": 1}, {"iters": 3}, {"iters": 6}]
+    assert [p["budget"] for p in res["sweep"]][:6] == [{"iters": n} for n in range(1, 7)]  # every count to the cap
     early = [p for p in res["sweep"] if "tol" in p["budget"]]
     assert all(p["budget"]["max_iters"] == 6 for p in early)  # the card's cap
-    # the choice follows the rule on the measured sweep
-    best = max(p["quality"] for p in res["sweep"])
-    ok = [p["budget"]["tol"] for p in early if p["quality"] >= best - 0.5 - 1e-9]
-    assert res["budget"]["tol"] == (max(ok) if ok else res["budget"]["tol"])
-    assert set(early[0]["per_length"]) == {"6", "9"}
-    # the fixed-count quality equals a plain eval at that count (one evaluation path)
-    from crbp_deploy.quality import scorer_for
+    assert {p["budget"].get("policy", "tol") for p in early} == {"tol", "estimate", "stable"}  # no head: no learned
+    # the choice follows the rule on the sweep: fewest mean steps within max_drop of the best fixed count
+    best = max(p["quality"] for p in res["sweep"] if "iters" in p["budget"])
+    ok = [p for p in early if p["quality"] >= best - 0.5 - 1e-9]
+    if ok:
+        assert res["mean_iterations"] == pytest.approx(min(p["mean_iterations"] for p in ok), abs=1e-4)
+    assert res["oracle"]["mean_iterations"] <= 6
+    # the trace's quality equals a plain eval of the same budget (one evaluation path); the end-to-end check too
+    from crbp_deploy.tasks import scorer_for
 
     scorer = scorer_for(model, data)
-    assert res["sweep"][1]["quality"] == pytest.approx(round(scorer.quality(scorer.evaluate(iters=3)), 4))
+    assert res["sweep"][2]["quality"] == pytest.approx(round(scorer.quality(scorer.evaluate(iters=3)), 4), abs=1e-3)
+    chosen = res["check"]["chosen"]
+    assert chosen["quality"] == pytest.approx(res["quality"], abs=1e-3)
+    assert chosen["mean_iterations"] == pytest.approx(res["mean_iterations"], abs=1e-3)
     meta = cal.card_meta(model.meta, res)
     json.dumps(meta)
-    assert model_budget(meta) == res["budget"] and meta["inference"]["postprocess"] == {"x": 1}
+    assert resolve_budget(meta).kwargs() == res["budget"] and meta["inference"]["postprocess"] == {"x": 1}
     assert meta["inference"]["calibration"]["sweep"] == res["sweep"]
 
 
@@ -96,16 +110,16 @@ def test_cli_writes_a_calibrated_copy_json_and_plot(data, ckpt, tmp_path, run_cl
     before = ckpt.read_bytes()
     out, png = tmp_path / "cal.pt", tmp_path / "cal.png"
     code, stdout, err = run_cli("calibrate", str(ckpt), "--data", str(data), "--fixed", "1,4",
-                                "--tols", "0.2,0.01", "--out", str(out), "--plot", str(png), "--json")
+                                "--tols", "0.2,0.01", "--out", str(out), "--plot", str(png), "--json", "--no-latency")
     assert code == 0, err
     res = json.loads(stdout)
     assert res["written"] == str(out) and png.stat().st_size > 0 and ckpt.read_bytes() == before
     assert checkpoint.load(out).meta["inference"]["budget"] == res["budget"]
     assert res["fixed_baseline"] is None or res["fixed_baseline"]["iters"] in (1, 4)
     code, stdout, err = run_cli("calibrate", str(out), "--data", str(data), "--fixed", "1",
-                                "--tols", "0.2", "--dry-run")
+                                "--tols", "0.2", "--dry-run", "--max-iters", "4")
     assert code == 0, err
-    assert "chosen budget" in stdout and "tol=0.2" in stdout
+    assert "chosen" in stdout and "oracle" in stdout
 
 
 @pytest.mark.parametrize("case, match", [
