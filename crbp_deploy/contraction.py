@@ -53,6 +53,24 @@ def _fixed_point(model, ctx: Tensor, tol: float, max_iters: int) -> tuple[Tensor
     return h, int(stats.iterations.max()), [float(f"{r:.3g}") for r in stats.residual.tolist()]
 
 
+def _neumann_terms(last: Tensor, prev: Tensor, rand, steps: int) -> dict[str, list]:
+    """Per sample: the Neumann terms a unit random gradient (on that sample only) gets under the default
+    stop rule and under the public code's rule, the stop reasons and ‖v_K‖/‖v₀‖."""
+    neumann: dict[str, list] = {"terms": [], "stop": [], "ratio": [], "terms_public": [], "stop_public": []}
+    for i in range(prev.shape[0]):
+        g0 = torch.zeros_like(prev)
+        g0[i] = rand()[i]
+        g0 = g0 / g0.norm()
+        _, info = neumann_vjp(last, prev, g0, steps=steps, rule=DEFAULT_RULE)
+        public_terms, public_stop = _public_rule(info)
+        neumann["terms"].append(info.terms)
+        neumann["stop"].append(info.stop)
+        neumann["ratio"].append(float(f"{info.ratio:.3g}"))
+        neumann["terms_public"].append(public_terms)
+        neumann["stop_public"].append(public_stop)
+    return neumann
+
+
 def contraction_report(
     model,
     images: Tensor | None = None,
@@ -110,18 +128,7 @@ def contraction_report(
                 u = _jvp(last, prev, w)
                 u = u / _per_sample_norm(u).clamp_min(1e-30)
             colsum = _vjp(last, prev, torch.ones_like(last)).flatten(1).amax(dim=1)
-            neumann: dict[str, list] = {"terms": [], "stop": [], "ratio": [], "terms_public": [], "stop_public": []}
-            for i in range(prev.shape[0]):
-                g0 = torch.zeros_like(prev)
-                g0[i] = rand()[i]
-                g0 = g0 / g0.norm()
-                _, info = neumann_vjp(last, prev, g0, steps=neumann_steps, rule=DEFAULT_RULE)
-                public_terms, public_stop = _public_rule(info)
-                neumann["terms"].append(info.terms)
-                neumann["stop"].append(info.stop)
-                neumann["ratio"].append(float(f"{info.ratio:.3g}"))
-                neumann["terms_public"].append(public_terms)
-                neumann["stop_public"].append(public_stop)
+            neumann = _neumann_terms(last, prev, rand, neumann_steps)
     finally:
         model.train(was_training)
     r3 = lambda t: [float(f"{x:.4g}") for x in t.tolist()]  # noqa: E731

@@ -199,14 +199,7 @@ def generate_sample(
     rgb[ground] = _GROUND_RGB + stripes[ground, None]
     rgb[~ground] = _WATER_RGB + ripples[~ground, None]
 
-    # Void: unlabeled grey clutter squares (checkerboard), labelled 0.
-    for _ in range(rng.integers(cfg.void_patches[0], cfg.void_patches[1] + 1)):
-        side = int(rng.integers(max(2, size // 24), max(3, size // 10) + 1))
-        y0, x0 = rng.integers(0, size - side, 2)
-        patch = (slice(y0, y0 + side), slice(x0, x0 + side))
-        checker = ((yy[patch] // 2 + xx[patch] // 2) % 2) * 0.25 - 0.125
-        rgb[patch] = _CLUTTER_RGB + checker[..., None]
-        label[patch] = 0
+    _paint_void_patches(rng, cfg, yy, xx, rgb, label)
 
     # Blobs: shaded ellipses.
     for _ in range(rng.integers(cfg.blobs[0], cfg.blobs[1] + 1)):
@@ -242,11 +235,30 @@ def generate_sample(
     rgb += rng.normal(0.0, cfg.noise, rgb.shape) if cfg.noise > 0 else 0.0
     image = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
 
+    return (image, *_panoptic_ids(rng, cfg, label, segs))
+
+
+def _paint_void_patches(rng, cfg: SynthConfig, yy: np.ndarray, xx: np.ndarray, rgb: np.ndarray,
+                        label: np.ndarray) -> None:
+    """Void: unlabeled grey clutter squares (checkerboard), labelled 0."""
+    size = label.shape[0]
+    for _ in range(rng.integers(cfg.void_patches[0], cfg.void_patches[1] + 1)):
+        side = int(rng.integers(max(2, size // 24), max(3, size // 10) + 1))
+        y0, x0 = rng.integers(0, size - side, 2)
+        patch = (slice(y0, y0 + side), slice(x0, x0 + side))
+        checker = ((yy[patch] // 2 + xx[patch] // 2) % 2) * 0.25 - 0.125
+        rgb[patch] = _CLUTTER_RGB + checker[..., None]
+        label[patch] = 0
+
+
+def _panoptic_ids(rng, cfg: SynthConfig, label: np.ndarray, segs: list[dict[str, Any]]
+                  ) -> tuple[np.ndarray, list[dict[str, Any]]]:
+    """(pan_id uint32 HxW, COCO segments_info) from the painted label map (index into `segs` + 1, 0 = void)."""
     colors = {c["id"]: c["color"] for c in CATEGORIES}
     things = {c["id"] for c in CATEGORIES if c["isthing"]}
     areas = np.bincount(label.ravel(), minlength=len(segs) + 1)
     taken = {int(colors[c][0] + 256 * colors[c][1] + 65536 * colors[c][2]) for c in colors if c not in things}
-    pan = np.zeros((size, size), dtype=np.uint32)
+    pan = np.zeros(label.shape, dtype=np.uint32)
     segments_info = []
     for k, seg in enumerate(segs, start=1):
         area = int(areas[k])
@@ -262,7 +274,7 @@ def generate_sample(
         segments_info.append(
             {"id": int(seg_id), "category_id": seg["category_id"], "iscrowd": seg["iscrowd"], "bbox": _bbox(mask), "area": area}
         )
-    return image, pan, segments_info
+    return pan, segments_info
 
 
 # ---------------------------------------------------------------- dataset on disk
