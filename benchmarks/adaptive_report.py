@@ -117,9 +117,9 @@ def main(argv: list[str] | None = None) -> int:
     plot(report["calibration"], Path(args.plot), steps)
     if args.bench:
         from crbp_deploy.bench import run_bench, to_markdown
-        from crbp_deploy.quality import data_folder
+        from crbp_deploy.tasks import PATHFINDER, data_folder
 
-        report["bench"] = run_bench(model, data=data_folder("pathfinder", args.data), threads=args.threads,
+        report["bench"] = run_bench(model, data=data_folder(PATHFINDER, args.data), threads=args.threads,
                                     repeats=20, limit=args.limit or 250, progress=print)
         print(to_markdown(report["bench"]))
         print(json.dumps(report["bench"]["ratios"]))

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from crbp_deploy.sources import resolve_model
     from crbp_deploy.training.solve import solve
-    from crbp_deploy.training.tasks import load_pathfinder
+    from crbp_deploy.tasks import PATHFINDER
+    from crbp_deploy.tasks.pathfinder import as_tensors
     from crbp_deploy.training.losses import PATHFINDER_LOSSES
 
     torch.manual_seed(0)
@@ -42,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     record = model.meta.get("training") or {}
     steps = int(record.get("steps", 20))
     loss_fn = PATHFINDER_LOSSES[record.get("loss", "bce")]
-    data = load_pathfinder(Path(args.data) / "train")
+    data = as_tensors(PATHFINDER.open(Path(args.data) / "train"))
     images, mask = data["images"][: args.images].double(), data["mask"][: args.images]
 
     def gradient(**kw):

@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from crbp_deploy import checkpoint  # noqa: E402
 from crbp_deploy.calibrate import Point, choose  # noqa: E402
-from crbp_deploy.panoptic.evaluate import evaluate_predictor, open_dataset  # noqa: E402
+from crbp_deploy.tasks import PANOPTIC  # noqa: E402
 from crbp_deploy.panoptic.postprocess import PostprocessConfig  # noqa: E402
 from crbp_deploy.panoptic.predict import PanopticPredictor, segment_colors  # noqa: E402
 
@@ -79,7 +79,7 @@ def run(predictor, dataset, **budget) -> dict:
     if key in CACHE:
         return CACHE[key]
     t0 = time.perf_counter()
-    res = summary(evaluate_predictor(predictor, dataset, batch_size=50, limit=LIMIT, **budget))
+    res = summary(PANOPTIC.evaluate(predictor, dataset, batch_size=50, limit=LIMIT, **budget))
     res["seconds"] = round(time.perf_counter() - t0, 2)
     print(json.dumps({"budget": budget, "pq": res["pq"]["all"], "iters": res["iterations"]["mean"]}), flush=True)
     CACHE[key] = res
@@ -156,7 +156,7 @@ def main() -> None:
     post = PostprocessConfig.from_dict(POSTPROCESS)
     small_post = PostprocessConfig.from_dict({"min_area": POSTPROCESS["min_area"] // 4})  # 64 px: a quarter of the area
     model, predictor = _predictor(args.model, post)
-    dataset = open_dataset(args.data, "val")
+    dataset = PANOPTIC.open(args.data, "val")
     train_steps = model.meta["training"]["steps"]
     cap = 4 * train_steps
 
@@ -179,7 +179,7 @@ def main() -> None:
     bptt_steps = checkpoint.load(args.bptt).meta["training"]["steps"] if args.bptt else None
     size = {}
     if args.size_data:
-        small = open_dataset(args.size_data, "val")
+        small = PANOPTIC.open(args.size_data, "val")
         size["crbp_64"] = run(_predictor(args.model, small_post)[1], small, **budget)
     if args.old_model:
         old, old_predictor = _predictor(args.old_model, post)

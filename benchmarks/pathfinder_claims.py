@@ -11,7 +11,7 @@ One command does everything, through the project's own CLI and library:
           budget (images, epochs, batch size, lr) for every method; `--jobs` runs at once;
 3. eval:  on each length's val split, IoU after every test-time step count in `--eval-steps`
           (one trajectory per batch, read out at each listed step; cross-checked against
-          `evaluate_pathfinder(iters=T)` and the trainer's last val IoU), precision, recall split into
+          `PATHFINDER.train_eval(model, val, T)` and the trainer's last val IoU), precision, recall split into
           marker discs (found locally) and contour paddles (need grouping), the mean relative state
           change per step, early exit (`model(max_iters=M, tol=eps)`): iterations and IoU, and
           1ᵀJ / Neumann behaviour at the training horizon and the last step; also the tensors
@@ -198,14 +198,18 @@ def evaluate_run(job: dict) -> dict:
 
     from crbp_deploy import checkpoint
     from crbp_deploy.models.solver import relative_change
-    from crbp_deploy.training.losses import iou_counts
-    from crbp_deploy.training.tasks import EVAL_BATCH, evaluate_pathfinder, load_pathfinder
+    from crbp_deploy.tasks import EVAL_BATCH, PATHFINDER
+    from crbp_deploy.tasks.pathfinder import as_tensors, pixel_counts
+
+    def iou_counts(logits, mask):  # intersection and union of the contour pixels, summed over the batch
+        tp, fp, fn = pixel_counts(logits.argmax(1) == 1, mask).sum(0).tolist()
+        return tp, tp + fp + fn
 
     torch.set_num_threads(job["threads"])
     t0 = time.perf_counter()
     model = checkpoint.load(Path(job["checkpoint"]))
     model = model.to(memory_format=torch.channels_last)
-    val = load_pathfinder(Path(job["val"]))
+    val = as_tensors(PATHFINDER.open(Path(job["val"])))
     val["images"] = val["images"].contiguous(memory_format=torch.channels_last)
     discs = marker_masks(Path(job["val"]))
     grid, last = sorted(set(job["eval_steps"])), max(job["eval_steps"])
@@ -241,7 +245,7 @@ def evaluate_run(job: dict) -> dict:
             iterations.append(out["iterations"])
             residuals.append(out["residual"])
         # cross-check the trajectory against the library's own evaluation at the training horizon
-        library = evaluate_pathfinder(model, val, iters=job["train_steps"])["iou"]
+        library = PATHFINDER.train_eval(model, val, job["train_steps"])["iou"]
     first = slice(0, EVAL_BATCH)
     contraction = [contraction_stats(model, val["images"][first], val["mask"][first], t, job["lcp_lambda"],
                                      job["neumann_steps"]) for t in (job["train_steps"], last)]
@@ -277,9 +281,10 @@ def evaluate_run(job: dict) -> dict:
 
 def drawn_pixel_baseline(val_folder: Path) -> float:
     """IoU of predicting every drawn pixel (image > 0.5): what needs no grouping at all."""
-    from crbp_deploy.training.tasks import load_pathfinder
+    from crbp_deploy.tasks import PATHFINDER
+    from crbp_deploy.tasks.pathfinder import as_tensors
 
-    val = load_pathfinder(val_folder)
+    val = as_tensors(PATHFINDER.open(val_folder))
     pred, true = val["images"][:, 0] > 0.5, val["mask"].bool()
     return float((pred & true).sum() / (pred | true).sum())
 
@@ -305,11 +310,12 @@ def init_contraction_stats(args, length: int) -> dict:
     import torch
 
     from crbp_deploy.models import create_model
-    from crbp_deploy.training.tasks import EVAL_BATCH, load_pathfinder
+    from crbp_deploy.tasks import EVAL_BATCH, PATHFINDER
+    from crbp_deploy.tasks.pathfinder import as_tensors
 
     torch.manual_seed(args.seeds[0])
     model = create_model("hgru-pathfinder", args.model_config).eval()
-    val = load_pathfinder(args.work / "data" / f"pf{length}" / "val")
+    val = as_tensors(PATHFINDER.open(args.work / "data" / f"pf{length}" / "val"))
     first = slice(0, EVAL_BATCH)
     return contraction_stats(model, val["images"][first], val["mask"][first], args.crbp_steps, args.lcp_lambda,
                              args.neumann_steps)
@@ -540,7 +546,7 @@ def main(argv=None) -> None:
     for r in results:  # the trajectory must agree with the library's evaluation
         if abs(r["iou_at_train_steps"] - r["iou_library_check"]) > 1e-3:
             print(f"WARNING {r['name']}: trajectory IoU {r['iou_at_train_steps']:.4f} != "
-                  f"evaluate_pathfinder {r['iou_library_check']:.4f}", flush=True)
+                  f"PATHFINDER.train_eval {r['iou_library_check']:.4f}", flush=True)
 
     # 4. write
     from crbp_deploy.data.pathfinder import PathfinderConfig

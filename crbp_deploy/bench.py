@@ -25,15 +25,14 @@ import torch
 
 from .errors import CrbpError
 from .export import export_onnx
-from .budget import model_budget
-from .quality import model_task, open_data, scorer_for
 from .flops import measure_peak, step_gflop, step_profile
+from .modelcard import ModelCard, resolve_budget
 from .precision import torch_cpu_support
 from .runtime import OrtBackend, TorchBackend
+from .tasks import scorer_for, task_of
 
 PQ_MATCH = 0.5  # a fixed count "reaches the same quality" as early exit when within this many points
-FIXED_CANDIDATES = (5, 10, 15, 20, 25, 30, 40, 60, 80)
-PATHFINDER_LENGTHS = (6, 9, 14, 20, 25)  # the generated held-out set mixes these (difficulty varies)
+FIXED_CANDIDATES = (5, 10, 15, 20, 25, 30, 40, 60, 80)  # searched for an uncalibrated model's fixed baseline
 
 
 @dataclass
@@ -80,29 +79,6 @@ def _quality(model, backend, data: Path, budget: dict, limit: int) -> tuple[floa
     return scorer.quality(res), scorer.mean_iterations(res)
 
 
-def _held_out(task: str, work: Path, count: int, size: int) -> Path:
-    """A generated held-out set: synthetic panoptic scenes, or Pathfinder with mixed contour lengths."""
-    if task == "pathfinder":
-        from .data.pathfinder import PathfinderConfig, write_dataset as write_pathfinder
-
-        write_pathfinder(work / "data", PathfinderConfig(length=PATHFINDER_LENGTHS[0], size=size), count, seed=4242,
-                         progress=False, lengths=PATHFINDER_LENGTHS)
-        return work / "data"
-    from .data.panoptic_synth import write_dataset
-
-    write_dataset(work / "data", count=count, size=size, seed=4242, val_fraction=1.0, progress=None)
-    return work / "data" / "val"
-
-
-def _latency_images(task: str, dataset, count: int = 16) -> np.ndarray:
-    """The first `count` held-out images as N x C x H x W float32 in [0, 1]."""
-    n = min(count, len(dataset))
-    if task == "pathfinder":
-        return np.stack([dataset.load(i)[0] for i in range(n)])[:, None]
-    rgb = [dataset.load(i)[0] for i in range(n)]
-    return np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
-
-
 def _extra_rows(model, work: Path, early: dict, threads: int, compiled: bool, progress) -> list[tuple]:
     """Precision and compiler rows where this machine runs them: torch bf16 (autocast step), torch.compile,
     OpenVINO fp32 and bf16 on the compacted early-exit Loop. What is missing is said, not faked."""
@@ -139,70 +115,78 @@ def _best_vs(rows: list, baseline, column: str) -> dict[str, Any]:
             "speedup": round(getattr(baseline, column) / getattr(best, column), 2)}
 
 
-def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int = 10, limit: int = 48,
-              size: int = 64, workdir: Path | None = None, progress=print, compiled: bool = False) -> dict[str, Any]:
-    meta = getattr(model, "meta", None) or {}
-    task = model_task(model)
-    if task == "panoptic" and "categories" not in meta:
-        raise CrbpError("bench measures PQ: it needs a trained panoptic model (its card lists categories)")
-    metric = "PQ" if task == "panoptic" else "IoU"
-    torch.set_num_threads(threads)
-    tmp = tempfile.TemporaryDirectory()
-    work = Path(workdir or tmp.name)
-    if data is None:
-        data = _held_out(task, work, limit, size)
-    dataset = open_data(task, data)
-    stack = _latency_images(task, dataset)
-    singles = [stack[i : i + 1] for i in range(len(stack))]
-    eights = [stack[i : i + 8] for i in range(0, len(stack) - 7, 8)]
-    early = model_budget(meta)
-    peak = measure_peak(threads)  # first, before anything else warms the caches
-    progress(f"measured matmul peak ({threads} threads): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peak.items()))
-    gflop = step_gflop(model, *stack.shape[-2:])
-    torch_backend = TorchBackend(model, threads=threads)
-    ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
+@dataclass
+class _Setup:
+    """What every row of one bench shares: the model, its held-out data and latency batches, the peaks."""
 
-    # 1. the smallest fixed count whose quality reaches early exit's (torch; same numbers on every runtime)
-    q_early, it_early = _quality(model, torch_backend, data, early, limit)
-    progress(f"early exit {early}: {metric} {q_early:.2f}, {it_early:.1f} iterations")
+    model: Any
+    metric: str
+    data: Path
+    limit: int
+    singles: list
+    eights: list
+    repeats: int
+    gflop: float
+    peak: dict
+    progress: Any
+
+
+def _fixed_baseline(s: _Setup, torch_backend, q_early: float) -> tuple[int, dict, str]:
+    """The equal-quality fixed count early exit is timed against: the one `calibrate` recorded in the card
+    (`inference.calibration.fixed_baseline`); for an uncalibrated model, said in the output, the smallest
+    of FIXED_CANDIDATES within PQ_MATCH points of early exit's quality on this data."""
+    base = (ModelCard.of(s.model).inference.get("calibration") or {}).get("fixed_baseline")
+    if base:
+        s.progress(f"fixed baseline from the card's calibration: {base['iters']} iterations "
+                   f"({s.metric} {base['quality']:.2f} on the calibration data)")
+        return int(base["iters"]), {}, "calibrated"
+    s.progress(f"uncalibrated: the card records no fixed_baseline (`crbp-deploy calibrate` writes one); using the "
+               f"smallest fixed count within {PQ_MATCH} points of early exit's {s.metric} on this data")
     fixed_quality = {}
     for n in FIXED_CANDIDATES:
-        fixed_quality[n] = _quality(model, torch_backend, data, {"iters": n}, limit)[0]
-        progress(f"fixed {n}: {metric} {fixed_quality[n]:.2f}")
+        fixed_quality[n] = _quality(s.model, torch_backend, s.data, {"iters": n}, s.limit)[0]
+        s.progress(f"fixed {n}: {s.metric} {fixed_quality[n]:.2f}")
         if fixed_quality[n] >= q_early - PQ_MATCH:
-            break
-    n_fixed = next((n for n, q in fixed_quality.items() if q >= q_early - PQ_MATCH), max(fixed_quality))
+            return n, fixed_quality, "uncalibrated"
+    return max(fixed_quality), fixed_quality, "uncalibrated"
 
-    # 2. artifacts: unrolled at that count, the early-exit loop
+
+def _plan(s: _Setup, work: Path, torch_backend, n_fixed: int, early: dict, threads: int, compiled: bool) -> list[tuple]:
+    """(backend name, strategy, Backend, budget, MB) of every row: torch and onnxruntime graphs, then extras."""
+    model = s.model
+    ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
     unrolled = export_onnx(model, work / "unrolled.onnx", strategy="unrolled", iters=n_fixed)
     loop = export_onnx(model, work / "loop.onnx", strategy="loop", **early)
     masked = export_onnx(model, work / "masked.onnx", strategy="loop", execution="masked", **early)
-    ort_unrolled = OrtBackend(unrolled.path, threads=threads)
     ort_loop = OrtBackend(loop.path, threads=threads)
-    ort_masked = OrtBackend(masked.path, threads=threads)
-
     plan = [
         ("torch eager", "fixed", torch_backend, {"iters": n_fixed}, ckpt_mb),
         ("torch eager", "early exit", torch_backend, early, ckpt_mb),
-        ("onnxruntime", "unrolled", ort_unrolled, {}, unrolled.size_bytes / 1e6),
+        ("onnxruntime", "unrolled", OrtBackend(unrolled.path, threads=threads), {}, unrolled.size_bytes / 1e6),
         ("onnxruntime", "loop, fixed", ort_loop, {"max_iters": n_fixed, "tol": 0.0}, loop.size_bytes / 1e6),
         ("onnxruntime", "loop, early exit", ort_loop, {}, loop.size_bytes / 1e6),
-        ("onnxruntime", "masked loop, early exit", ort_masked, {}, masked.size_bytes / 1e6),
+        ("onnxruntime", "masked loop, early exit", OrtBackend(masked.path, threads=threads), {}, masked.size_bytes / 1e6),
     ]
-    plan += _extra_rows(model, work, early, threads, compiled, progress)
-    rows = []
-    for name, strategy, backend, budget, mb in plan:
-        shown = budget or backend.default_budget.kwargs()
-        precision = getattr(backend, "precision", "fp32")
-        quality, iters = _quality(model, backend, data, budget or backend.default_budget.kwargs(), limit)
-        p50_1, p90_1, gf_1, residuals = _latency(backend, singles, budget, max(1, repeats // 4), gflop)
-        p50_8, p90_8, gf_8, _ = _latency(backend, eights, budget, max(2, repeats // 2), gflop)
-        fraction = gf_8 / peak[precision] if peak.get(precision) else 0.0
-        rows.append(Row(name, strategy, precision, json.dumps(shown), round(mb, 3), round(quality, 2), round(iters, 2),
-                        float(f"{statistics.median(residuals):.3g}"), round(p50_1, 2), round(p90_1, 2), round(p50_8, 2),
-                        round(p90_8, 2), round(8e3 / p50_8, 1), round(gf_1, 1), round(gf_8, 1), round(fraction, 4)))
-        progress(f"{name} / {strategy} / {precision}: {metric} {quality:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms, "
-                 f"{gf_8:.1f} GFLOP/s b8")
+    return plan + _extra_rows(model, work, early, threads, compiled, s.progress)
+
+
+def _row(s: _Setup, name: str, strategy: str, backend, budget: dict, mb: float) -> Row:
+    """Quality, iterations, residual, latency and GFLOP/s of one backend at one budget."""
+    shown = budget or backend.default_budget.kwargs()
+    precision = getattr(backend, "precision", "fp32")
+    quality, iters = _quality(s.model, backend, s.data, shown, s.limit)
+    p50_1, p90_1, gf_1, residuals = _latency(backend, s.singles, budget, max(1, s.repeats // 4), s.gflop)
+    p50_8, p90_8, gf_8, _ = _latency(backend, s.eights, budget, max(2, s.repeats // 2), s.gflop)
+    fraction = gf_8 / s.peak[precision] if s.peak.get(precision) else 0.0
+    s.progress(f"{name} / {strategy} / {precision}: {s.metric} {quality:.2f}, p50 b1 {p50_1:.1f} ms, b8 {p50_8:.1f} ms, "
+               f"{gf_8:.1f} GFLOP/s b8")
+    return Row(name, strategy, precision, json.dumps(shown), round(mb, 3), round(quality, 2), round(iters, 2),
+               float(f"{statistics.median(residuals):.3g}"), round(p50_1, 2), round(p90_1, 2), round(p50_8, 2),
+               round(p90_8, 2), round(8e3 / p50_8, 1), round(gf_1, 1), round(gf_8, 1), round(fraction, 4))
+
+
+def _summary(rows: list[Row], peak: dict, model, image_size: tuple[int, int]) -> dict[str, Any]:
+    """The speed ratios between rows, the fastest row at equal quality, the compute bound and the goals."""
     by = {(r.backend, r.strategy): r for r in rows if r.precision == "fp32"}
     t_fixed, o_unrolled = by[("torch eager", "fixed")], by[("onnxruntime", "unrolled")]
     o_loop_fixed, o_early = by[("onnxruntime", "loop, fixed")], by[("onnxruntime", "loop, early exit")]
@@ -222,7 +206,7 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
     top = max(rows, key=lambda r: r.gflops_b8)
     bound = {"best_gflops_b8": top.gflops_b8, "row": f"{top.backend} / {top.strategy} / {top.precision}",
              "fraction_of_bf16_peak": round(top.gflops_b8 / peak["bf16"], 4) if peak.get("bf16") else None,
-             "step_profile": [step_profile(model, p, 8, tuple(stack.shape[-2:])) for p in peak]}
+             "step_profile": [step_profile(model, p, 8, image_size) for p in peak]}
     goals = {
         "best_cpu_3x_torch_eager_fp32_b1": best["b1"]["speedup"] >= 3.0,
         "best_cpu_3x_torch_eager_fp32_b8": best["b8"]["speedup"] >= 3.0,
@@ -233,22 +217,50 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
         "early_exit_b8_at_least_fixed": ratios["early_exit_vs_fixed_same_quality_b8"] >= 1.0,
         "loop_within_1.25x_unrolled": ratios["loop_vs_unrolled_per_iteration_b1"] <= 1.25,
     }
+    return {"ratios": ratios, "goals_met": goals, "best_at_equal_quality": best, "compute_bound": bound}
+
+
+def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int = 10, limit: int = 48,
+              size: int = 64, workdir: Path | None = None, progress=print, compiled: bool = False) -> dict[str, Any]:
+    task = task_of(model)
+    task.runner(model)  # a model its task cannot score (an untrained panoptic model) fails before any work
+    torch.set_num_threads(threads)
+    tmp = tempfile.TemporaryDirectory()
+    work = Path(workdir or tmp.name)
+    data = data if data is not None else task.generate(work / "data", limit, size, seed=4242)
+    dataset = task.open(data)
+    stack = task.images(dataset, 16)
+    early = resolve_budget(model).kwargs()
+    peak = measure_peak(threads)  # first, before anything else warms the caches
+    progress(f"measured matmul peak ({threads} threads): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peak.items()))
+    s = _Setup(model, task.metric, data, limit, [stack[i : i + 1] for i in range(len(stack))],
+               [stack[i : i + 8] for i in range(0, len(stack) - 7, 8)], repeats, step_gflop(model, *stack.shape[-2:]),
+               peak, progress)
+    torch_backend = TorchBackend(model, threads=threads)
+
+    # 1. early exit's quality, and the fixed count of the same quality (torch; same numbers on every runtime)
+    q_early, it_early = _quality(model, torch_backend, data, early, limit)
+    progress(f"early exit {early}: {task.metric} {q_early:.2f}, {it_early:.1f} iterations")
+    n_fixed, fixed_quality, baseline = _fixed_baseline(s, torch_backend, q_early)
+    # 2. every row: artifacts at that count and the early-exit loops, then the extra precisions and compilers
+    rows = [_row(s, *entry) for entry in _plan(s, work, torch_backend, n_fixed, early, threads, compiled)]
+    fixed_quality = fixed_quality or {n_fixed: next(r.quality for r in rows if r.strategy == "fixed")}
+    summary = _summary(rows, peak, model, tuple(stack.shape[-2:]))
     tmp.cleanup()
     return {
-        "metric": metric,
+        "metric": task.metric,
         "rows": [asdict(r) for r in rows],
-        "ratios": ratios,
-        "goals_met": goals,
-        "best_at_equal_quality": best,
+        **{k: summary[k] for k in ("ratios", "goals_met", "best_at_equal_quality")},
         "peak_gflops": peak,
-        "gflop_per_step": gflop,
-        "compute_bound": bound,
+        "gflop_per_step": s.gflop,
+        "compute_bound": summary["compute_bound"],
         "fixed_count_matching_early_exit": n_fixed,
+        "fixed_baseline_source": baseline,
         "fixed_quality": fixed_quality,
         "early_exit": {"budget": early, "quality": q_early, "mean_iterations": it_early},
         "setup": {"threads": threads, "repeats": repeats, "images": min(limit, len(dataset)), "data": str(data),
-                  "image_size": list(stack.shape[-2:]), "latency_images": len(singles), "torch": torch.__version__, "arch": model.arch,
-                  "load_average": [round(v, 2) for v in os.getloadavg()]},
+                  "image_size": list(stack.shape[-2:]), "latency_images": len(s.singles), "torch": torch.__version__,
+                  "arch": model.arch, "load_average": [round(v, 2) for v in os.getloadavg()]},
     }
 
 

@@ -10,15 +10,8 @@ from crbp_deploy import checkpoint
 from crbp_deploy.data.pathfinder import PathfinderConfig, PathfinderFolder, write_dataset
 from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model, get_entry
-from crbp_deploy.pathfinder_eval import (
-    average_ranks,
-    evaluate_segmenter,
-    open_pathfinder,
-    pixel_counts,
-    scores,
-    spearman,
-)
-from crbp_deploy.quality import open_data
+from crbp_deploy.tasks import PANOPTIC, PATHFINDER
+from crbp_deploy.tasks.pathfinder import average_ranks, pixel_counts, scores, spearman
 
 LENGTHS = [6, 9, 14]
 
@@ -74,9 +67,9 @@ def test_pixel_scores():
 
 
 def test_perfect_prediction_and_iterations_per_length(mixed):
-    folder = open_pathfinder(mixed)  # the root: its val/ is found
+    folder = PATHFINDER.open(mixed)  # the root: its val/ is found
     assert isinstance(folder, PathfinderFolder) and folder.lengths == LENGTHS * 3
-    res = evaluate_segmenter(oracle(folder, lambda i: 2 * folder.lengths[i]), folder, batch_size=4,
+    res = PATHFINDER.evaluate(oracle(folder, lambda i: 2 * folder.lengths[i]), folder, batch_size=4,
                              max_iters=60, tol=1e-3)
     assert res["iou"] == 1.0 and res["f1"] == 1.0 and res["images"] == 9
     assert set(res["per_length"]) == {"6", "9", "14"}
@@ -87,8 +80,8 @@ def test_perfect_prediction_and_iterations_per_length(mixed):
 
 
 def test_wrong_prediction_scores_zero_and_limit(mixed):
-    folder = open_pathfinder(mixed / "val")
-    res = evaluate_segmenter(oracle(folder, lambda i: 5, flip=True), folder, limit=4, iters=5)
+    folder = PATHFINDER.open(mixed / "val")
+    res = PATHFINDER.evaluate(oracle(folder, lambda i: 5, flip=True), folder, limit=4, iters=5)
     assert res["iou"] == 0.0 and res["f1"] == 0.0 and res["images"] == 4
     assert res["per_length"]["6"]["images"] == 2 and res["spearman_length_iterations"] is None
     assert res["iterations"]["converged_fraction"] == 0.0
@@ -96,14 +89,14 @@ def test_wrong_prediction_scores_zero_and_limit(mixed):
 
 def test_data_errors(tmp_path, mixed):
     with pytest.raises(InputError, match="no such dataset folder"):
-        open_pathfinder(tmp_path / "nope")
+        PATHFINDER.open(tmp_path / "nope")
     with pytest.raises(InputError, match="no Pathfinder data"):
-        open_pathfinder(tmp_path)
+        PATHFINDER.open(tmp_path)
     (tmp_path / "annotations.json").write_text("{}")
     with pytest.raises(InputError, match="holds COCO panoptic data"):
-        open_pathfinder(tmp_path)
+        PATHFINDER.open(tmp_path)
     with pytest.raises(InputError, match="holds Pathfinder data"):
-        open_data("panoptic", mixed)
+        PANOPTIC.open(mixed)
 
 
 def test_cli_eval_pathfinder_json(mixed, tiny_ckpt, run_cli):

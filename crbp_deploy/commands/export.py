@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import tempfile
 from pathlib import Path
 from typing import Optional
 
@@ -19,94 +18,66 @@ def _parse_size(size: str) -> tuple[int, int]:
     return h, w
 
 
-def _pq_data(model, pq_data: Optional[Path], workdir: Path) -> Optional[Path]:
-    """The split for PQ parity: the given folder, or a small generated one for panoptic models."""
+def _strategy_budget(m, strategy: Optional[str], iters: Optional[int], max_iters: Optional[int],
+                     tol: Optional[float]) -> tuple[str, dict]:
+    """The graph strategy and the budget it is exported with (early exit: the options over the card's)."""
     from ..modelcard import ModelCard
 
-    card = ModelCard.of(model)
-    if not card.categories:
-        return None
-    if pq_data is not None:
-        return pq_data
-    from ..data.panoptic_synth import write_dataset
-
-    size = card.image_size
-    write_dataset(workdir / "pq", count=24, size=size, seed=2024, val_fraction=1.0, progress=None)
-    return workdir / "pq" / "val"
+    if iters is not None:
+        strategy = strategy or "unrolled"  # measured faster per iteration on ONNX Runtime CPU
+        return strategy, {"iters": iters} if strategy == "unrolled" else {"max_iters": iters, "tol": 0.0}
+    if strategy not in (None, "loop"):
+        raise InputError("early exit needs the loop strategy; use --iters N for an unrolled graph")
+    card = ModelCard.of(m).budget.early()
+    return "loop", {"max_iters": max_iters or card.max_iters, "tol": card.tol if tol is None else tol}
 
 
-#: onnxruntime's words for "no kernel for this op and type" (session creation or run).
-_NO_KERNEL = ("NOT_IMPLEMENTED", "Could not find an implementation")
+def _fp16_conversion_lines(result) -> None:
+    from ..artifact import read_sidecar
 
-
-def _skip_fp16(artifact: Path, reason: str) -> dict:
-    """An fp16 artifact the runtime has no kernels for: say so in the report (and the sidecar), do not crash."""
-    from ..artifact import read_sidecar, write_sidecar
-
-    report = {"passed": None, "skipped": True, "precision": "fp16", "reason": reason}
-    sidecar = read_sidecar(artifact)
-    if sidecar is not None:
-        sidecar["verification"] = report
-        write_sidecar(artifact, sidecar)
-    typer.echo(f"verify SKIPPED: {artifact} (fp16): {reason}")
-    return report
+    conv = read_sidecar(result.path)["fp16_conversion"]
+    kept = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in conv["kept_fp32_ops"].items())
+    extra = ", tol, the Loop's condition and counters" if result.strategy == "loop" else ""
+    typer.echo(f"fp16 ({conv['converter']}): {conv['fp16_initializers']} fp16 initializers; inputs/outputs{extra} "
+               f"and the convergence test stay fp32 (kept fp32: {kept})")
+    if conv.get("clamped_values"):
+        typer.echo(f"  warning: {conv['clamped_values']} constant value(s) lie outside fp16's range and were clamped "
+                   f"into [{conv['range'][0]:g}, {conv['range'][1]:g}] in magnitude")
 
 
 def _verify(artifact: Path, model, pq_data: Optional[Path], sizes, batches, backend: str = "onnxruntime",
             precision: str = "fp32") -> dict:
-    from ..export.verify import pq_parity_check, verify
-    from ..precision import tolerance
-    from ..runtime import load_backend
+    from ..export.fp16 import artifact_precision
+    from ..export.verify import verify_export
 
-    fp16 = backend in ("onnxruntime", "ort") and _artifact_precision(artifact) == "fp16"
-    try:
-        candidate = load_backend(artifact, backend, precision=precision)  # a missing runtime fails before any work
-    except CrbpError as exc:
-        if fp16 and any(k in str(exc) for k in _NO_KERNEL):
-            return _skip_fp16(artifact, f"onnxruntime has no fp16 kernel for part of this graph ({exc})")
-        raise
-    limits = tolerance(getattr(candidate, "precision", precision))  # an fp16 artifact: the fp16 tolerances
-    with tempfile.TemporaryDirectory() as tmp:
-        data = _pq_data(model, pq_data, Path(tmp))
-        checks = [pq_parity_check(data, model.meta, max_delta=limits.pq)] if data is not None else []
-        if fp16:
-            from ..export.fp16 import execution_check
-
-            checks.append(execution_check(artifact))
-        try:
-            report = verify(artifact, model, sizes=sizes, batches=batches, checks=checks, backend=candidate)
-        except CrbpError as exc:
-            if fp16 and getattr(exc, "report", None) is None and any(k in str(exc) for k in _NO_KERNEL):
-                return _skip_fp16(artifact, f"onnxruntime has no fp16 kernel for part of this graph ({exc})")
-            raise
+    report = verify_export(artifact, model, data=pq_data, sizes=sizes, batches=batches, backend=backend,
+                           precision=precision)
+    if isinstance(report, dict):  # an fp16 graph onnxruntime has no kernels for
+        typer.echo(f"verify SKIPPED: {artifact} (fp16): {report['reason']}")
+        return report
     typer.echo(report.summary())
     for check in report.checks:
         if check.get("informational"):  # the full numbers are in the sidecar
             typer.echo(f"  {check['name']}: {check.get('note', '')}")
             continue
         typer.echo(f"  {check['name']}: " + json.dumps({k: v for k, v in check.items() if k != "name"}))
-    if fp16:
-        iters = [(c["iterations"]["reference"], c["iterations"]["candidate"]) for c in report.cases]
-        same = sum(a == b for a, b in iters)
-        typer.echo(f"  fp16 tolerances (crbp_deploy/precision.py): heads atol {limits.atol} / rtol {limits.rtol}, "
-                   f"iterations within {limits.iterations:.0%}; per-sample iterations identical in {same} of "
-                   f"{len(iters)} cases: " + "; ".join(f"torch {a} vs onnx {b}" for a, b in iters))
-        if not any(p != "CPUExecutionProvider" for p in report.providers):
-            typer.echo("  not verified here: fp16 execution on a GPU (TensorRT, onnxruntime CUDA) -- no GPU on this "
-                       "machine; onnxruntime CPU checks the fp16 graph, weights and casts (see fp16_execution)")
+    if backend in ("onnxruntime", "ort") and artifact_precision(artifact) == "fp16":
+        _fp16_lines(report)
     return report.to_dict()
 
 
-def _artifact_precision(artifact: Path) -> str:
-    from ..artifact import read_sidecar
+def _fp16_lines(report) -> None:
+    from ..precision import tolerance
 
-    sidecar = read_sidecar(artifact) or {}
-    return sidecar.get("precision") or ("fp16" if sidecar.get("fp16") else "fp32")
-
-
-def _verify_sizes(model) -> list[tuple[int, int]]:
-    m = int(getattr(model, "stride", 1) or 1)
-    return [(32 * m, 32 * m), (24 * m, 40 * m)]
+    limits = tolerance("fp16")
+    iters = [(c["iterations"]["reference"], c["iterations"]["candidate"]) for c in report.cases]
+    same = sum(a == b for a, b in iters)
+    typer.echo(f"  fp16 tolerances (crbp_deploy/precision.py): heads atol {limits.atol} / rtol {limits.rtol}, "
+               f"iterations within {limits.iterations:.0%}; per-sample iterations identical in {same} of "
+               f"{len(iters)} cases: " + "; ".join(f"torch {a} vs onnx {b}" for a, b in iters))
+    if not any(p != "CPUExecutionProvider" for p in report.providers):
+        typer.echo("  not verified here: fp16 execution on a GPU (TensorRT, onnxruntime CUDA) -- no GPU on this "
+                   "machine; onnxruntime CPU checks the fp16 graph, weights and casts (see fp16_execution)")
 
 
 def export(
@@ -151,15 +122,7 @@ def export(
 
         require_converter()  # one line naming the package and how to install it, before any work
     m, source = resolve_model(model)
-    if iters is not None:
-        strategy = strategy or "unrolled"  # measured faster per iteration on ONNX Runtime CPU
-        budget = {"iters": iters} if strategy == "unrolled" else {"max_iters": iters, "tol": 0.0}
-    else:
-        if strategy not in (None, "loop"):
-            raise InputError("early exit needs the loop strategy; use --iters N for an unrolled graph")
-        strategy = "loop"
-        card = ModelCard.of(m).budget.early()
-        budget = {"max_iters": max_iters or card.max_iters, "tol": card.tol if tol is None else tol}
+    strategy, budget = _strategy_budget(m, strategy, iters, max_iters, tol)
     if postprocess:
         from ..export.panoptic_graph import WithPanopticLabels
         m = WithPanopticLabels(m, ModelCard.of(m).postprocess)
@@ -177,31 +140,17 @@ def export(
     body = f" ({execution})" if execution else ""
     typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}{body}, {budget}) in {result.seconds:.1f} s")
     if fp16:
-        from ..artifact import read_sidecar
-
-        conv = read_sidecar(result.path)["fp16_conversion"]
-        kept = ", ".join(f"{op} x{n}" if n > 1 else op for op, n in conv["kept_fp32_ops"].items())
-        extra = ", tol, the Loop's condition and counters" if result.strategy == "loop" else ""
-        typer.echo(f"fp16 ({conv['converter']}): {conv['fp16_initializers']} fp16 initializers; inputs/outputs{extra} "
-                   f"and the convergence test stay fp32 (kept fp32: {kept})")
-        if conv.get("clamped_values"):
-            typer.echo(f"  warning: {conv['clamped_values']} constant value(s) lie outside fp16's range and were clamped "
-                       f"into [{conv['range'][0]:g}, {conv['range'][1]:g}] in magnitude")
+        _fp16_conversion_lines(result)
     from ..export.trt_lint import lint_tensorrt
 
     lint = lint_tensorrt(result.path)  # checkable without a GPU: what TensorRT's ONNX parser would reject
     typer.echo(lint.summary().splitlines()[0])
     if not no_verify:
-        sizes = None if dynamic else [_parse_size(size)]
-        _verify(result.path, m, pq_data, sizes or _verify_sizes(m), None if dynamic else [batch])
+        _verify(result.path, m, pq_data, None if dynamic else [_parse_size(size)], None if dynamic else [batch])
     if fmt == "tensorrt":
-        from ..export.tensorrt import build_engine
+        from ..export.tensorrt import build_engine, engine_shapes
 
-        h, w = _parse_size(size)
-        c, s = m.in_channels, int(getattr(m, "stride", 1) or 1)
-        shapes = {} if not dynamic else {
-            "min_shape": (1, c, 8 * s, 8 * s), "opt_shape": (batch, c, h, w), "max_shape": (max(8, batch), c, 4 * h, 4 * w)
-        }
+        shapes = engine_shapes(m, _parse_size(size), batch, dynamic)
         engine = build_engine(result.path, result.path.with_suffix(".engine"), fp16=fp16, **shapes)
         typer.echo(f"built TensorRT engine {engine.path} in {engine.seconds:.1f} s (TensorRT {engine.tensorrt})")
 
@@ -229,4 +178,4 @@ def verify(
         m = WithPanopticLabels(m, PostprocessConfig.from_dict(post) if post else None)
     if backend not in ("onnxruntime", "ort", "openvino", "ov"):
         raise InputError(f"--backend must be onnxruntime or openvino for an ONNX artifact, got {backend!r}")
-    _verify(artifact, m, pq_data, _verify_sizes(m), None, backend, precision)
+    _verify(artifact, m, pq_data, None, None, backend, precision)

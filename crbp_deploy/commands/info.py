@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from . import json_object
+from .options import json_object
 
 console = Console()
 

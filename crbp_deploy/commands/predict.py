@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import CrbpError
-from .evaluate import _budget, _panoptic_predictor, _predictor
+from .options import budget_options
 
 
 def predict(
@@ -31,10 +31,14 @@ def predict(
         _predict_url(images, url, model, token, out, iters, max_iters, tol)
         return
     if backend == "torch" and precision == "fp32" and threads is None:
-        predictor, _ = _predictor(model)
+        from ..sources import resolve_model
+        from ..tasks import PANOPTIC
+
+        m, source = resolve_model(model)
+        predictor = PANOPTIC.runner(m, source=source)
     else:
         predictor = _backend_predictor(model, backend, precision, threads)
-    budget = _budget(iters, max_iters, tol)
+    budget = budget_options(iters, max_iters, tol)
     arrays = [read_image(p) for p in images]  # all validated before any work starts
     for path, image, pred in zip(images, arrays, predictor.predict(arrays, **budget)):
         write_prediction(out, path.stem, image, pred, predictor.categories)
@@ -66,8 +70,10 @@ def _backend_predictor(spec: Optional[str], kind: str, precision: str, threads: 
         if card is None or not card.categories:
             raise CrbpError(f"{source.path}: its sidecar (model card with the categories) is missing")
         return PanopticPredictor.from_backend(load_backend(source.path, kind, **options), card)
+    from ..tasks import PANOPTIC
+
     model = source.load_model()
-    _panoptic_predictor(model, source.label)  # a clear error for a model that is not panoptic
+    PANOPTIC.runner(model, source=source.label)  # a clear error for a model that is not panoptic
     if kind == "torch":
         return PanopticPredictor.from_backend(load_backend(model, "torch", **options), model.meta)
     from ..export import export_onnx

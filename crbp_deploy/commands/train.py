@@ -8,7 +8,7 @@ from typing import Optional
 
 import typer
 
-from . import json_object
+from .options import json_object
 
 
 

@@ -27,7 +27,7 @@ class WithPanopticLabels(RecurrentSegmenter):
             )
         super().__init__(model.config)
         self.inner = model
-        self.arch = model.arch
+        self.arch, self.task = model.arch, model.task
         self.meta = {**model.meta, "postprocess_in_graph": (config or PostprocessConfig()).to_dict()}
         self.in_channels, self.recurrent = model.in_channels, model.recurrent
         self.stride = getattr(model, "stride", 1)

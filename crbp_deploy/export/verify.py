@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -162,29 +163,10 @@ def verify(
     for i, size in enumerate(sizes):
         for batch in batches:
             images = sample_images(batch, candidate.in_channels, tuple(size), seed + 1000 * i + batch)
-            ref = reference.run(images, **budget.kwargs())
-            got = candidate.run(images, **(budget.kwargs() if candidate.strategy != "unrolled" else {}))
-            outputs = {}
-            for name in ref.outputs:
-                if name not in got.outputs:
-                    outputs[name] = {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"), "missing": True}
-                    continue
-                outputs[name] = _compare(ref[name], got[name], atol, rtol)
-            same_iters = _iterations_match(ref["iterations"], got.outputs.get("iterations"), limits.iterations)
-            report.iterations_match &= same_iters
-            case = {
-                "size": list(size),
-                "batch": batch,
-                "iterations": {"reference": ref["iterations"].tolist(),
-                               "candidate": np.asarray(got.outputs.get("iterations", [])).tolist()},
-                "residual": {"reference": ref["residual"].tolist()},
-                "outputs": outputs,
-                "timings_ms": {"reference": ref.telemetry["timings"]["total_ms"],
-                               "candidate": got.telemetry["timings"]["total_ms"]},
-                "ok": same_iters and all(v["ok"] for v in outputs.values()),
-            }
+            case = _case(reference, candidate, images, budget.kwargs(), atol, rtol, limits.iterations)
+            report.iterations_match &= case.pop("iterations_ok")
             report.cases.append(case)
-            for name, v in outputs.items():
+            for name, v in case["outputs"].items():
                 w = report.worst.setdefault(name, {"max_abs": 0.0, "max_rel": 0.0})
                 w["max_abs"] = max(w["max_abs"], v["max_abs"])
                 w["max_rel"] = max(w["max_rel"], v["max_rel"])
@@ -202,6 +184,30 @@ def verify(
         error.report = report
         raise error
     return report
+
+
+def _case(reference, candidate, images: np.ndarray, budget: dict, atol: float, rtol: float, slack: float) -> dict:
+    """One batch through both runtimes: every output compared, per-sample iterations matched."""
+    ref = reference.run(images, **budget)
+    got = candidate.run(images, **(budget if candidate.strategy != "unrolled" else {}))
+    outputs = {}
+    for name in ref.outputs:
+        if name not in got.outputs:
+            outputs[name] = {"ok": False, "max_abs": float("inf"), "max_rel": float("inf"), "missing": True}
+            continue
+        outputs[name] = _compare(ref[name], got[name], atol, rtol)
+    same_iters = _iterations_match(ref["iterations"], got.outputs.get("iterations"), slack)
+    return {
+        "size": list(images.shape[2:]),
+        "batch": len(images),
+        "iterations": {"reference": ref["iterations"].tolist(),
+                       "candidate": np.asarray(got.outputs.get("iterations", [])).tolist()},
+        "residual": {"reference": ref["residual"].tolist()},
+        "outputs": outputs,
+        "timings_ms": {"reference": ref.telemetry["timings"]["total_ms"], "candidate": got.telemetry["timings"]["total_ms"]},
+        "ok": same_iters and all(v["ok"] for v in outputs.values()),
+        "iterations_ok": same_iters,
+    }
 
 
 def _record(path: Path, report: VerifyReport) -> str | None:
@@ -222,10 +228,10 @@ def pq_parity_check(data: str | os.PathLike, meta: dict[str, Any], *, limit: int
     Real images exercise what random inputs do not (confident heads, the grouping); the two PQs
     must agree within `max_delta` points (the issue's |dPQ| <= 0.1).
     """
-    from ..panoptic.evaluate import evaluate_predictor, open_dataset
     from ..panoptic.predict import PanopticPredictor
+    from ..tasks import PANOPTIC
 
-    dataset = open_dataset(data)
+    dataset = PANOPTIC.open(data)
 
     def pq_parity(reference, candidate) -> dict[str, Any]:
         budget = candidate.default_budget.kwargs()
@@ -233,10 +239,51 @@ def pq_parity_check(data: str | os.PathLike, meta: dict[str, Any], *, limit: int
         for name, backend in (("reference", reference), ("candidate", candidate)):
             predictor = PanopticPredictor.from_backend(backend, meta, budget=budget)
             predictor.stride = getattr(candidate, "size_multiple", 1) or 1
-            res = evaluate_predictor(predictor, dataset, limit=limit)
+            res = PANOPTIC.evaluate(predictor, dataset, limit=limit)
             results[name] = {"pq": res["pq"]["all"], "mean_iterations": res["iterations"]["mean"]}
         delta = abs(results["reference"]["pq"] - results["candidate"]["pq"])
         return {"name": "pq_parity", "passed": delta <= max_delta, "delta_pq": delta, "max_delta": max_delta,
                 "images": min(limit, len(dataset)) if limit else len(dataset), **results}
 
     return pq_parity
+
+
+def parity_checks(model, data: str | os.PathLike | None, workdir: Path, max_delta: float) -> list[Check]:
+    """The task-level checks of an export: for a task with one (panoptic), quality parity on `data`,
+    by default a small split generated into `workdir` at the card's image size."""
+    from ..modelcard import ModelCard
+    from ..tasks import task_of
+
+    task = task_of(model)
+    if not task.parity_images or not ModelCard.of(model).categories:  # untrained: its card names nothing to score
+        return []
+    if data is None:
+        data = task.generate(workdir / "pq", task.parity_images, ModelCard.of(model).image_size, seed=2024)
+    return [pq_parity_check(data, model.meta, max_delta=max_delta)]
+
+
+def verify_sizes(model) -> list[tuple[int, int]]:
+    """The image sizes `crbp-deploy verify` checks a dynamic export at (multiples of the model's stride)."""
+    m = int(getattr(model, "stride", 1) or 1)
+    return [(32 * m, 32 * m), (24 * m, 40 * m)]
+
+
+def verify_export(artifact: Path, model, *, data=None, sizes=None, batches=None, backend: str = "onnxruntime",
+                  precision: str = "fp32") -> VerifyReport | dict:
+    """`verify` with the task's parity checks (and, for an fp16 graph, what ran in fp16). An fp16 artifact
+    onnxruntime has no kernels for gives a skipped report (a dict, recorded in the sidecar), not an error."""
+    from ..runtime import load_backend
+    from .fp16 import artifact_precision, execution_check, missing_kernel, skip_verification
+
+    fp16 = backend in ("onnxruntime", "ort") and artifact_precision(artifact) == "fp16"
+    try:
+        candidate = load_backend(artifact, backend, precision=precision)  # a missing runtime fails before any work
+        limits = tolerance(getattr(candidate, "precision", precision))  # an fp16 artifact: the fp16 tolerances
+        with tempfile.TemporaryDirectory() as tmp:
+            checks = parity_checks(model, data, Path(tmp), limits.pq) + ([execution_check(artifact)] if fp16 else [])
+            return verify(artifact, model, sizes=sizes or verify_sizes(model), batches=batches, checks=checks,
+                          backend=candidate)
+    except CrbpError as exc:
+        if fp16 and missing_kernel(exc):
+            return skip_verification(artifact, exc)
+        raise

@@ -1,4 +1,4 @@
-"""Task losses and metrics: Pathfinder (focal / BCE, IoU) and box-free panoptic heads."""
+"""Task losses: Pathfinder (focal / BCE) and box-free panoptic heads (the metrics live in crbp_deploy.tasks)."""
 from __future__ import annotations
 
 import torch
@@ -22,13 +22,6 @@ def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
 
 
 PATHFINDER_LOSSES = {"focal": focal_loss, "bce": bce_loss}
-
-
-def iou_counts(logits: Tensor, target: Tensor) -> tuple[int, int]:
-    """Intersection and union of the predicted and true contour pixels (summed over the batch)."""
-    pred = logits.argmax(1).bool()
-    true = target.bool()
-    return int((pred & true).sum()), int((pred | true).sum())
 
 
 def _per_sample_mean(values: Tensor, weight: Tensor) -> Tensor:

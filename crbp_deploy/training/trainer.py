@@ -26,11 +26,11 @@ from ..contraction import contraction_report
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
 from ..models import create_model
+from ..tasks import TASKS
 from .distributed import World, all_sum, average_gradients, barrier, init_world, shutdown
 from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT, LCP_REDUCTIONS
 from .rbp import DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
 from .solve import GRAD_MODES, solve
-from .tasks import TASKS
 
 #: An epoch warns when more than this share of its batches stop on growth within EARLY_TERMS terms.
 EARLY_GROWTH_SHARE = 0.1
