@@ -149,17 +149,17 @@ def tiny_store(tmp_path_factory, max_batch_delay_ms=10) -> dict:
 
 
 @contextmanager
-def served(store, run, port=None, *extra):
-    """`crbp-deploy serve` on free ports; `serve --stop` on the way out, even on failure."""
-    from crbp_deploy.serving.server import read_keys, running_pid
+def served(store, run, *extra, engine="torchserve", timeout=300):
+    """`crbp-deploy serve --engine ENGINE` on free ports; `serve --stop` on the way out, even on failure."""
+    from crbp_deploy.serving.engine import get_engine, read_keys
 
-    port = port or free_ports()
-    started = cli("serve", "--model-store", store, "--port", port, "--run-dir", run, *extra)
+    port = free_ports(10)  # the most any engine uses (Ray: P..P+8)
+    started = cli("serve", "--engine", engine, "--model-store", store, "--port", port, "--run-dir", run, *extra,
+                  timeout=timeout)
     try:
         assert started.returncode == 0, started.stdout + started.stderr
-        keys = read_keys(run)
-        yield {"port": port, "run": run, "store": store, "stdout": started.stdout, "token": keys.get("inference"),
-               "pid": running_pid(run), "url": f"http://127.0.0.1:{port}/predictions/"}
+        yield {"port": port, "run": run, "store": store, "stdout": started.stdout, "token": read_keys(run).get("inference"),
+               "pid": get_engine(engine).running(run), "url": f"http://127.0.0.1:{port}/predictions/"}
     finally:
         cli("serve", "--stop", "--port", port, "--run-dir", run)
 

@@ -1,21 +1,93 @@
-"""The same archive on both engines: TorchServe and Ray Serve answer every request alike (same status,
-same JSON but timings), and the Ray engine's own parts: a real local Ray cluster started and stopped by
+"""The engines behind one `Engine` interface: the registry and the checks every engine shares; then the
+same archive on both engines: TorchServe and Ray Serve answer every request alike (same status, same JSON
+but timings), and the Ray engine's own parts: a real local Ray cluster started and stopped by
 `crbp-deploy serve --engine ray`, batching, the generated cluster configs, and its bad inputs.
 
-Skipped where Ray Serve is not installed (`pip install 'crbp-deploy[ray]'`, part of `make setup`).
+The Ray tests are skipped where Ray Serve is not installed (`pip install 'crbp-deploy[ray]'`, part of
+`make setup`).
 """
 import json
+import socket
 
 import psutil
 import pytest
 import yaml
 
+from crbp_deploy.errors import CrbpError, InputError
 from crbp_deploy.serving.client import Client
+from crbp_deploy.serving.engine import ENGINES, Engine, get_engine
 from serving_util import BAD, cli, free_ports, hammer, multipart, sample, served, tiny_store
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(900)]
-ray = pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'crbp-deploy[ray]')")
 VARYING = ("timings_ms", "batch_size")  # how long it took and what it was batched with
+
+
+def _one_line(r, words):
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr
+
+
+# --- the interface, without a server ---------------------------------------------------------------
+
+
+def test_registry_names_every_engine(tmp_path, monkeypatch):
+    monkeypatch.setenv("CRBP_DEPLOY_STATE", str(tmp_path))
+    for name in ENGINES:
+        engine = get_engine(name)
+        assert isinstance(engine, Engine) and engine.name == name
+        assert engine.default_run_dir(8123) == tmp_path / f"{name}-8123"
+        assert engine.running(tmp_path) is None and engine.stop(tmp_path) is False  # nothing started there
+    with pytest.raises(InputError, match="must be one of torchserve, ray, got 'triton'"):
+        get_engine("triton")
+
+
+def test_check_installed_names_the_missing_package():
+    engine = get_engine("torchserve")
+    engine.requires = (("yaml", "pyyaml"), ("crbp_no_such_module", "no-such-package"))
+    with pytest.raises(CrbpError, match=r"^serving needs no-such-package: pip install 'crbp-deploy\[serve\]'$"):
+        engine.check_installed()
+
+
+def test_every_engine_refuses_before_starting_anything(tmp_path):
+    """A missing store, an empty store, an archive not in the store and a busy port are refused with the
+    same words by every engine, before a process is started."""
+    installed = []
+    for name in ENGINES:
+        try:
+            get_engine(name).check_installed()
+            installed.append(name)
+        except CrbpError:
+            continue
+    if not installed:
+        pytest.skip("no serving engine is installed")
+    empty, store = tmp_path / "empty", tmp_path / "store"
+    empty.mkdir()
+    store.mkdir()
+    (store / "tiny.mar").write_bytes(b"")  # only the name is looked at before the ports are checked
+    port = free_ports(10)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", port))
+        busy.listen()
+        for name in installed:
+            engine, run = get_engine(name), tmp_path / name
+            config = engine.configure(port)
+            first = next(iter(config.ports()))  # the inference port's name
+            for model_store, models, words in [(tmp_path / "none", None, "does not exist"),
+                                               (empty, None, "no .mar archives"),
+                                               (store, ["other"], "not in"),
+                                               (store, None, f"port(s) in use on 127.0.0.1: {first} {port}")]:
+                with pytest.raises(CrbpError) as err:
+                    engine.start(model_store, config, run_dir=run, models=models)
+                assert words in str(err.value), (name, str(err.value))
+            assert engine.running(run) is None and not (run / "key_file.json").exists()
+
+
+def test_serve_engine_options_are_checked():
+    _one_line(cli("serve", "--engine", "triton", "--port", free_ports(10)), "--engine must be one of torchserve, ray")
+    _one_line(cli("serve", "--replicas", "2", "--port", free_ports(10)), "--replicas is for --engine ray")
+
+
+# --- both engines, running -------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
@@ -32,17 +104,9 @@ def torchserve(store, tmp_path_factory):
 @pytest.fixture(scope="module")
 def rayserve(store, tmp_path_factory):
     """`crbp-deploy serve --engine ray --replicas 2`; `serve --stop` at the end, even on failure."""
-    from crbp_deploy.serving.server import read_keys
-
-    port, run = free_ports(10), tmp_path_factory.mktemp("ray")
-    started = cli("serve", "--engine", "ray", "--replicas", "2", "--model-store", store["path"], "--port", port,
-                  "--run-dir", run, timeout=400)
-    try:
-        assert started.returncode == 0, started.stdout + started.stderr
-        yield {"port": port, "run": run, "stdout": started.stdout, "token": read_keys(run)["inference"],
-               "url": f"http://127.0.0.1:{port}/predictions/"}
-    finally:
-        cli("serve", "--stop", "--port", port, "--run-dir", run)
+    pytest.importorskip("ray", reason="Ray Serve is not installed (pip install 'crbp-deploy[ray]')")
+    with served(store["path"], tmp_path_factory.mktemp("ray"), "--replicas", "2", engine="ray", timeout=400) as info:
+        yield info
 
 
 def _requests():
@@ -126,18 +190,14 @@ def test_cluster_configs_follow_ray_schema(rayserve):
 
 def test_ray_bad_inputs(rayserve, tmp_path):
     """--replicas 0, Ray missing, a port in use: one clear line, exit 1."""
-    def one_line(r, words):
-        lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
-        assert r.returncode == 1 and len(lines) == 1 and lines[0].startswith("error:") and words in lines[0], r.stderr
-
-    one_line(cli("serve", "--engine", "ray", "--replicas", "0", "--port", free_ports(10)), "--replicas must be at least 1")
+    _one_line(cli("serve", "--engine", "ray", "--replicas", "0", "--port", free_ports(10)), "--replicas must be at least 1")
     shadow = tmp_path / "noray" / "ray"
     shadow.mkdir(parents=True)
     (shadow / "__init__.py").write_text("raise ImportError('No module named ray')\n")
-    one_line(cli("serve", "--engine", "ray", "--port", free_ports(10), env={"PYTHONPATH": str(shadow.parent)}),
+    _one_line(cli("serve", "--engine", "ray", "--port", free_ports(10), env={"PYTHONPATH": str(shadow.parent)}),
              "pip install 'crbp-deploy[ray]'")
     store = yaml.safe_load((rayserve["run"] / "serve_config.yaml").read_text())["applications"][0]["args"]["model_store"]
-    one_line(cli("serve", "--engine", "ray", "--model-store", store, "--port", rayserve["port"],
+    _one_line(cli("serve", "--engine", "ray", "--model-store", store, "--port", rayserve["port"],
                  "--run-dir", tmp_path / "second"), "port(s) in use")
 
 
@@ -146,10 +206,12 @@ def test_serve_stop_ends_the_cluster(rayserve):
 
     procs = _cluster_processes(rayserve["run"])
     assert len(procs) >= 3  # GCS, raylet, Serve controller / proxy / replicas
+    assert rayserve["pid"] in {p.pid for p in procs}  # what the Engine reports as running
     r = cli("serve", "--stop", "--port", rayserve["port"], "--run-dir", rayserve["run"])
     assert r.returncode == 0 and "stopped the Ray cluster" in r.stdout, r.stdout + r.stderr
     assert not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in procs)
     assert not _cluster_processes(rayserve["run"]) and not (rayserve["run"] / "key_file.json").exists()
+    assert get_engine("ray").running(rayserve["run"]) is None
     again = cli("serve", "--stop", "--port", rayserve["port"], "--run-dir", rayserve["run"])
     assert again.returncode == 0 and "no TorchServe" in again.stdout
 

@@ -17,6 +17,7 @@ import torch
 from crbp_deploy import checkpoint
 from crbp_deploy.serving.archive import ArchiveConfig, package
 from crbp_deploy.serving.client import Client
+from crbp_deploy.serving.engine import get_engine
 from crbp_deploy.serving.service import PanopticService, RawRequest
 from serving_util import (BAD, BUDGET, CATS, COMPARED, cli, hammer, multipart, need_torchserve, same, sample, served,
                           tiny_artifacts)
@@ -319,5 +320,6 @@ def test_serve_stop_waits_for_java_exit(server):
     assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
     assert not any(w.is_running() and w.status() != psutil.STATUS_ZOMBIE for w in workers)
     assert not (server["run"] / "key_file.json").exists()
+    assert get_engine("torchserve").running(server["run"]) is None
     again = cli("serve", "--stop", "--port", str(server["port"]), "--run-dir", str(server["run"]))
     assert again.returncode == 0 and "no TorchServe" in again.stdout

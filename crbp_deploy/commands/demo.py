@@ -67,9 +67,9 @@ def demo(
 
     from ..export import export_onnx, verify
     from ..modelcard import ModelCard
-    from ..serving import server as ts
     from ..serving.archive import DEFAULT_NAME, package
     from ..serving.client import Client
+    from ..serving.engine import get_engine
     from ..sources import resolve_model
 
     console = Console()
@@ -94,7 +94,8 @@ def demo(
     result = package(onnx, name=name, out=model_store)
     console.print(f"{result.path} ({result.size_bytes / 1e6:.1f} MB)")
     step(4, f"serve on http://127.0.0.1:{port} (token auth on)")
-    server = ts.start(result.path.parent, ts.ServerConfig(port=port), models=[name], progress=console.print)
+    engine = get_engine("torchserve")  # the demo reads TorchServe's metrics endpoint
+    server = engine.start(result.path.parent, engine.configure(port), models=[name], progress=console.print)
     try:
         console.print(f"up: {server.predictions_url(name)}; keys in {server.key_file}; metrics {server.metrics_url}")
         side = size or card.image_size
@@ -125,5 +126,5 @@ def demo(
             console.print(f"left running; stop it with: crbp-deploy serve --stop --port {port}")
         else:
             step(6, "stop the server")
-            ts.stop(server.run_dir)
+            server.stop()
             console.print(f"stopped; done in {time.perf_counter() - started:.0f} s")

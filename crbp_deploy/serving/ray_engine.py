@@ -21,13 +21,13 @@ import shutil
 import subprocess
 import sys
 import time
-import urllib.error
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
+from .engine import KEY_FILE, Engine, Running, http_get, store_models
 
 STATE_FILE = "ray-state.json"
 SERVE_CONFIG = "serve_config.yaml"
@@ -63,12 +63,6 @@ class RayConfig(StrictConfig):
         return {name: self.port + i for i, name in enumerate(PORT_NAMES)}
 
 
-def default_run_dir(port: int) -> Path:
-    from .server import default_run_dir as torchserve_dir
-
-    return torchserve_dir(port).parent / f"ray-{port}"
-
-
 def temp_dir(run: Path) -> Path:
     """Ray's temp dir for this run folder: inside it, unless that path is too long for the Unix sockets
     Ray puts 60 characters below it (107 at most); then a short folder in the system temp dir, named
@@ -81,14 +75,6 @@ def temp_dir(run: Path) -> Path:
     import tempfile
 
     return Path(tempfile.gettempdir()) / f"crbp-ray-{hashlib.sha1(str(run).encode()).hexdigest()[:10]}"
-
-
-def check_installed() -> None:
-    try:
-        import ray  # noqa: F401
-        from ray import serve  # noqa: F401
-    except ImportError:
-        raise CrbpError("the Ray engine needs Ray Serve: pip install 'crbp-deploy[ray]'") from None
 
 
 def autoscaling_config(config: RayConfig, batch_size: int) -> dict[str, Any]:
@@ -170,77 +156,24 @@ def _cluster_processes(run: Path) -> list:
     return [p for pid, p in found.items() if pid != os.getpid()]
 
 
-def running(run_dir: str | os.PathLike) -> dict | None:
-    """The state of a live cluster started from `run_dir`, or None."""
-    run = Path(run_dir)
-    try:
-        state = json.loads((run / STATE_FILE).read_text())
-    except (OSError, ValueError):
-        return None
-    return state if _cluster_processes(run) else None
-
-
-def _get(url: str, token: str | None) -> int:
-    import urllib.request
-
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=5) as response:
-            return response.status
-    except urllib.error.HTTPError as exc:
-        return exc.code
-
-
 @dataclass
-class RayServer:
-    run_dir: Path
-    config: RayConfig
-    models: list[str]
-    token: str | None
-    files: dict[str, Path]
+class RayServer(Running):
+    """A local Ray Serve cluster started by `RayServe.start`; `files` are the generated cluster configs."""
 
-    def url(self) -> str:
-        return f"http://{self.config.host}:{self.config.port}"
+    engine: ClassVar[str] = "ray"
+    title: ClassVar[str] = "Ray Serve"
+    files: dict[str, Path] = field(default_factory=dict)
 
-    def predictions_url(self, model: str) -> str:
-        return f"{self.url()}/predictions/{model}"
+    def status(self) -> str:
+        return f"{self.config.replicas} replica(s)"
 
-    @property
-    def key_file(self) -> Path | None:
-        return self.run_dir / "key_file.json" if self.config.auth else None
-
-    def stop(self, timeout: float = 15.0) -> bool:
-        return stop(self.run_dir, timeout)
+    def links(self) -> list[str]:
+        return [f"  cluster configs: {', '.join(str(p) for p in self.files.values())} (serve deploy / KubeRay)"]
 
 
-def start(model_store, config: RayConfig | None = None, *, run_dir=None, progress=None) -> RayServer:
-    """Start a local Ray cluster on 127.0.0.1, deploy every archive of `model_store` with `config.replicas`
-    replicas, wait until /ping answers. On failure the cluster is stopped and the error names the log folder."""
-    from .server import _port_free, store_models
-
-    config = config or RayConfig()
-    say = progress or (lambda msg: None)
-    check_installed()
-    store = Path(model_store).resolve()
-    models = store_models(store) if store.is_dir() else []
-    if not models:
-        raise CrbpError(f"no .mar archives in {store}; build one first: crbp-deploy package")
-    run = Path(run_dir or default_run_dir(config.port)).resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    if running(run):
-        raise CrbpError(f"a Ray cluster from {run} is already running; stop it: crbp-deploy serve --stop --port {config.port}")
-    busy = [f"{name} {port}" for name, port in config.ports().items() if not _port_free(config.host, port)]
-    if busy:
-        raise CrbpError(f"port(s) in use on {config.host}: {', '.join(busy)}; choose another --port")
-    for path in (temp_dir(run), run / "models", run / "key_file.json", run / STATE_FILE):
-        shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
-    token = None
-    if config.auth:  # TorchServe's key file layout, so `predict --url` and the tests read it the same way
-        token = secrets.token_urlsafe(12)
-        (run / "key_file.json").write_text(json.dumps({"inference": {"key": token}}))
-        (run / "key_file.json").chmod(0o600)
+def _ray_start(run: Path, config: RayConfig, env: dict, say) -> None:
+    """`ray start --head` with every port pinned to P+1..P+8 on 127.0.0.1 and Ray's temp dir in the run folder."""
     ports = config.ports()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": str(config.threads)}
     cpus = max(os.cpu_count() or 1, config.replicas * config.threads)
     say(f"starting a local Ray cluster on {config.host} (run folder {run})")
     args = [
@@ -256,31 +189,15 @@ def start(model_store, config: RayConfig | None = None, *, run_dir=None, progres
     with open(run / "ray-start.log", "wb") as log:
         done = subprocess.run(args, cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=180)
     if done.returncode != 0:
-        stop(run)
         tail = (run / "ray-start.log").read_text(errors="replace").strip().splitlines()[-5:]
         raise CrbpError(f"ray start failed (exit {done.returncode}): {' / '.join(tail)}")
-    (run / STATE_FILE).write_text(json.dumps({"engine": "ray", "port": config.port, "gcs": ports["gcs"],
-                                              "models": models, "replicas": config.replicas}))
+
+
+def _answers(url: str, token: str | None) -> bool:
     try:
-        _deploy(run, store, config, env, say)
-        deadline = time.monotonic() + config.startup_timeout_s
-        while True:
-            try:
-                if _get(f"http://{config.host}:{config.port}/ping", token) == 200:
-                    break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                raise CrbpError(f"Ray Serve did not answer /ping within {config.startup_timeout_s:.0f} s; logs in {temp_dir(run)}")
-            time.sleep(0.5)
-    except BaseException:
-        stop(run)
-        raise
-    files = {}
-    for name, text in cluster_configs(config, str(store), _batch_size(run / "models")).items():
-        (run / name).write_text(text)
-        files[name] = run / name
-    return RayServer(run, config, models, token, files)
+        return http_get(url, token)[0] == 200
+    except OSError:
+        return False
 
 
 def _batch_size(unpacked: Path) -> int:
@@ -309,7 +226,7 @@ def _deploy(run: Path, store: Path, config: RayConfig, env: dict, say) -> None:
         "address": f"{config.host}:{config.ports()['gcs']}", "host": config.host, "port": config.port, "app": APP_NAME,
         "args": {"model_store": str(store), "unpack_dir": str(run / "models"), "num_replicas": config.replicas,
                  "threads": config.threads, "max_ongoing_requests": config.max_ongoing_requests,
-                 "key_file": str(run / "key_file.json") if config.auth else None},
+                 "key_file": str(run / KEY_FILE) if config.auth else None},
     }
     with open(run / "ray-deploy.log", "wb") as log:
         try:
@@ -323,25 +240,89 @@ def _deploy(run: Path, store: Path, config: RayConfig, env: dict, say) -> None:
         raise CrbpError(f"deploying on Ray failed: {(errors or lines or ['no output'])[-1].strip()} (log: {run / 'ray-deploy.log'})")
 
 
-def stop(run_dir, timeout: float = 15.0) -> bool:
-    """End this cluster's processes (SIGTERM, then SIGKILL after `timeout`); False if none was running."""
-    import psutil
+class RayServe(Engine):
+    """Ray Serve on a local Ray cluster: replicas on one machine, and the configs for a multi-node cluster."""
 
-    run = Path(run_dir)
-    procs = _cluster_processes(run)
-    for proc in procs:
+    name = "ray"
+    noun = "Ray cluster"
+    stopped = "stopped the Ray cluster; its processes have exited"
+    gone = "the Ray cluster exited; see {logs}"
+    requires = (("ray.serve", "ray[serve]"),)
+    install = "the Ray engine needs Ray Serve: pip install 'crbp-deploy[ray]'"
+
+    def configure(self, port: int, auth: bool = True, replicas: int | None = None) -> RayConfig:
+        return RayConfig(port=port, replicas=1 if replicas is None else replicas, auth=auth)
+
+    def running(self, run_dir) -> int | None:
+        """The lowest pid of the cluster's processes while its state file is there, else None."""
+        run = Path(run_dir)
+        procs = _cluster_processes(run) if (run / STATE_FILE).is_file() else []
+        return min(p.pid for p in procs) if procs else None
+
+    def log_dir(self, run_dir) -> Path:
+        return temp_dir(run_dir)
+
+    def start(self, model_store, config: RayConfig | None = None, *, run_dir=None, models=None, progress=None) -> RayServer:
+        """Start a local Ray cluster on 127.0.0.1, deploy every archive of `model_store` with `config.replicas`
+        replicas, wait until /ping answers. On failure the cluster is stopped and the error names the log folder."""
+        config = config or RayConfig()
+        say = progress or (lambda msg: None)
+        store, served, run = self.prepare(model_store, config, run_dir, models)
+        if set(served) != set(store_models(store)):  # ray_app deploys the whole store
+            raise CrbpError("the Ray engine serves every archive in the model store; give it a store with only those")
+        for path in (temp_dir(run), run / "models", run / KEY_FILE, run / STATE_FILE):
+            shutil.rmtree(path, ignore_errors=True) if path.is_dir() else path.unlink(missing_ok=True)
+        token = None
+        if config.auth:  # TorchServe's key file layout, so `predict --url` and the tests read it the same way
+            token = secrets.token_urlsafe(12)
+            (run / KEY_FILE).write_text(json.dumps({"inference": {"key": token}}))
+            (run / KEY_FILE).chmod(0o600)
+        env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "OMP_NUM_THREADS": str(config.threads)}
         try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=10)
-    had_state = (run / STATE_FILE).exists()
-    (run / STATE_FILE).unlink(missing_ok=True)
-    (run / "key_file.json").unlink(missing_ok=True)
-    return bool(procs) or had_state
+            _ray_start(run, config, env, say)
+            (run / STATE_FILE).write_text(json.dumps({"engine": "ray", "port": config.port, "gcs": config.ports()["gcs"],
+                                                      "models": served, "replicas": config.replicas}))
+            _deploy(run, store, config, env, say)
+            deadline = time.monotonic() + config.startup_timeout_s
+            while not _answers(f"http://{config.host}:{config.port}/ping", token):
+                if time.monotonic() > deadline:
+                    raise CrbpError(f"Ray Serve did not answer /ping within {config.startup_timeout_s:.0f} s; "
+                                    f"logs in {self.log_dir(run)}")
+                time.sleep(0.5)
+        except BaseException:
+            self.stop(run)
+            raise
+        files = {}
+        for name, text in cluster_configs(config, str(store), _batch_size(run / "models")).items():
+            (run / name).write_text(text)
+            files[name] = run / name
+        return RayServer(run, config, served, {"inference": token} if token else {}, files)
+
+    def stop(self, run_dir, timeout: float | None = None) -> bool:
+        """End this cluster's processes (SIGTERM, then SIGKILL after `timeout`, default 15 s); False if none
+        was running (a state file left by a dead cluster counts as running: it is cleaned up)."""
+        import psutil
+
+        run = Path(run_dir)
+        procs = _cluster_processes(run)
+        for proc in procs:
+            try:
+                proc.terminate()
+            except psutil.Error:
+                pass
+        _, alive = psutil.wait_procs(procs, timeout=15.0 if timeout is None else timeout)
+        for proc in alive:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(alive, timeout=10)
+        had_state = (run / STATE_FILE).exists()
+        (run / STATE_FILE).unlink(missing_ok=True)
+        (run / KEY_FILE).unlink(missing_ok=True)
+        return bool(procs) or had_state
+
+
+ENGINE = RayServe()
+# module-level names kept for the callers that import them (the client, benchmarks)
+start, default_run_dir = ENGINE.start, ENGINE.default_run_dir

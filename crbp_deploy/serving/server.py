@@ -18,28 +18,24 @@ Why each choice (measured on TorchServe 0.12):
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import ClassVar
 
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
 from . import metrics as model_metrics
+from .engine import KEY_FILE, Engine, Running, http_get, read_keys
 
 JAVA_MAIN = "org.pytorch.serve.ModelServer"
-STATE_ENV = "CRBP_DEPLOY_STATE"
 PID_FILE = ".model_server.pid"
-KEY_FILE = "key_file.json"
 
 
 @dataclass(frozen=True)
@@ -70,56 +66,25 @@ class ServerConfig(StrictConfig):
 
 
 @dataclass
-class Server:
+class Server(Running):
     """A running TorchServe started by `start`."""
 
-    run_dir: Path
-    config: ServerConfig
-    pid: int
-    models: list[str]
-    keys: dict[str, str] = field(default_factory=dict)
+    engine: ClassVar[str] = "torchserve"
+    title: ClassVar[str] = "TorchServe"
+    pid: int = 0
 
     def url(self, api: str = "inference") -> str:
         return f"http://{self.config.host}:{self.config.ports()[api]}"
-
-    def predictions_url(self, model: str) -> str:
-        return f"{self.url()}/predictions/{model}"
 
     @property
     def metrics_url(self) -> str:
         return f"{self.url('metrics')}/metrics"
 
-    @property
-    def token(self) -> str | None:
-        return self.keys.get("inference")
+    def status(self) -> str:
+        return f"pid {self.pid}"
 
-    @property
-    def key_file(self) -> Path | None:
-        return self.run_dir / KEY_FILE if self.config.auth else None
-
-    def stop(self, timeout: float = 60.0) -> bool:
-        return stop(self.run_dir, timeout=timeout)
-
-
-def default_run_dir(port: int) -> Path:
-    """Where `crbp-deploy serve --port P` keeps its files: $CRBP_DEPLOY_STATE or ~/.cache/crbp-deploy."""
-    base = Path(os.environ.get(STATE_ENV) or Path.home() / ".cache" / "crbp-deploy")
-    return base / f"torchserve-{port}"
-
-
-def check_installed() -> None:
-    """TorchServe, its Java 17 runtime and pyyaml must be importable/runnable from this Python."""
-    missing = []
-    for module, package in (("ts", "torchserve"), ("model_archiver", "torch-model-archiver"), ("yaml", "pyyaml")):
-        try:
-            __import__(module)
-        except ImportError:
-            missing.append(package)
-    if missing:
-        raise CrbpError(f"serving needs {', '.join(missing)}: pip install 'crbp-deploy[serve]'")
-    java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
-    if not java or not Path(java).exists():
-        raise CrbpError("TorchServe needs Java 17 (no `java` on PATH and no JAVA_HOME); install openjdk-17-jre-headless")
+    def links(self) -> list[str]:
+        return [f"  management:  {self.url('management')}/models", f"  metrics:     {self.metrics_url}"]
 
 
 def metrics_yaml() -> str:
@@ -170,16 +135,6 @@ def config_properties(config: ServerConfig, model_store: Path, models: list[str]
     return "\n".join(lines) + "\n"
 
 
-def _port_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
 def _server_process(run_dir: Path):
     """The live TorchServe Java process recorded in `run_dir`, or None (a stale pid file is removed)."""
     import psutil
@@ -199,11 +154,6 @@ def _server_process(run_dir: Path):
     return None
 
 
-def running_pid(run_dir: Path) -> int | None:
-    proc = _server_process(Path(run_dir))
-    return proc.pid if proc else None
-
-
 def worker_processes(run_dir: Path) -> list:
     """The live model worker processes (psutil) of the TorchServe recorded in `run_dir`: the Python
     children of the Java process. Fault tests kill them; the soak benchmark reads their memory."""
@@ -220,28 +170,6 @@ def worker_processes(run_dir: Path) -> list:
         except psutil.Error:
             continue
     return found
-
-
-def read_keys(run_dir: Path) -> dict[str, str]:
-    """{"inference", "management", "API"} keys from the run folder's key_file.json ({} if none)."""
-    try:
-        doc = json.loads((Path(run_dir) / KEY_FILE).read_text())
-    except (OSError, ValueError):
-        return {}
-    return {name: entry["key"] for name, entry in doc.items() if isinstance(entry, dict) and "key" in entry}
-
-
-def _get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, Any]:
-    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            status, raw = response.status, response.read()
-    except urllib.error.HTTPError as exc:
-        status, raw = exc.code, exc.read()
-    try:
-        return status, json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError):
-        return status, raw.decode("utf-8", "replace")
 
 
 def _log_tail(run_dir: Path, lines: int = 25) -> str:
@@ -267,73 +195,6 @@ def _load_failure(run_dir: Path, name: str) -> str | None:
     return errors[-1] if errors else "the worker died while loading it"
 
 
-def store_models(model_store: Path) -> list[str]:
-    return sorted(p.stem for p in Path(model_store).glob("*.mar"))
-
-
-def start(
-    model_store: str | os.PathLike,
-    config: ServerConfig | None = None,
-    *,
-    run_dir: str | os.PathLike | None = None,
-    models: list[str] | None = None,
-    env: dict[str, str] | None = None,
-    progress=None,
-) -> Server:
-    """Start TorchServe, wait until /ping is healthy and every model's workers are READY.
-
-    `models` defaults to every .mar in the store. `env` adds environment variables for the server
-    (and its workers). `progress(msg)` is called with status lines. On failure the server is stopped
-    and the error carries the tail of its logs.
-    """
-    check_installed()
-    config = config or ServerConfig()
-    say = progress or (lambda msg: None)
-    store = Path(model_store).resolve()
-    if not store.is_dir():
-        raise CrbpError(f"model store {store} does not exist; build an archive first: crbp-deploy package")
-    available = store_models(store)
-    models = list(models) if models is not None else available
-    if not models:
-        raise CrbpError(f"no .mar archives in {store}; build one first: crbp-deploy package")
-    missing = sorted(set(models) - set(available))
-    if missing:
-        raise CrbpError(f"not in {store}: {', '.join(m + '.mar' for m in missing)} (found: {', '.join(available) or 'none'})")
-    run = Path(run_dir) if run_dir else default_run_dir(config.port)
-    run = run.resolve()
-    run.mkdir(parents=True, exist_ok=True)
-    live = running_pid(run)
-    if live:
-        raise CrbpError(f"a TorchServe from {run} is already running (pid {live}); stop it: crbp-deploy serve --stop --port {config.port}")
-    busy = [f"{name} {port}" for name, port in config.ports().items() if not _port_free(config.host, port)]
-    if busy:
-        raise CrbpError(f"port(s) in use on {config.host}: {', '.join(busy)}; choose another --port")
-    (run / KEY_FILE).unlink(missing_ok=True)  # never read a previous server's keys
-    shutil.rmtree(run / "models", ignore_errors=True)  # archives a previous server unpacked here
-    (run / "metrics.yaml").write_text(metrics_yaml())
-    cfg = run / "config.properties"
-    cfg.write_text(config_properties(config, store, models, run / "metrics.yaml"))
-    server_env = {**os.environ, **(env or {})}
-    server_env.update(TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"), METRICS_LOCATION=str(run / "logs"))
-    server_env.pop("TS_CONFIG_FILE", None)  # would override --ts-config
-    say(f"starting TorchServe (run folder {run})")
-    with open(run / "launcher.log", "wb") as log:
-        launcher = subprocess.run(
-            [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(cfg), "--model-store", str(store), "--ncs"],
-            cwd=run, env=server_env, stdout=log, stderr=subprocess.STDOUT, timeout=120,
-        )
-    proc = _server_process(run)
-    if launcher.returncode != 0 or proc is None:
-        raise CrbpError(f"TorchServe did not start (launcher exit code {launcher.returncode})\n{_log_tail(run)}")
-    server = Server(run_dir=run, config=config, pid=proc.pid, models=models)
-    try:
-        _wait_ready(server, proc, say)
-    except BaseException:
-        stop(run)
-        raise
-    return server
-
-
 def _wait_ready(server: Server, proc, say) -> None:
     deadline = time.monotonic() + server.config.startup_timeout_s
 
@@ -353,7 +214,7 @@ def _wait_ready(server: Server, proc, say) -> None:
                 time.sleep(0.2)
                 continue
         try:
-            status, body = _get(f"{server.url()}/ping", server.token)
+            status, body = http_get(f"{server.url()}/ping", server.token)
             if status == 200 and isinstance(body, dict) and body.get("status") == "Healthy":
                 break
         except (urllib.error.URLError, OSError):
@@ -368,7 +229,7 @@ def _wait_ready(server: Server, proc, say) -> None:
             if failure:
                 raise CrbpError(f"model {name} failed to load: {failure} (log: {server.run_dir / 'logs' / 'model_log.log'})")
             try:
-                status, body = _get(f"{server.url('management')}/models/{name}", server.keys.get("management"))
+                status, body = http_get(f"{server.url('management')}/models/{name}", server.keys.get("management"))
             except (urllib.error.URLError, OSError):
                 continue
             if status == 200 and isinstance(body, list) and body:
@@ -380,29 +241,100 @@ def _wait_ready(server: Server, proc, say) -> None:
             time.sleep(0.5)
 
 
-def stop(run_dir: str | os.PathLike, timeout: float = 60.0) -> bool:
-    """Stop the TorchServe recorded in `run_dir` and wait until the Java process and its workers have
-    exited (SIGTERM, then SIGKILL after `timeout`). False if none was running."""
-    import psutil
+class TorchServe(Engine):
+    """TorchServe on one machine; a model scales with its workers (`crbp-deploy package --workers N`)."""
 
-    run = Path(run_dir)
-    proc = _server_process(run)
-    if proc is None:
-        return False
-    try:
-        workers = proc.children(recursive=True)
-        proc.terminate()
+    name = "torchserve"
+    noun = "TorchServe"
+    stopped = "stopped TorchServe (pid {pid}); the Java process and its workers have exited"
+    gone = "TorchServe exited on its own; see {logs}"
+    requires = (("ts", "torchserve"), ("model_archiver", "torch-model-archiver"), ("yaml", "pyyaml"))
+    install = "serving needs {missing}: pip install 'crbp-deploy[serve]'"
+
+    def check_installed(self) -> None:
+        """TorchServe, torch-model-archiver and pyyaml importable, and the Java 17 runtime it launches."""
+        super().check_installed()
+        java = Path(os.environ["JAVA_HOME"]) / "bin" / "java" if os.environ.get("JAVA_HOME") else shutil.which("java")
+        if not java or not Path(java).exists():
+            raise CrbpError("TorchServe needs Java 17 (no `java` on PATH and no JAVA_HOME); install openjdk-17-jre-headless")
+
+    def configure(self, port: int, auth: bool = True, replicas: int | None = None) -> ServerConfig:
+        if replicas is not None:
+            raise CrbpError("--replicas is for --engine ray; TorchServe scales with workers: crbp-deploy package --workers N")
+        return ServerConfig(port=port, auth=auth)
+
+    def running(self, run_dir) -> int | None:
+        proc = _server_process(Path(run_dir))
+        return proc.pid if proc else None
+
+    def log_dir(self, run_dir) -> Path:
+        return Path(run_dir) / "logs"
+
+    def start(self, model_store, config: ServerConfig | None = None, *, run_dir=None, models=None,
+              env: dict[str, str] | None = None, progress=None) -> Server:
+        """Start TorchServe, wait until /ping is healthy and every model's workers are READY.
+
+        `models` defaults to every .mar in the store. `env` adds environment variables for the server
+        (and its workers). `progress(msg)` is called with status lines. On failure the server is stopped
+        and the error carries the tail of its logs.
+        """
+        config = config or ServerConfig()
+        say = progress or (lambda msg: None)
+        store, models, run = self.prepare(model_store, config, run_dir, models)
+        (run / KEY_FILE).unlink(missing_ok=True)  # never read a previous server's keys
+        shutil.rmtree(run / "models", ignore_errors=True)  # archives a previous server unpacked here
+        (run / "metrics.yaml").write_text(metrics_yaml())
+        cfg = run / "config.properties"
+        cfg.write_text(config_properties(config, store, models, run / "metrics.yaml"))
+        server_env = {**os.environ, **(env or {})}
+        server_env.update(TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"), METRICS_LOCATION=str(run / "logs"))
+        server_env.pop("TS_CONFIG_FILE", None)  # would override --ts-config
+        say(f"starting TorchServe (run folder {run})")
+        with open(run / "launcher.log", "wb") as log:
+            launcher = subprocess.run(
+                [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(cfg), "--model-store", str(store), "--ncs"],
+                cwd=run, env=server_env, stdout=log, stderr=subprocess.STDOUT, timeout=120,
+            )
+        proc = _server_process(run)
+        if launcher.returncode != 0 or proc is None:
+            raise CrbpError(f"TorchServe did not start (launcher exit code {launcher.returncode})\n{_log_tail(run)}")
+        server = Server(run_dir=run, config=config, pid=proc.pid, models=models)
         try:
-            proc.wait(timeout=timeout)
-        except psutil.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-    except psutil.NoSuchProcess:
-        workers = []
-    _, alive = psutil.wait_procs(workers, timeout=15)
-    for worker in alive:
-        worker.kill()
-    psutil.wait_procs(alive, timeout=5)
-    (run / PID_FILE).unlink(missing_ok=True)
-    (run / KEY_FILE).unlink(missing_ok=True)  # the keys die with the server
-    return True
+            _wait_ready(server, proc, say)
+        except BaseException:
+            self.stop(run)
+            raise
+        return server
+
+    def stop(self, run_dir, timeout: float | None = None) -> bool:
+        """Stop the TorchServe recorded in `run_dir` and wait until the Java process and its workers have
+        exited (SIGTERM, then SIGKILL after `timeout`, default 60 s). False if none was running."""
+        import psutil
+
+        run = Path(run_dir)
+        proc = _server_process(run)
+        if proc is None:
+            return False
+        try:
+            workers = proc.children(recursive=True)
+            proc.terminate()
+            try:
+                proc.wait(timeout=60.0 if timeout is None else timeout)
+            except psutil.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=10)
+        except psutil.NoSuchProcess:
+            workers = []
+        _, alive = psutil.wait_procs(workers, timeout=15)
+        for worker in alive:
+            worker.kill()
+        psutil.wait_procs(alive, timeout=5)
+        (run / PID_FILE).unlink(missing_ok=True)
+        (run / KEY_FILE).unlink(missing_ok=True)  # the keys die with the server
+        return True
+
+
+ENGINE = TorchServe()
+# module-level names kept for the callers that import them (benchmarks, KServe, the client, fault tests)
+start, stop, running_pid = ENGINE.start, ENGINE.stop, ENGINE.running
+default_run_dir, check_installed = ENGINE.default_run_dir, ENGINE.check_installed

@@ -1,0 +1,180 @@
+"""One `Engine` interface over the servers this project starts (TorchServe, Ray Serve; Triton next), so
+`serve`, `demo` and the tests start, find and stop a server without knowing which engine runs it.
+
+A base class rather than a bare Protocol because the engines share more than names: the `.mar` store, a run
+folder per engine and port, TorchServe's key file layout (`predict --url` finds either token), the refusals
+before starting, the /ping probe. A new engine adds `configure`, `start`, `stop`, `running`, `log_dir`, and
+one line in `ENGINES`.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+from ..errors import CrbpError, InputError
+
+#: --engine name -> "module:class"; imported on use, so the CLI loads only the engine it runs.
+ENGINES = {"torchserve": "crbp_deploy.serving.server:TorchServe", "ray": "crbp_deploy.serving.ray_engine:RayServe"}
+DEFAULT_ENGINE = "torchserve"
+STATE_ENV = "CRBP_DEPLOY_STATE"
+KEY_FILE = "key_file.json"
+
+
+def get_engine(name: str) -> Engine:
+    """The engine called `name` (a key of ENGINES); an InputError names the valid ones."""
+    if name not in ENGINES:
+        raise InputError(f"--engine must be one of {', '.join(ENGINES)}, got {name!r}")
+    module, cls = ENGINES[name].split(":")
+    return getattr(importlib.import_module(module), cls)()
+
+
+def read_keys(run_dir: str | os.PathLike) -> dict[str, str]:
+    """{"inference", "management", "API"} keys from the run folder's key_file.json ({} if none)."""
+    try:
+        doc = json.loads((Path(run_dir) / KEY_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return {name: entry["key"] for name, entry in doc.items() if isinstance(entry, dict) and "key" in entry}
+
+
+def http_get(url: str, token: str | None, timeout: float = 5.0) -> tuple[int, Any]:
+    """(status, JSON body or text) of a GET; an HTTP error status is an answer, not an exception."""
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            status, raw = response.status, response.read()
+    except urllib.error.HTTPError as exc:
+        status, raw = exc.code, exc.read()
+    try:
+        return status, json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return status, raw.decode("utf-8", "replace")
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def store_models(model_store: str | os.PathLike) -> list[str]:
+    return sorted(p.stem for p in Path(model_store).glob("*.mar"))
+
+
+@dataclass
+class Running:
+    """A server an engine started: where it answers, its keys, how to stop it. Subclasses add `status()`
+    (what follows "is up" in parentheses: pid, replicas) and `links()` (lines after the prediction URLs)."""
+
+    engine: ClassVar[str]  # the ENGINES name of the engine that started it
+    title: ClassVar[str]  # "TorchServe", "Ray Serve": the first line `serve` prints
+    run_dir: Path
+    config: Any  # the engine's config (host, port, auth, ...)
+    models: list[str]
+    keys: dict[str, str] = field(default_factory=dict)
+
+    def url(self) -> str:
+        return f"http://{self.config.host}:{self.config.port}"
+
+    def predictions_url(self, model: str) -> str:
+        return f"{self.url()}/predictions/{model}"
+
+    @property
+    def token(self) -> str | None:
+        return self.keys.get("inference")
+
+    @property
+    def key_file(self) -> Path | None:
+        return self.run_dir / KEY_FILE if self.config.auth else None
+
+    def summary(self) -> list[str]:
+        """What `serve` prints once the server is up."""
+        head = f"{self.title} is up ({self.status()}), serving {', '.join(self.models)}"
+        return [head, *(f"  predictions: {self.predictions_url(m)}" for m in self.models), *self.links()]
+
+    def stop(self, timeout: float | None = None) -> bool:
+        return get_engine(self.engine).stop(self.run_dir, timeout)
+
+
+class Engine(ABC):
+    """A server engine. Instances hold no state: a server is found again from its run folder."""
+
+    name: ClassVar[str]  # the --engine value; also the run folder's prefix
+    noun: ClassVar[str]  # "no {noun} started by crbp-deploy is running", "a {noun} from RUN is already running"
+    stopped: ClassVar[str]  # what `serve --stop` says; {pid} is the stopped server's pid
+    gone: ClassVar[str]  # what `serve --foreground` says when the server dies; {logs} is log_dir(run)
+    requires: ClassVar[tuple[tuple[str, str], ...]]  # (module to import, pip package)
+    install: ClassVar[str]  # the error when one is missing; {missing} lists the packages
+
+    def default_run_dir(self, port: int) -> Path:
+        """Where `crbp-deploy serve --port P` keeps its files: $CRBP_DEPLOY_STATE or ~/.cache/crbp-deploy."""
+        base = Path(os.environ.get(STATE_ENV) or Path.home() / ".cache" / "crbp-deploy")
+        return base / f"{self.name}-{port}"
+
+    def check_installed(self) -> None:
+        """Raise a one-line CrbpError naming what to pip install (imports, so a broken install counts)."""
+        missing = []
+        for module, package in self.requires:
+            try:
+                importlib.import_module(module)
+            except ImportError:
+                missing.append(package)
+        if missing:
+            raise CrbpError(self.install.format(missing=", ".join(missing)))
+
+    def prepare(self, model_store, config, run_dir, models) -> tuple[Path, list[str], Path]:
+        """Checks every engine makes before starting anything: (store, models, run folder)."""
+        self.check_installed()
+        store = Path(model_store).resolve()
+        if not store.is_dir():
+            raise CrbpError(f"model store {store} does not exist; build an archive first: crbp-deploy package")
+        available = store_models(store)
+        models = list(models) if models is not None else available
+        if not models:
+            raise CrbpError(f"no .mar archives in {store}; build one first: crbp-deploy package")
+        missing = sorted(set(models) - set(available))
+        if missing:
+            found = ", ".join(available) or "none"
+            raise CrbpError(f"not in {store}: {', '.join(m + '.mar' for m in missing)} (found: {found})")
+        run = Path(run_dir or self.default_run_dir(config.port)).resolve()
+        run.mkdir(parents=True, exist_ok=True)
+        live = self.running(run)
+        if live:
+            raise CrbpError(f"a {self.noun} from {run} is already running (pid {live}); "
+                            f"stop it: crbp-deploy serve --stop --port {config.port}")
+        busy = [f"{name} {port}" for name, port in config.ports().items() if not port_free(config.host, port)]
+        if busy:
+            raise CrbpError(f"port(s) in use on {config.host}: {', '.join(busy)}; choose another --port")
+        return store, models, run
+
+    @abstractmethod
+    def configure(self, port: int, auth: bool = True, replicas: int | None = None) -> Any:
+        """The engine's config from `serve`'s options; an option it has no use for is an error."""
+
+    @abstractmethod
+    def start(self, model_store, config=None, *, run_dir=None, models=None, progress=None) -> Running:
+        """Start a server on 127.0.0.1 and return once every model answers; on failure nothing is left running."""
+
+    @abstractmethod
+    def stop(self, run_dir, timeout: float | None = None) -> bool:
+        """Stop the server started from `run_dir` and wait until its processes are gone; False if none was."""
+
+    @abstractmethod
+    def running(self, run_dir) -> int | None:
+        """The pid of the live server started from `run_dir`, or None."""
+
+    @abstractmethod
+    def log_dir(self, run_dir) -> Path:
+        """Where the server started from `run_dir` writes its logs."""
