@@ -83,38 +83,8 @@ def register(task: "Task") -> "Task":
     return task
 
 
-class Training:
-    """One training run of a task, as the trainer drives it (`TASKS[cfg.task](cfg)`)."""
-
-    def __init__(self, task: "Task", cfg):
-        self.task, self.cfg, self.default_model = task, cfg, task.default_model
-        self.data: TrainingData | None = None
-
-    def load(self) -> tuple[dict, dict]:
-        self.data = self.task.training_data(self.cfg)
-        return self.data.train, self.data.val
-
-    def model_config(self) -> dict[str, Any]:
-        return self.data.model_config
-
-    def loss(self, outputs, batch):
-        return self.task.loss(outputs, batch, self.cfg)
-
-    def evaluate(self, model, data: dict, steps: int) -> dict[str, float]:
-        return self.task.train_eval(model, data, steps)
-
-    def describe_data(self) -> dict[str, Any]:
-        return {"task": self.task.name, "folder": self.cfg.data}
-
-    def extra_meta(self) -> dict[str, Any]:
-        return self.data.meta
-
-
 class TaskBase:
-    """Shared by the task classes: starting a training run, and the empty-dataset check of `open`."""
-
-    def __call__(self, cfg) -> Training:
-        return Training(self, cfg)
+    """Shared by the task classes: the empty-dataset check of `open`."""
 
     def _checked(self, dataset, base: Path):
         if len(dataset) == 0:
