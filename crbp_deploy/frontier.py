@@ -22,7 +22,7 @@ import os
 import numpy as np
 import torch
 
-from .models.halting import features as halting_features
+from .models.halting import distance_left, features as halting_features
 from .models.solver import relative_change
 
 ORACLE_SLACK = 0.01  # image quality (fraction): the oracle stops within 1 image-PQ point of the image's best
@@ -133,9 +133,7 @@ def policy_signal(trace: Trace, policy: str, head=None) -> np.ndarray | None:
     r = torch.from_numpy(trace.residual.astype(np.float32))
     if policy == "estimate":
         prev = torch.cat([torch.full_like(r[:, :1], float("inf")), r[:, :-1]], dim=1)
-        rho = r / prev.clamp_min(1e-8)
-        known = (rho < 1) & torch.isfinite(prev)
-        return torch.where(known, rho / (1 - rho).clamp_min(1e-8) * r, torch.full_like(r, float("inf"))).numpy()
+        return distance_left(r, prev).numpy()
     if policy == "stable":
         return trace.proxy_change
     if policy == "learned":

@@ -6,7 +6,7 @@ import pytest
 from crbp_deploy import checkpoint, zoo
 from crbp_deploy.budget import Budget
 from crbp_deploy.errors import InputError
-from crbp_deploy.modelcard import ModelCard
+from crbp_deploy.modelcard import ModelCard, resolve_budget
 from crbp_deploy.sources import resolve
 
 
@@ -17,9 +17,34 @@ def test_budget_merge_and_default():
     assert card.merge({"tol": 1e-4}) == Budget(max_iters=30, tol=1e-4)
     assert Budget(iters=20).merge({"max_iters": 7}) == Budget(max_iters=7, tol=Budget.DEFAULT.tol)
     assert Budget(iters=20).early() is Budget.DEFAULT and Budget(iters=3).early(card) is card
-    assert Budget.from_card(None) is Budget.DEFAULT and Budget.from_card({"training": "none"}) is Budget.DEFAULT
+    assert resolve_budget(None) is Budget.DEFAULT and resolve_budget({"training": "none"}) is Budget.DEFAULT
     with pytest.raises(InputError, match="tol must be"):
         card.merge({"tol": -1})
+
+
+def test_one_budget_resolution_request_then_card_then_default():
+    meta = {"inference": {"budget": {"max_iters": 40, "tol": 1e-4, "policy": "learned", "threshold": 0.6, "patience": 2}}}
+    assert resolve_budget(meta) == Budget(max_iters=40, tol=1e-4, policy="learned", threshold=0.6, patience=2)
+    assert resolve_budget(meta, {"threshold": 0.8}).threshold == 0.8  # the request wins, key by key
+    assert resolve_budget(meta, {"iters": 7}) == Budget(iters=7)
+    assert resolve_budget(meta, {"policy": "tol"}) == Budget(max_iters=40, tol=1e-4)  # the policy dropped
+    fallback = Budget(max_iters=9, tol=0.1)
+    assert resolve_budget(None, {}, fallback) is fallback and resolve_budget({}, {"tol": 0.2}, fallback).max_iters == 9
+    # a card with no policy (older checkpoints) keeps the tol rule
+    assert resolve_budget({"inference": {"budget": {"max_iters": 80, "tol": 0.03}}}).policy == "tol"
+
+
+@pytest.mark.parametrize("values, match", [
+    ({"policy": "magic", "threshold": 0.5}, "unknown halting policy 'magic'; valid: tol, estimate, stable, learned"),
+    ({"policy": "estimate"}, "the estimate policy needs threshold"),
+    ({"policy": "learned", "threshold": 1.5}, r"probability in \(0, 1\]"),
+    ({"policy": "stable", "threshold": 0.0, "patience": 0}, "patience must be an integer in 1..100"),
+    ({"threshold": 0.5}, "the tol policy takes no threshold"),
+    ({"speed": "fast"}, "unknown budget key"),
+])
+def test_bad_policies_are_one_clear_error(values, match):
+    with pytest.raises(InputError, match=match):
+        Budget.from_dict({"max_iters": 30, "tol": 1e-3, **values})
 
 
 OLD_CHECKPOINT = Path(__file__).parent / "data" / "old-crbp-panoptic.pt"  # bundled until issue 11, as shipped
@@ -48,7 +73,7 @@ def test_bundled_pathfinder_model_carries_its_calibrated_budget():
     model = zoo.load("crbp-pathfinder")
     card = ModelCard.of(model)
     assert model.arch == "hgru-pathfinder" and "crbp-pathfinder" in zoo.names()
-    budget = Budget.from_card(card)
+    budget = card.budget
     assert budget.early_exit and budget != Budget.DEFAULT  # calibrated, not the fallback
     calibration = card.inference["calibration"]
     assert calibration["budget"] == budget.kwargs() and calibration["metric"] == "IoU"

@@ -12,7 +12,7 @@ from crbp_deploy import checkpoint
 from crbp_deploy.data.panoptic_synth import CATEGORIES, write_dataset
 from crbp_deploy.models import create_model
 from crbp_deploy.panoptic.encoding import rgb_to_id
-from crbp_deploy.panoptic.predict import PanopticPredictor, merge_budget
+from crbp_deploy.panoptic.predict import PanopticPredictor
 
 TINY = {"encoder_channels": 8, "channels": 6, "kernel_size": 3, "head_channels": 8, "downsample": 1}
 CATS = sorted(CATEGORIES, key=lambda c: c["id"])
@@ -35,14 +35,6 @@ def dataset(tmp_path_factory):
 
 def _cli(*args):
     return subprocess.run([sys.executable, "-m", "crbp_deploy.cli", *args], capture_output=True, text=True, timeout=300)
-
-
-def test_merge_budget():
-    default = {"max_iters": 30, "tol": 1e-2}
-    assert merge_budget(default, {}) == default
-    assert merge_budget(default, {"iters": 5, "max_iters": None}) == {"iters": 5}
-    assert merge_budget(default, {"tol": 1e-4}) == {"max_iters": 30, "tol": 1e-4}
-    assert merge_budget({"iters": 20}, {"max_iters": 7}) == {"max_iters": 7, "tol": 1e-3}
 
 
 def test_predict_writes_coco_files(model_file, dataset, tmp_path):

@@ -20,7 +20,8 @@ class RecurrentSegmenter(nn.Module):
     arch: str = ""  # set by @register_model
     in_channels: int = 3
     recurrent: bool = True  # False for feed-forward baselines whose step is the identity
-    halting_head: nn.Module | None = None  # the learned halting policy's head, when one is fitted (halting_fit.py)
+    # `halting_head`: the learned halting policy's head, a submodule once fitted (halting_fit.py); read it with
+    # getattr(model, "halting_head", None) -- a class default would shadow the registered submodule.
 
     def __init__(self, config: StrictConfig):
         super().__init__()

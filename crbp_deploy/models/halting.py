@@ -40,8 +40,13 @@ def features(old: Tensor, new: Tensor, residual: Tensor, prev_residual: Tensor) 
     local_change = pooled.amax(dim=(2, 3)) / scale
     rho = residual / prev_residual.clamp_min(_EPS)  # inf / inf never happens: prev is finite after step 1
     rho = torch.where(torch.isfinite(prev_residual), rho, torch.zeros_like(rho))
-    scalars = torch.stack([torch.log(residual + _EPS), torch.log(rho + _EPS)], dim=1)
-    return torch.cat([scalars, torch.log(mean_change + _EPS), torch.log(local_change + _EPS)], dim=1)
+    scalars = torch.stack([_log(residual), _log(rho)], dim=1)
+    return torch.cat([scalars, _log(mean_change), _log(local_change)], dim=1)
+
+
+def _log(x: Tensor) -> Tensor:
+    """log with a floor; clamp, not `x + eps`, which ONNX Runtime's graph optimiser was seen to drop."""
+    return torch.log(x.clamp_min(_EPS))
 
 
 def feature_count(channels: int) -> int:
@@ -68,6 +73,15 @@ class HaltingHead(nn.Module):
         return {"in_features": self.in_features, "hidden": self.hidden}
 
 
+def distance_left(residual: Tensor, prev_residual: Tensor) -> Tensor:
+    """The contraction estimate rho/(1-rho) * r_t of the relative distance to the fixed point, with
+    rho = r_t / r_(t-1); inf where it means nothing: before two steps, after the first step out of the
+    zero state (r_(t-1) >= 1), or where the map is not contracting (rho >= 1)."""
+    rho = residual / prev_residual.clamp_min(_EPS)
+    known = (rho < 1) & torch.isfinite(prev_residual) & (prev_residual < 1)
+    return torch.where(known, rho / (1 - rho).clamp_min(_EPS) * residual, torch.full_like(residual, float("inf")))
+
+
 @dataclass(frozen=True)
 class HaltRule:
     """The policy part of a budget as the solver runs it: name, threshold, patience."""
@@ -83,10 +97,7 @@ def fires(rule: HaltRule, model, ctx, old: Tensor, new: Tensor, residual: Tensor
 
     `threshold` is a tensor so an exported graph can take it as an input."""
     if rule.policy == "estimate":
-        rho = residual / prev_residual.clamp_min(_EPS)  # no estimate before two steps (prev is inf at step 1)
-        known = (rho < 1) & torch.isfinite(prev_residual)
-        left = torch.where(known, rho / (1 - rho).clamp_min(_EPS) * residual, torch.full_like(residual, float("inf")))
-        return left <= threshold
+        return distance_left(residual, prev_residual) <= threshold
     if rule.policy == "stable":
         changed = (model.answer_proxy(ctx, new) != model.answer_proxy(ctx, old)).float().flatten(1).mean(1)
         return changed <= threshold

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ..budget import Budget
+from ..models.solver import stop_reasons
 from ..errors import InputError
 from ..modelcard import ModelCard
 from .encoding import id_to_rgb
@@ -32,11 +33,13 @@ class Prediction:
     converged: bool
     diverged: bool = False  # the state turned non-finite: stopped, never counted as converged
     timings_ms: dict[str, float] = field(default_factory=dict)
+    stopped: str = ""  # why: converged, policy, cap, diverged or fixed (models.solver.stop_reasons)
 
     def to_json(self, categories: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
         return {
             "segments_info": self.segments_info,
             "iterations": self.iterations,
+            "stopped": self.stopped,
             "residual": self.residual,
             "converged": self.converged,
             "diverged": self.diverged,
@@ -126,6 +129,7 @@ class PanopticPredictor:
         t2 = time.perf_counter()
         tol = budget.get("tol", 0.0)
         per_image = {"model": (t1 - t0) * 1e3 / len(batch), "postprocess": (t2 - t1) * 1e3 / len(batch)}
+        reasons = stop_reasons(out["iterations"].tolist(), out["residual"].tolist(), budget)
         preds = []
         for i, (pan_ids, segments) in enumerate(grouped):
             residual = float(out["residual"][i])
@@ -139,6 +143,7 @@ class PanopticPredictor:
                     converged=converged,
                     diverged=not bool(finite[i]),
                     timings_ms={k: round(v, 3) for k, v in per_image.items()},
+                    stopped=reasons[i],
                 )
             )
         return preds

@@ -27,7 +27,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from ..artifact import read_card
-from ..budget import MAX_ITERATIONS, check_budget
+from ..budget import MAX_ITERATIONS, Budget
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, InputError, RequestError
 from ..imageio import ImageLimits, decode_image
@@ -40,8 +40,8 @@ log = logging.getLogger(__name__)
 #: Where the image may arrive: the raw body (TorchServe names it "body") or a multipart field.
 IMAGE_FIELDS = ("body", "data", "image", "file")
 #: Budget parameters: multipart fields / query parameters (where the server passes them) or headers.
-BUDGET_FIELDS = ("max_iters", "tol")
-BUDGET_HEADERS = {"max_iters": "x-max-iters", "tol": "x-tol"}
+BUDGET_FIELDS = ("max_iters", "tol", "threshold", "patience")  # threshold/patience: the served halting policy's
+BUDGET_HEADERS = {"max_iters": "x-max-iters", "tol": "x-tol", "threshold": "x-threshold", "patience": "x-patience"}
 #: Parameters a server adds on its own (TorchServe's /invocations?model_name=...).
 IGNORED_FIELDS = ("model_name",)
 REASONS = {
@@ -145,9 +145,9 @@ def _text(value: Any) -> str | None:
 def _number(key: str, text: str) -> int | float:
     text = text.strip()
     try:
-        return int(text) if key == "max_iters" else float(text)
+        return int(text) if key in ("max_iters", "patience") else float(text)
     except ValueError:
-        kind = "an integer" if key == "max_iters" else "a number"
+        kind = "an integer" if key in ("max_iters", "patience") else "a number"
         raise RequestError(f"{key} must be {kind}, got {text!r}") from None
 
 
@@ -205,7 +205,10 @@ class PanopticService:
 
     def _default_budget(self, card: ModelCard) -> dict[str, Any]:
         # a fixed-count card: serve early exit with the artifact's defaults (else the default budget)
-        budget = card.budget.early(self.backend.default_budget).kwargs()
+        budget = card.budget.early(self.backend.default_budget)
+        if self.backend.strategy == "loop" and budget.policy != self.backend.default_budget.policy:
+            budget = self.backend.default_budget  # the artifact computes its own policy: serve that one
+        budget = budget.kwargs()
         if budget["max_iters"] > self.config.max_iters_limit:
             raise ConfigError(
                 f"max_iters_limit={self.config.max_iters_limit} is below the model's default "
@@ -240,10 +243,12 @@ class PanopticService:
             text = from_field if from_field is not None else from_header
             if text is not None:
                 requested[key] = _number(key, text)
-        budget = {**self.default_budget, **requested}
         limit = self.config.max_iters_limit
+        if self.default_budget.get("policy", "tol") == "tol" and {"threshold", "patience"} & set(requested):
+            raise RequestError("threshold and patience set a halting policy's parameters; this model is served with "
+                               "the tol policy (relative change <= tol), which takes neither")
         try:
-            check_budget(None, budget["max_iters"], budget["tol"])
+            budget = Budget.from_dict({**self.default_budget, **requested}).kwargs()
         except InputError as exc:
             raise RequestError(f"{exc} (this server runs at most max_iters={limit} per image)") from None
         clamped = budget["max_iters"] > limit
@@ -266,8 +271,8 @@ class PanopticService:
         unknown = sorted(set(fields) - {*IMAGE_FIELDS, *BUDGET_FIELDS, *IGNORED_FIELDS})
         if unknown:
             raise RequestError(
-                f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: max_iters, tol "
-                f"(or headers X-Max-Iters, X-Tol) and the image"
+                f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: max_iters, tol, threshold, patience "
+                f"(or headers X-Max-Iters, X-Tol, X-Threshold, X-Patience) and the image"
             )
         budget, requested, clamped = self.resolve_budget(fields, raw.headers)
         present = [name for name in IMAGE_FIELDS if name in fields]
@@ -296,14 +301,14 @@ class PanopticService:
     def run(self, parsed: Sequence[Parsed]) -> list[Reply]:
         """Predict valid requests: one model call per (budget, size) group; a failing group fails alone."""
         replies: list[Reply | None] = [None] * len(parsed)
-        groups: dict[tuple[int, float], list[int]] = {}
+        groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(parsed):
-            groups.setdefault((p.budget["max_iters"], p.budget["tol"]), []).append(i)
-        for (max_iters, tol), members in groups.items():
+            groups.setdefault(tuple(sorted(p.budget.items())), []).append(i)
+        for key, members in groups.items():
             chunks = [members] if self.batch_invariant else [[i] for i in members]
             for chunk in chunks:
                 try:
-                    preds = self.predictor.predict([parsed[i].image for i in chunk], max_iters=max_iters, tol=tol)
+                    preds = self.predictor.predict([parsed[i].image for i in chunk], **dict(key))
                 except Exception as exc:  # the runtime's own failures: answer 500 for this group only
                     log.exception("inference failed for %d request(s)", len(chunk))
                     for i in chunk:
@@ -352,6 +357,7 @@ class PanopticService:
             "residual": residual,
             "converged": pred.converged,
             "diverged": pred.diverged,
+            "stopped": pred.stopped,
             "budget": {**parsed.budget, "clamped": parsed.clamped, "requested": parsed.requested},
             "batch_size": batch,
             "timings_ms": timings,
