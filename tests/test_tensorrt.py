@@ -19,8 +19,9 @@ from crbp_deploy.export.tensorrt import (
     read_engine_sidecar,
     tensorrt_available,
 )
-from crbp_deploy.export.trt_lint import INT32_MAX, SUPPORT_MATRIX, lint_tensorrt
+from crbp_deploy.export.trt_lint import INT32_MAX, RULES, lint_tensorrt, support_table
 from crbp_deploy.export.verify import sample_images
+from crbp_deploy.models import list_models
 from crbp_deploy.runtime import OrtBackend, load_backend
 
 from conftest import tiny_model
@@ -88,20 +89,62 @@ class _Grouping(torch.nn.Module):
         return panoptic_labels(semantic, center, offset, self.thing_mask, top_k=8)
 
 
-def test_lint_passes_on_panoptic_grouping_graph(tmp_path):
+@pytest.fixture(scope="module")
+def grouping_graph(tmp_path_factory):
+    """The in-graph panoptic grouping (`export --postprocess`), exported on its own."""
     gen = torch.Generator().manual_seed(0)
     example = (torch.randn(2, 4, 24, 32, generator=gen), torch.randn(2, 1, 24, 32, generator=gen),
                torch.randn(2, 2, 24, 32, generator=gen))
     dims = {0: torch.export.Dim("batch", max=64), 2: torch.export.Dim("height", max=4096),
             3: torch.export.Dim("width", max=4096)}
-    path = tmp_path / "grouping.onnx"
+    path = tmp_path_factory.mktemp("grouping") / "grouping.onnx"
     torch.onnx.export(_Grouping().eval(), example, str(path), dynamo=True, verbose=False,
                       input_names=["semantic", "center", "offset"], output_names=["labels", "center_scores"],
                       dynamic_shapes={"semantic": dims, "center": dims, "offset": dims})
-    report = lint_tensorrt(path)
+    return path
+
+
+def test_lint_passes_on_panoptic_grouping_graph(grouping_graph):
+    report = lint_tensorrt(grouping_graph)
     assert report.ok and not report.warnings, report.summary()
-    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
-    assert {"TopK", "MaxPool", "GatherND", "ArgMin"} <= ops  # the restricted ops were really checked
+    assert {"TopK", "MaxPool"} <= _op_types(onnx.load(str(grouping_graph)).graph)  # restricted ops really checked
+
+
+def _op_types(graph) -> set[str]:
+    """Every op type in `graph`, Loop / If bodies included."""
+    ops = set()
+    for node in graph.node:
+        ops.add(node.op_type)
+        for attr in node.attribute:
+            if attr.type == onnx.AttributeProto.GRAPH:
+                ops |= _op_types(attr.g)
+    return ops
+
+
+#: What the exporter emits, measured over the registry's tiny models and the bundled checkpoints with
+#: every strategy (unrolled; loop compact, masked, masked with sub-steps), fp16, static and dynamic
+#: shapes, prepare_for_tensorrt, and the in-graph panoptic grouping. fp16 adds no op type of its own.
+EMITTED = {
+    "Abs", "Add", "And", "ArgMax", "ArgMin", "Cast", "Clip", "Concat", "Constant", "Conv", "Div", "Equal", "Exp",
+    "Expand", "Gather", "GatherND", "Greater", "Identity", "InstanceNormalization", "IsInf", "IsNaN", "Less", "Log",
+    "Loop", "MaxPool", "Mul", "Neg", "NonZero", "Not", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "Relu",
+    "Reshape", "Resize", "ScatterND", "Shape", "Sigmoid", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
+}
+
+
+def test_support_table_covers_every_operator_the_exporter_emits(artifacts, grouping_graph):
+    emitted = _op_types(onnx.load(str(grouping_graph)).graph)
+    exports = [(name, strategy) for name in list_models() for strategy in ("loop", "unrolled")]
+    for name, strategy in [*exports, ("hgru-pathfinder", "loop-substeps")]:
+        graph = onnx.load(str(artifacts(name, strategy))).graph
+        emitted |= _op_types(graph)
+    table = support_table()
+    assert support_table() is table, "the data file is read once"
+    assert not [op for op in sorted(emitted) if table.ops.get(op) is None], "emitted but not supported by TensorRT"
+    new = emitted - EMITTED
+    assert not new, f"newly emitted {sorted(new)}: check their Restrictions in operators.md, add rules and EMITTED"
+    assert set(RULES) <= EMITTED, f"rules for operators nothing emits: {sorted(set(RULES) - EMITTED)}"
+    assert {"Loop", "Resize", "TopK", "MaxPool", "ScatterND", "Squeeze"} <= emitted
 
 
 # --- the lint catches seeded violations -----------------------------------------------------------
@@ -170,7 +213,7 @@ def test_lint_catches_unsupported_ops():
                                   [_vi("x", T.FLOAT, [3, 3])], [_vi("y", T.FLOAT, None)])
         report = lint_tensorrt(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
         assert [f.node for f in report.errors] == ["bad"], report.summary()
-    assert SUPPORT_MATRIX["Unique"][0] is False and SUPPORT_MATRIX["Conv"][0] is True
+    assert support_table().ops["Unique"] is None and "FP32" in support_table().ops["Conv"]
     custom = helper.make_graph([helper.make_node("Foo", ["x"], ["y"], domain="com.example")], "g",
                                [_vi("x", T.FLOAT, [3])], [_vi("y", T.FLOAT, None)])
     report = lint_tensorrt(helper.make_model(custom, opset_imports=[helper.make_opsetid("", 18),
@@ -236,11 +279,14 @@ def test_lint_flags_int64_beyond_int32_and_bad_opsets():
     assert any("opset 8 is outside" in m for m in _messages(old))
 
 
-def test_lint_checks_attribute_restrictions():
-    def one(node, inputs, inits=(), out_elem=T.FLOAT):
-        graph = helper.make_graph([node], "g", inputs, [_vi(node.output[0], out_elem, None)], initializer=list(inits))
-        return lint_tensorrt(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
+def _one(node, inputs, inits=(), out_elem=T.FLOAT):
+    """A one-node model, linted."""
+    graph = helper.make_graph([node], "g", inputs, [_vi(node.output[0], out_elem, None)], initializer=list(inits))
+    return lint_tensorrt(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]))
 
+
+def test_lint_checks_resize():
+    one = _one
     x = _vi("x", T.FLOAT, [1, 1, 8, 8])
     sizes = helper.make_tensor("sizes", T.INT64, [4], [1, 1, 16, 16])
     cubic = one(helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="cubic"), [x], [sizes])
@@ -250,18 +296,102 @@ def test_lint_checks_attribute_restrictions():
     assert any("tf_crop_and_resize" in m for m in _messages(crop))
     fine = one(helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], mode="linear",
                                 coordinate_transformation_mode="half_pixel"), [x], [sizes])
-    assert fine.ok, fine.summary()
+    assert fine.ok and not fine.warnings, fine.summary()
+    for bad, match in (({"antialias": 1}, "antialiasing"), ({"keep_aspect_ratio_policy": "not_larger"}, "stretch"),
+                       ({"mode": "nearest", "nearest_mode": "bogus"}, "nearest_mode 'bogus'")):
+        report = one(helper.make_node("Resize", ["x", "", "", "sizes"], ["y"], **{"mode": "linear", **bad}), [x], [sizes])
+        assert any(match in m for m in _messages(report)), report.summary()
+    runtime_scales = one(helper.make_node("Resize", ["x", "", "s"], ["y"], mode="linear", axes=[2, 3]),
+                         [x, _vi("s", T.FLOAT, [2])])
+    assert any("iota" in m for m in _messages(runtime_scales)), runtime_scales.summary()
+
+
+def test_lint_checks_topk_maxpool_and_reduce():
+    one = _one
+    x = _vi("x", T.FLOAT, [1, 1, 8, 8])
     flat = _vi("v", T.FLOAT, [1, 5000])
     big_k = one(helper.make_node("TopK", ["v", "k"], ["y", "idx"], axis=1), [flat], [helper.make_tensor("k", T.INT64, [1], [4000])])
     assert any("less than 3840" in m for m in _messages(big_k))
     runtime_k = one(helper.make_node("TopK", ["v", "k"], ["y", "idx"], axis=1), [flat, _vi("k", T.INT64, [1])])
     assert runtime_k.ok and any("`K` is not an initializer" in m for m in _messages(runtime_k, "warning"))
-    axes_in = one(helper.make_node("ReduceMax", ["x", "axes"], ["y"]), [x, _vi("axes", T.INT64, [1])])
-    assert any("`axes` must be an initializer" in m for m in _messages(axes_in))
+    for op in ("ReduceMax", "ReduceL2"):
+        axes_in = one(helper.make_node(op, ["x", "axes"], ["y"]), [x, _vi("axes", T.INT64, [1])])
+        assert any("`axes` must be an initializer" in m for m in _messages(axes_in)), op
+    unsorted = one(helper.make_node("TopK", ["v", "k"], ["y", "idx"], axis=1, sorted=0), [flat],
+                   [helper.make_tensor("k", T.INT64, [1], [8])])
+    assert [f.message for f in unsorted.errors] == ["`sorted` must be 1"], unsorted.summary()
     pool_idx = one(helper.make_node("MaxPool", ["x"], ["y", "ind"], kernel_shape=[3, 3]), [x])
     assert any("Indices" in m for m in _messages(pool_idx))
-    to_double = one(helper.make_node("Cast", ["x"], ["y"], to=T.STRING), [x], out_elem=T.STRING)
-    assert not to_double.ok
+    dilated = one(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], dilations=[2, 2]), [x])
+    assert any("`dilations`" in m for m in _messages(dilated)), dilated.summary()
+    pool_1d = one(helper.make_node("MaxPool", ["v"], ["y"], kernel_shape=[3]), [_vi("v", T.FLOAT, [1, 1, 50])])
+    assert any("1D pooling" in m for m in _messages(pool_1d)), pool_1d.summary()
+    pool = one(helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[3, 3], pads=[1, 1, 1, 1]), [x])
+    assert pool.ok and not pool.warnings, pool.summary()
+    axes = helper.make_tensor("axes", T.INT64, [1], [1])
+    reduce_ok = one(helper.make_node("ReduceL2", ["x", "axes"], ["y"]), [x], [axes])
+    assert reduce_ok.ok and not reduce_ok.warnings, reduce_ok.summary()
+
+
+def test_lint_checks_squeeze_scatternd_constant_and_cast():
+    one = _one
+    x = _vi("x", T.FLOAT, [1, 1, 8, 8])
+    for op in ("Squeeze", "Unsqueeze"):
+        runtime_axes = one(helper.make_node(op, ["x", "axes"], ["y"]), [x, _vi("axes", T.INT64, [1])])
+        assert any("`axes` must be resolvable to a constant" in m for m in _messages(runtime_axes)), op
+    computed = helper.make_graph(  # axes computed from a static shape fold at build time
+        [helper.make_node("Shape", ["x"], ["s"], start=0, end=1), helper.make_node("Sub", ["s", "s"], ["axes"]),
+         helper.make_node("Unsqueeze", ["x", "axes"], ["y"])],
+        "g", [x], [_vi("y", T.FLOAT, None)])
+    folded = lint_tensorrt(helper.make_model(computed, opset_imports=[helper.make_opsetid("", 18)]))
+    assert folded.ok, folded.summary()
+    no_axes = one(helper.make_node("Squeeze", ["d"], ["y"]), [_vi("d", T.FLOAT, ["n", 1])])
+    assert any("Squeeze without axes" in m for m in _messages(no_axes, "warning")), no_axes.summary()
+    static = one(helper.make_node("Squeeze", ["d"], ["y"]), [_vi("d", T.FLOAT, [3, 1])])
+    assert static.ok and not static.warnings, static.summary()
+
+    data, idx, upd = _vi("d", T.FLOAT, [4]), _vi("i", T.INT64, [2, 1]), _vi("u", T.FLOAT, [2])
+    assert one(helper.make_node("ScatterND", ["d", "i", "u"], ["y"]), [data, idx, upd]).ok
+    summed = one(helper.make_node("ScatterND", ["d", "i", "u"], ["y"], reduction="add"), [data, idx, upd])
+    assert any("`reduction`" in m for m in _messages(summed)), summed.summary()
+
+    text = one(helper.make_node("Constant", [], ["y"], value_string="hi"), [], out_elem=T.STRING)
+    assert any("'value_string' is unsupported" in m for m in _messages(text)), text.summary()
+    number = one(helper.make_node("Constant", [], ["y"], value_float=1.0), [])
+    assert number.ok, number.summary()
+
+    to_string = one(helper.make_node("Cast", ["x"], ["y"], to=T.STRING), [x], out_elem=T.STRING)
+    assert any("cast to STRING is unsupported" in m for m in _messages(to_string)), to_string.summary()
+    to_double = one(helper.make_node("Cast", ["x"], ["y"], to=T.DOUBLE), [x], out_elem=T.DOUBLE)
+    assert any("computes it as FLOAT" in m for m in _messages(to_double, "warning")), to_double.summary()
+    from_uint16 = one(helper.make_node("Cast", ["w"], ["y"], to=T.FLOAT), [_vi("w", T.UINT16, [2])])
+    assert any("cast from UINT16" in m for m in _messages(from_uint16)), from_uint16.summary()
+    to_half = one(helper.make_node("Cast", ["x"], ["y"], to=T.FLOAT16), [x], out_elem=T.FLOAT16)
+    assert to_half.ok and not to_half.warnings, to_half.summary()
+
+
+def test_lint_checks_types_against_the_table():
+    one = _one
+    ints = one(helper.make_node("Sigmoid", ["i"], ["y"]), [_vi("i", T.INT32, [3])], out_elem=T.INT32)
+    assert any("input type INT32 is not among the documented types for Sigmoid" in m
+               for m in _messages(ints, "warning")), ints.summary()
+    unsigned = one(helper.make_node("Relu", ["i"], ["y"]), [_vi("i", T.UINT16, [3])], out_elem=T.UINT16)
+    assert any("UINT16, which TensorRT does not support" in m for m in _messages(unsigned)), unsigned.summary()
+    double = one(helper.make_node("Relu", ["i"], ["y"]), [_vi("i", T.DOUBLE, [3])], out_elem=T.DOUBLE)
+    assert double.ok and any("casts it down to FLOAT" in m for m in _messages(double, "warning")), double.summary()
+    where = one(helper.make_node("Where", ["c", "a", "a"], ["y"]), [_vi("c", T.BOOL, [3]), _vi("a", T.FLOAT, [3])])
+    assert where.ok and not where.warnings, where.summary()  # typed by input 1, not the BOOL condition
+
+
+def test_lint_walks_into_model_local_functions():
+    fn = helper.make_function("local", "wrapped", ["a"], ["b"], [helper.make_node("Unique", ["a"], ["b"], name="inner")],
+                              opset_imports=[helper.make_opsetid("", 18)])
+    graph = helper.make_graph([helper.make_node("wrapped", ["x"], ["y"], domain="local", name="call")], "g",
+                              [_vi("x", T.FLOAT, [3])], [_vi("y", T.FLOAT, None)])
+    model = helper.make_model(graph, functions=[fn], opset_imports=[helper.make_opsetid("", 18),
+                                                                      helper.make_opsetid("local", 1)])
+    report = lint_tensorrt(model)
+    assert [f.node for f in report.errors] == ["call::inner"], report.summary()
 
 
 # --- planning an engine (no TensorRT needed) -----------------------------------------------------

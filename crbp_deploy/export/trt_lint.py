@@ -1,34 +1,36 @@
 """TensorRT-compatibility lint of an ONNX graph, runnable without TensorRT or a GPU.
 
-Checks every node (recursively through Loop / If / Scan bodies and model-local functions) against
-onnx-tensorrt's documented operator support matrix and the restrictions that its importer enforces,
-so a graph that TensorRT would reject is caught in CI on a CPU-only machine.
+Why: building an engine needs a GPU; this lets CI on a CPU catch a graph TensorRT would reject.
+Every node (through Loop bodies and model-local functions) is checked against
+onnx-tensorrt's operator support table (`trt_support.json`: supported or not, documented types)
+and, for the operators crbp-deploy's exporter emits, against the restrictions its importer
+enforces (`RULES`). Other operators get the table check only; tests/test_tensorrt.py pins the
+emitted set, so an exporter change that emits a new operator asks for its rule.
 
 Sources (facts transcribed, no code copied):
 
-- [matrix] onnx/onnx-tensorrt `docs/operators.md`, the edition headed "TensorRT 10.15 supports
-  operators in the inclusive range of opset 9 to opset 24" (main branch, read 2026-11). The table
-  below is that page's Supported / Supported Types columns; its Restrictions column is encoded as checks.
+- [table] onnx/onnx-tensorrt `docs/operators.md` (edition and date in `trt_support.json`); its
+  Restrictions column is encoded in the rules below.
 - [importer] onnx/onnx-tensorrt `onnxOpImporters.cpp`, `DEFINE_BUILTIN_OP_IMPORTER(Loop)` (TensorRT
-  10.x): the trip count is cast to INT32 (`castHelper(..., kINT32)`); a constant trip count
-  >= INT32_MAX is dropped ("use cond input as loop termination"); the condition becomes an
-  IRecurrenceLayer fed by body output 0 through `convertToScalar` and drives a kWHILE trip limit;
-  scan outputs need a trip count, and with a condition as well "may have the wrong shape".
-- [inputs] onnx/onnx-tensorrt `ModelImporter.cpp`, `importInputs`: "Initializers are not really
-  network inputs, so they need to be excluded" -- a graph input with an initializer is a constant.
+  10.x): the trip count is cast to INT32; a constant trip count >= INT32_MAX is dropped ("use cond
+  input as loop termination"); the condition (body output 0, via `convertToScalar`) drives a kWHILE
+  trip limit; scan outputs need a trip count, and with a condition as well "may have the wrong shape".
+- [inputs] onnx/onnx-tensorrt `ModelImporter.cpp`, `importInputs`: a graph input with an
+  initializer is parsed as a constant.
 - [loops] NVIDIA TensorRT developer guide, "Working with Loops": kCOUNT takes a 0D INT32 tensor,
-  kWHILE a 0D Bool computed in the loop (typically from an IRecurrenceLayer output); dataflow leaves
-  a loop only through ILoopOutputLayer.
-- [int64] the same `operators.md` for TensorRT <= 9 ("TensorRT will attempt to cast down INT64 to
-  INT32 ... clamping values to +-INT_MAX"); TensorRT 10 lists INT64 as a supported type.
+  kWHILE a 0D Bool computed in the loop; dataflow leaves a loop only through ILoopOutputLayer.
+- [int64] `operators.md` for TensorRT <= 9: INT64 is cast down to INT32, clamping to +-INT_MAX.
 
 Severity: "error" -- TensorRT (per the sources) rejects the graph or silently changes its meaning;
 "warning" -- outside the documented contract or not provable statically; "info" -- worth knowing.
 """
 from __future__ import annotations
 
+import functools
+import json
 import os
 from dataclasses import asdict, dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -38,249 +40,42 @@ from onnx import AttributeProto, GraphProto, NodeProto, TensorProto, helper, num
 
 from ..errors import CrbpError, InputError
 
-MATRIX_SOURCE = (
-    "onnx/onnx-tensorrt docs/operators.md for TensorRT 10.15 (opset 9..24), main branch, read 2026-11"
-)
-OPSET_RANGE = (9, 24)
 INT32_MAX = 2**31 - 1
-TOPK_MAX_K = 3840  # [matrix] TopK: "`K` input must be less than 3840"
-
-# --- the support matrix, as data ([matrix]) ------------------------------------------------------
-# One row per operator: name, Y/N, the documented types. Rows are verbatim in content.
-_FLOATS = "FP32 FP16 BF16"
-_NUM = "FP32 FP16 BF16 INT32 INT64"
-_ALL = "FP32 FP16 BF16 INT32 INT64 BOOL"
-_MATRIX_ROWS = f"""
-Abs Y {_NUM}
-Acos Y {_FLOATS}
-Acosh Y {_FLOATS}
-Add Y {_NUM}
-AffineGrid N
-And Y BOOL
-ArgMax Y {_NUM}
-ArgMin Y {_NUM}
-Asin Y {_FLOATS}
-Asinh Y {_FLOATS}
-Atan Y {_FLOATS}
-Atanh Y {_FLOATS}
-Attention Y {_FLOATS} INT8 FP8
-AveragePool Y {_FLOATS}
-BatchNormalization Y {_FLOATS}
-Bernoulli N
-BitShift N
-BitwiseAnd N
-BitwiseNot N
-BitwiseOr N
-BitwiseXor N
-BlackmanWindow Y FP32 FP16
-Cast Y {_NUM} UINT8 BOOL
-CastLike Y {_NUM} UINT8 BOOL
-Ceil Y {_FLOATS}
-Col2Im N
-Celu Y {_FLOATS}
-CenterCropPad N
-Clip Y {_FLOATS}
-Compress N
-Concat Y {_ALL}
-ConcatFromSequence N
-Constant Y {_FLOATS} FP8 FP4 INT4 INT32 INT64 BOOL
-ConstantOfShape Y {_FLOATS} FP8 FP4 INT4 INT32 INT64 BOOL
-Conv Y {_FLOATS}
-ConvInteger N
-ConvTranspose Y {_FLOATS}
-Cos Y {_FLOATS}
-Cosh Y {_FLOATS}
-CumSum Y {_FLOATS}
-DFT N
-DeformConv Y FP32 FP16
-DepthToSpace Y {_NUM}
-DequantizeLinear Y INT8 FP8 FP4 INT4
-Det N
-Div Y {_NUM}
-Dropout Y {_FLOATS}
-DynamicQuantizeLinear N
-Einsum Y {_FLOATS}
-Elu Y {_FLOATS}
-Equal Y {_NUM}
-Erf Y {_FLOATS}
-Exp Y {_FLOATS}
-Expand Y {_ALL}
-EyeLike Y {_ALL}
-Flatten Y {_ALL}
-Floor Y {_FLOATS}
-Gather Y {_ALL}
-GatherElements Y {_ALL}
-GatherND Y {_ALL}
-Gelu Y {_FLOATS} INT8 INT32 INT64
-Gemm Y {_FLOATS}
-GlobalAveragePool Y {_FLOATS}
-GlobalLpPool Y {_FLOATS}
-GlobalMaxPool Y {_FLOATS}
-Greater Y {_NUM}
-GreaterOrEqual Y {_NUM}
-GridSample Y FP32 FP16
-GroupNormalization Y {_FLOATS}
-GRU Y {_FLOATS}
-HammingWindow Y FP32 FP16
-HannWindow Y FP32 FP16
-HardSigmoid Y {_FLOATS}
-HardSwish Y {_FLOATS}
-Hardmax Y {_FLOATS}
-Identity Y {_ALL}
-If Y {_ALL}
-ImageScaler Y {_FLOATS}
-ImageDecoder N
-InstanceNormalization Y {_FLOATS}
-IsInf Y {_FLOATS}
-IsNaN Y {_NUM}
-LayerNormalization Y {_FLOATS}
-LeakyRelu Y {_FLOATS}
-Less Y {_NUM}
-LessOrEqual Y {_NUM}
-Log Y {_FLOATS}
-LogSoftmax Y {_FLOATS}
-Loop Y {_ALL}
-LRN Y {_FLOATS}
-LSTM Y {_FLOATS}
-LpNormalization Y {_FLOATS}
-LpPool Y {_FLOATS}
-MatMul Y {_FLOATS}
-MatMulInteger N
-Max Y {_NUM}
-MaxPool Y {_FLOATS}
-MaxRoiPool N
-MaxUnpool N
-Mean Y {_FLOATS} FP8 INT32 INT64
-MeanVarianceNormalization Y {_FLOATS}
-MelWeightMatrix N
-Min Y {_NUM}
-Mish Y FP32 FP16
-Mod Y {_NUM}
-Mul Y {_NUM}
-Multinomial N
-Neg Y {_NUM}
-NegativeLogLikelihoodLoss N
-NonMaxSuppression Y FP32 FP16
-NonZero Y FP32 FP16
-Not Y BOOL
-OneHot Y {_ALL}
-Optional N
-OptionalGetElement N
-OptionalHasElement N
-Or Y BOOL
-Pad Y {_NUM}
-ParametricSoftplus Y {_FLOATS}
-Pow Y {_NUM}
-PRelu Y {_FLOATS}
-QLinearConv N
-QLinearMatMul N
-QuantizeLinear Y {_FLOATS}
-RandomNormal Y {_FLOATS}
-RandomNormalLike Y {_FLOATS}
-RandomUniform Y {_FLOATS}
-RandomUniformLike Y {_FLOATS}
-Range Y {_NUM}
-Reciprocal Y {_FLOATS}
-ReduceL1 Y {_NUM}
-ReduceL2 Y {_NUM}
-ReduceLogSum Y {_NUM}
-ReduceLogSumExp Y {_NUM}
-ReduceMax Y {_NUM}
-ReduceMean Y {_NUM}
-ReduceMin Y {_NUM}
-ReduceProd Y {_NUM}
-ReduceSum Y {_NUM}
-ReduceSumSquare Y {_NUM}
-RegexFullMatch N
-Relu Y {_NUM}
-Reshape Y {_ALL}
-Resize Y {_FLOATS}
-ReverseSequence Y {_ALL}
-RMSNormalization Y {_FLOATS}
-RNN Y {_FLOATS}
-RoiAlign Y FP32 FP16
-RotaryEmbedding Y {_FLOATS}
-Round Y {_FLOATS}
-STFT Y FP32
-ScaledTanh Y {_FLOATS}
-Scan Y {_FLOATS}
-Scatter Y {_NUM}
-ScatterElements Y {_NUM}
-ScatterND Y {_NUM}
-Selu Y {_FLOATS}
-SequenceAt N
-SequenceConstruct N
-SequenceEmpty N
-SequenceErase N
-SequenceInsert N
-SequenceLength N
-SequenceMap N
-Shape Y {_ALL}
-Shrink Y {_NUM}
-Sigmoid Y {_FLOATS}
-Sign Y {_NUM}
-Sin Y {_FLOATS}
-Sinh Y {_FLOATS}
-Size Y {_ALL}
-Slice Y {_ALL}
-Softmax Y {_FLOATS}
-SoftmaxCrossEntropyLoss N
-Softplus Y {_FLOATS}
-Softsign Y {_FLOATS}
-SpaceToDepth Y {_NUM}
-Split Y {_ALL}
-SplitToSequence N
-Sqrt Y {_FLOATS}
-Squeeze Y {_ALL}
-StringConcat N
-StringNormalizer N
-StringSplit N
-Sub Y {_NUM}
-Sum Y {_NUM}
-Tan Y {_FLOATS}
-Tanh Y {_FLOATS}
-TensorScatter Y {_FLOATS} INT32
-TfIdfVectorizer N
-ThresholdedRelu Y {_FLOATS}
-Tile Y {_ALL}
-TopK Y {_NUM}
-Transpose Y {_ALL}
-Trilu Y {_ALL}
-Unique N
-Unsqueeze Y {_ALL}
-Upsample Y {_FLOATS}
-Where Y {_ALL}
-Xor Y BOOL
-"""
+TOPK_MAX_K = 3840  # [table] TopK: "`K` input must be less than 3840"
 
 
-def _parse_matrix(text: str) -> dict[str, tuple[bool, frozenset[str]]]:
-    rows = {}
-    for line in text.strip().splitlines():
-        name, supported, *types = line.split()
-        rows[name] = (supported == "Y", frozenset(types))
-    return rows
+@dataclass(frozen=True)
+class SupportTable:
+    """[table] as data: per operator its documented types, None where it is marked unsupported."""
+
+    source: str
+    opsets: tuple[int, int]
+    types: frozenset[str]  # what TensorRT handles at all; DOUBLE is cast down to FLOAT
+    ops: dict[str, frozenset[str] | None]
 
 
-SUPPORT_MATRIX: dict[str, tuple[bool, frozenset[str]]] = _parse_matrix(_MATRIX_ROWS)
+@functools.cache
+def support_table() -> SupportTable:
+    """The shipped `trt_support.json`, read once per process."""
+    data = json.loads(resources.files(__package__).joinpath("trt_support.json").read_text(encoding="utf-8"))
+    ops: dict[str, frozenset[str] | None] = {op: frozenset(types) for op, types in data["supported"].items()}
+    ops.update(dict.fromkeys(data["unsupported"]))
+    return SupportTable(data["source"], tuple(data["opsets"]), frozenset(data["types"]), ops)
 
-#: Types TensorRT 10 handles at all ([matrix] preamble); DOUBLE is cast down to FLOAT.
-TRT_TYPES = frozenset({"FP32", "FP16", "BF16", "FP8", "FP4", "INT32", "INT64", "INT8", "INT4", "UINT8", "BOOL"})
+
 _TYPE_NAMES = {
     TensorProto.FLOAT: "FP32", TensorProto.FLOAT16: "FP16", TensorProto.BFLOAT16: "BF16",
     TensorProto.FLOAT8E4M3FN: "FP8", TensorProto.FLOAT4E2M1: "FP4", TensorProto.INT4: "INT4",
     TensorProto.INT8: "INT8", TensorProto.UINT8: "UINT8", TensorProto.INT32: "INT32",
     TensorProto.INT64: "INT64", TensorProto.BOOL: "BOOL", TensorProto.DOUBLE: "DOUBLE",
 }
-#: Which input carries the type the matrix's "Supported Types" column is about (default: input 0).
+#: Input whose type the table's "Supported Types" column is about (default: input 0); ops whose
+#: input 0 says nothing about it (shape readers, control flow, constants, Cast) are skipped.
 _TYPED_INPUT = {"Where": 1}
-_UNTYPED = {"Shape", "Size", "Loop", "If", "Scan", "Constant", "ConstantOfShape", "Cast", "CastLike",
-            "DequantizeLinear", "QuantizeLinear"}  # Cast/Loop/constants are checked by their own rules
-_REDUCE = {"ReduceL1", "ReduceL2", "ReduceLogSum", "ReduceLogSumExp", "ReduceMax", "ReduceMean", "ReduceMin",
-           "ReduceProd", "ReduceSum", "ReduceSumSquare"}
+_UNTYPED = {"Shape", "Size", "Loop", "If", "Scan", "Constant", "ConstantOfShape", "Cast"}
 _RESIZE_COORD = {"half_pixel", "pytorch_half_pixel", "tf_half_pixel_for_nn", "asymmetric", "align_corners"}
-_RESIZE_MODES = {"nearest", "linear"}
 _RESIZE_NEAREST = {"floor", "ceil", "round_prefer_floor", "round_prefer_ceil"}
+#: Never a build-time constant, even with constant inputs.
 _NOT_FOLDABLE = {"RandomNormal", "RandomNormalLike", "RandomUniform", "RandomUniformLike", "Bernoulli",
                  "Multinomial", "Loop", "If", "Scan", "Shape", "Size"}
 
@@ -300,7 +95,7 @@ class LintReport:
     findings: list[Finding] = field(default_factory=list)
     nodes_checked: int = 0
     opset: int | None = None
-    source: str = MATRIX_SOURCE
+    source: str = field(default_factory=lambda: support_table().source)
 
     @property
     def errors(self) -> list[Finding]:
@@ -470,9 +265,9 @@ def _type_name(elem: int | None) -> str | None:
 
 
 def _check_type(report: LintReport, name: str, op: str, elem: int | None, what: str) -> None:
-    """Universal type support ([matrix] preamble)."""
+    """Universal type support ([table] preamble)."""
     t = _type_name(elem)
-    if t is None or t in TRT_TYPES:
+    if t is None or t in support_table().types:
         return
     if t == "DOUBLE":
         report.add("warning", name, op, f"{what} is DOUBLE: TensorRT casts it down to FLOAT (clamped to +-FLT_MAX)")
@@ -494,7 +289,7 @@ def lint_tensorrt(model: onnx.ModelProto | str | os.PathLike) -> LintReport:
                    "checks use the declared types only")
     opsets = {o.domain or "ai.onnx": o.version for o in proto.opset_import}
     report.opset = opsets.get("ai.onnx")
-    lo, hi = OPSET_RANGE
+    lo, hi = support_table().opsets
     if report.opset is None:
         report.add("error", "", "", "the model imports no default-domain (ai.onnx) opset")
     elif not lo <= report.opset <= hi:
@@ -546,16 +341,16 @@ def _walk(graph: GraphProto, scope: _Scope, prefix: str, report: LintReport, fun
             report.add("error", name, node.op_type,
                        f"operator of domain {domain!r} is not in the ONNX operator set; TensorRT needs a plugin for it")
             continue
-        row = SUPPORT_MATRIX.get(node.op_type)
-        if row is None:
+        table = support_table().ops
+        if node.op_type not in table:
             report.add("error", name, node.op_type, "not in onnx-tensorrt's operator support matrix")
             continue
-        supported, types = row
-        if not supported:
+        types = table[node.op_type]
+        if types is None:
             report.add("error", name, node.op_type, "marked unsupported (N) in onnx-tensorrt's support matrix")
             continue
         _check_node_types(node, name, scope, types, report)
-        check = _RULES.get(node.op_type)
+        check = RULES.get(node.op_type)
         if check is not None:
             check(node, name, scope, report)
         for _, sub in _subgraphs(node):
@@ -572,7 +367,7 @@ def _check_node_types(node: NodeProto, name: str, scope: _Scope, types: frozense
     t = _type_name(elem)
     if t is None:
         return
-    if t not in TRT_TYPES and t != "DOUBLE":
+    if t not in support_table().types and t != "DOUBLE":
         _check_type(report, name, node.op_type, elem, f"input {node.input[idx]!r}")
     elif t not in types:
         report.add("warning", name, node.op_type,
@@ -613,13 +408,13 @@ def _check_int64_weights(proto: onnx.ModelProto, report: LintReport) -> None:
                 "TensorRT <= 9 clamps INT64 to +-INT32_MAX (TensorRT 10 keeps INT64)"))
 
 
-# --- per-operator rules ([matrix] Restrictions column, [importer]) -----------------------------
+# --- restrictions of the operators the exporter emits ([table] Restrictions column, [importer]) ---
 
 
 def _rule_resize(node, name, scope, report):
     a = _attrs(node)
     mode = a.get("mode", "nearest")
-    if mode not in _RESIZE_MODES:
+    if mode not in ("nearest", "linear"):
         report.add("error", name, "Resize", f"mode {mode!r} is unsupported (supported: nearest, linear)")
     coord = a.get("coordinate_transformation_mode", "half_pixel")
     if coord not in _RESIZE_COORD:
@@ -638,15 +433,15 @@ def _rule_resize(node, name, scope, report):
             report.add("error", name, "Resize", "with a tensor `scales` input, `axes` must be an iota vector of length rank(input)")
 
 
-def _rule_pool(node, name, scope, report):
+def _rule_maxpool(node, name, scope, report):
     a = _attrs(node)
     kernel = a.get("kernel_shape")
     if kernel is not None and len(kernel) not in (2, 3):
-        report.add("error", name, node.op_type, f"{len(kernel)}D pooling: only 2D or 3D pooling is supported")
+        report.add("error", name, "MaxPool", f"{len(kernel)}D pooling: only 2D or 3D pooling is supported")
     if any(d != 1 for d in a.get("dilations", [])):
-        report.add("error", name, node.op_type, "`dilations` must be empty or all ones")
-    if node.op_type == "MaxPool" and len(node.output) > 1 and node.output[1]:
-        report.add("error", name, node.op_type, "the `Indices` output is unsupported")
+        report.add("error", name, "MaxPool", "`dilations` must be empty or all ones")
+    if len(node.output) > 1 and node.output[1]:
+        report.add("error", name, "MaxPool", "the `Indices` output is unsupported")
 
 
 def _rule_reduce(node, name, scope, report):
@@ -659,8 +454,7 @@ def _rule_squeeze(node, name, scope, report):
         if not scope.foldable(node.input[1]):
             report.add("error", name, node.op_type, "`axes` must be resolvable to a constant")
     elif node.op_type == "Squeeze" and not _attrs(node).get("axes"):
-        t = scope.type(node.input[0])
-        if not t.static:
+        if not scope.type(node.input[0]).static:
             report.add("warning", name, node.op_type,
                        "Squeeze without axes on an input whose shape is not static: which dims are 1 must be known at build time")
 
@@ -678,20 +472,6 @@ def _rule_topk(node, name, scope, report):
         report.add("error", name, "TopK", f"K={int(np.max(k))}: `K` must be less than {TOPK_MAX_K}")
 
 
-def _rule_build_time_input(index: int, what: str):
-    def rule(node, name, scope, report):
-        if len(node.input) > index and node.input[index] and not scope.foldable(node.input[index]):
-            report.add("error", name, node.op_type, f"`{what}` must be a build-time constant")
-    return rule
-
-
-def _rule_dropout(node, name, scope, report):
-    if len(node.input) > 2 and node.input[2]:
-        value = scope.weights(node.input[2])
-        if value is None or bool(np.any(value)):
-            report.add("error", name, "Dropout", "`training_mode` must be an initializer that evaluates to False")
-
-
 def _rule_constant(node, name, scope, report):
     bad = [a.name for a in node.attribute if a.name in ("sparse_value", "value_string", "value_strings")]
     if bad:
@@ -702,17 +482,17 @@ def _rule_constant(node, name, scope, report):
 
 
 def _rule_cast(node, name, scope, report):
+    allowed = support_table().ops["Cast"]
     to = _attrs(node).get("to")
-    allowed = SUPPORT_MATRIX[node.op_type][1]
     if to is not None:
         t = _type_name(to)
         if t == "DOUBLE":
-            report.add("warning", name, node.op_type, "cast to DOUBLE: TensorRT computes it as FLOAT")
+            report.add("warning", name, "Cast", "cast to DOUBLE: TensorRT computes it as FLOAT")
         elif t not in allowed:
-            report.add("error", name, node.op_type, f"cast to {t} is unsupported (documented: {', '.join(sorted(allowed))})")
+            report.add("error", name, "Cast", f"cast to {t} is unsupported (documented: {', '.join(sorted(allowed))})")
     src = _type_name(scope.type(node.input[0]).elem) if node.input else None
     if src is not None and src not in allowed and src != "DOUBLE":
-        report.add("error" if src not in TRT_TYPES else "warning", name, node.op_type,
+        report.add("error" if src not in support_table().types else "warning", name, "Cast",
                    f"cast from {src} is not among the documented types ({', '.join(sorted(allowed))})")
 
 
@@ -721,56 +501,9 @@ def _rule_scatternd(node, name, scope, report):
         report.add("error", name, "ScatterND", "`reduction` other than 'none' is not supported")
 
 
-def _rule_layernorm(node, name, scope, report):
-    if any(o for o in node.output[1:]):
-        report.add("error", name, node.op_type, "only the first output `Y` is supported")
-
-
-def _rule_lstm(node, name, scope, report):
-    a = _attrs(node)
-    if a.get("input_forget", 0) != 0 or a.get("layout", 0) != 0:
-        report.add("error", name, "LSTM", "`input_forget` and `layout` must be 0")
-
-
-def _rule_eyelike(node, name, scope, report):
-    if not scope.type(node.input[0]).static:
-        report.add("error", name, "EyeLike", "`input` must have static dimensions")
-
-
-def _rule_zero_point(index: int, what: str):
-    def rule(node, name, scope, report):
-        if len(node.input) > index and node.input[index]:
-            value = scope.weights(node.input[index])
-            if value is None:
-                report.add("warning", name, node.op_type, f"`{what}` is not an initializer; it must be zero")
-            elif np.any(value != 0):
-                report.add("error", name, node.op_type, f"`{what}` must be zero")
-    return rule
-
-
-def _rule_gridsample(node, name, scope, report):
-    shape = scope.type(node.input[0]).shape
-    if shape is not None and len(shape) != 4:
-        report.add("error", name, "GridSample", f"input must be 4D, got rank {len(shape)}")
-
-
-def _rule_if(node, name, scope, report):
-    branches = dict(_subgraphs(node))
-    then, other = branches.get("then_branch"), branches.get("else_branch")
-    if then is None or other is None:
-        return
-    for a, b in zip(then.output, other.output):
-        ra, rb = _type_of(a).shape, _type_of(b).shape
-        if ra is not None and rb is not None and len(ra) != len(rb):
-            report.add("error", name, "If", f"branch outputs {a.name!r} and {b.name!r} have different ranks ({len(ra)} vs {len(rb)})")
-        if a.name == b.name:
-            report.add("error", name, "If", f"both branches output the same name {a.name!r}; they must differ")
-
-
 def _rule_loop(node, name, scope, report):
-    """[importer] + [loops] + [matrix] Loop row. Interpreting "a condition computed without loop
-    outputs": the body's condition must be a scalar BOOL produced inside the body from the loop's
-    own state, never a value taken from outside the loop (which would make the while-limit constant)."""
+    """[importer] + [loops] + [table] Loop row: the trip count, the condition, the carried values and
+    the scan outputs each map onto one part of TensorRT's ILoop, checked in turn below."""
     body = dict(_subgraphs(node)).get("body")
     if body is None:
         report.add("error", name, "Loop", "Loop without a body")
@@ -779,19 +512,30 @@ def _rule_loop(node, name, scope, report):
     trip = node.input[0] if node.input else ""
     cond = node.input[1] if len(node.input) > 1 else ""
     carried = list(node.input[2:])
-    n, k = len(carried), len(body.output) - 1 - len(carried)
+    _loop_trip(trip, name, scope, report)
+    if not trip and not cond:
+        report.add("error", name, "Loop", "neither a trip count nor a condition: TensorRT needs a trip limit")
+    if cond and body.output:
+        _loop_condition(body.output[0].name, name, bscope, report)
+    _loop_carried(carried, body, name, scope, bscope, report)
+    scans = [o.name for o in body.output[1 + len(carried):]]
+    if scans:
+        _loop_scans(scans, trip, cond, name, scope, report)
 
-    # trip count: a 0D INT32 tensor in TensorRT; onnx-tensorrt casts it and drops constants >= INT32_MAX
+
+def _loop_trip(trip, name, scope, report):
+    """A 0D INT32 tensor in TensorRT; onnx-tensorrt casts it and drops constants >= INT32_MAX."""
     trip_value = scope.weights(trip) if trip else None
     if trip_value is not None:
-        if np.asarray(trip_value).size != 1:
+        flat = np.asarray(trip_value).reshape(-1)
+        if flat.size != 1:
             report.add("error", name, "Loop", f"trip count {trip!r} must be a scalar, got shape {list(np.shape(trip_value))}")
-        elif int(np.asarray(trip_value).reshape(-1)[0]) > INT32_MAX:
+        elif int(flat[0]) > INT32_MAX:
             report.add("error", name, "Loop", (
-                f"trip count {trip!r} = {int(np.asarray(trip_value).reshape(-1)[0])} is not INT32-representable: "
+                f"trip count {trip!r} = {int(flat[0])} is not INT32-representable: "
                 "TensorRT's ILoop takes a 0D INT32 trip limit and onnx-tensorrt drops constant trip counts "
                 ">= 2^31-1, so the cap would be ignored"))
-        elif int(np.asarray(trip_value).reshape(-1)[0]) == INT32_MAX:
+        elif int(flat[0]) == INT32_MAX:
             report.add("warning", name, "Loop", (
                 f"trip count {trip!r} = INT32_MAX: onnx-tensorrt treats it as 'no trip limit' (condition only)"))
     elif trip:
@@ -799,28 +543,29 @@ def _rule_loop(node, name, scope, report):
         report.add("info", name, "Loop", (
             f"trip count {trip!r} is a runtime value ({_type_name(t.elem) or 'unknown type'}): onnx-tensorrt casts "
             "it to INT32, so values beyond 2^31-1 must be rejected before they reach the engine"))
-    if not trip and not cond:
-        report.add("error", name, "Loop", "neither a trip count nor a condition: TensorRT needs a trip limit")
 
-    # the condition: body output 0 feeds the kWHILE recurrence through convertToScalar
-    if cond and body.output:
-        out = body.output[0].name
-        t = bscope.type(out)
-        if t.elem is not None and t.elem != TensorProto.BOOL:
-            report.add("error", name, "Loop", f"the body's condition {out!r} is {_type_name(t.elem)}, not BOOL")
-        if t.shape is None:
-            report.add("warning", name, "Loop", f"the body's condition {out!r} has no known shape; it must be a scalar")
-        elif t.static and int(np.prod(t.shape)) != 1:
-            report.add("error", name, "Loop", f"the body's condition {out!r} has shape {list(t.shape)}; it must be a scalar")
-        elif not t.static and len(t.shape) > 0:
-            report.add("warning", name, "Loop", f"the body's condition {out!r} has shape {list(t.shape)}; it must be a scalar")
-        if not _depends_on_state(out, bscope):
-            where = "taken from outside the loop" if out not in bscope.producer else "computed from constants only"
-            report.add("warning", name, "Loop", (
-                f"the body's condition {out!r} is {where}, not from the loop's state: the while-limit never "
-                "changes, so the loop stops only on its trip count (or after one trip)"))
 
-    # loop-carried tensors: IRecurrenceLayer needs the same shape every iteration ([matrix])
+def _loop_condition(out, name, bscope, report):
+    """Body output 0 feeds the kWHILE recurrence through convertToScalar: a scalar BOOL computed in the
+    body from the loop's own state (a value from outside would make the while-limit constant)."""
+    t = bscope.type(out)
+    if t.elem is not None and t.elem != TensorProto.BOOL:
+        report.add("error", name, "Loop", f"the body's condition {out!r} is {_type_name(t.elem)}, not BOOL")
+    if t.shape is None:
+        report.add("warning", name, "Loop", f"the body's condition {out!r} has no known shape; it must be a scalar")
+    elif t.static and int(np.prod(t.shape)) != 1:
+        report.add("error", name, "Loop", f"the body's condition {out!r} has shape {list(t.shape)}; it must be a scalar")
+    elif not t.static and len(t.shape) > 0:
+        report.add("warning", name, "Loop", f"the body's condition {out!r} has shape {list(t.shape)}; it must be a scalar")
+    if not _depends_on_state(out, bscope):
+        where = "taken from outside the loop" if out not in bscope.producer else "computed from constants only"
+        report.add("warning", name, "Loop", (
+            f"the body's condition {out!r} is {where}, not from the loop's state: the while-limit never "
+            "changes, so the loop stops only on its trip count (or after one trip)"))
+
+
+def _loop_carried(carried, body, name, scope, bscope, report):
+    """IRecurrenceLayer needs one type and shape every iteration ([table] Loop row)."""
     for i, initial in enumerate(carried):
         if 2 + i >= len(body.input) or 1 + i >= len(body.output):
             report.add("error", name, "Loop", "the body's inputs/outputs do not match the Loop's carried values")
@@ -832,22 +577,22 @@ def _rule_loop(node, name, scope, report):
             _compare_carried(report, name, f"carried value #{i} (initial {initial!r} vs body input {b_in!r})",
                              scope.type(initial), bscope.type(b_in), strict=True)
         t = _type_name(bscope.type(b_in).elem)
-        if t is not None and t not in SUPPORT_MATRIX["Loop"][1]:
+        if t is not None and t not in support_table().ops["Loop"]:
             report.add("warning", name, "Loop", f"carried value #{i} is {t}, not among the documented Loop types")
 
-    # scan outputs: their length is the trip count, which must be a build-time constant and the only limit
-    if k > 0:
-        scans = [o.name for o in body.output[1 + n:]]
-        if not trip:
-            report.add("error", name, "Loop", f"scan output(s) {scans} without a trip count: TensorRT cannot infer their length")
-        elif not scope.foldable(trip):
-            report.add("error", name, "Loop", f"scan output(s) {scans} with a runtime trip count: scan output length cannot be dynamic")
-        elif cond:
-            report.add("error", name, "Loop", (
-                f"scan output(s) {scans} in a loop that also has a condition: when it stops early the outputs "
-                "keep the trip-count length with undefined rows (onnx-tensorrt: 'may have the wrong shape')"))
-        else:
-            report.add("info", name, "Loop", f"scan output(s) {scans} with a constant trip count and no condition: supported")
+
+def _loop_scans(scans, trip, cond, name, scope, report):
+    """Scan outputs are as long as the trip count, which must be a build-time constant and the only limit."""
+    if not trip:
+        report.add("error", name, "Loop", f"scan output(s) {scans} without a trip count: TensorRT cannot infer their length")
+    elif not scope.foldable(trip):
+        report.add("error", name, "Loop", f"scan output(s) {scans} with a runtime trip count: scan output length cannot be dynamic")
+    elif cond:
+        report.add("error", name, "Loop", (
+            f"scan output(s) {scans} in a loop that also has a condition: when it stops early the outputs "
+            "keep the trip-count length with undefined rows (onnx-tensorrt: 'may have the wrong shape')"))
+    else:
+        report.add("info", name, "Loop", f"scan output(s) {scans} with a constant trip count and no condition: supported")
 
 
 def _compare_carried(report, name, what, a: _Type, b: _Type, strict: bool) -> None:
@@ -891,28 +636,17 @@ def _depends_on_state(value: str, bscope: _Scope) -> bool:
     return False
 
 
-_RULES = {
+#: operator -> its restriction check, for the operators crbp-deploy emits (see the module doc).
+RULES = {
     "Resize": _rule_resize,
-    "MaxPool": _rule_pool,
-    "AveragePool": _rule_pool,
-    "LpPool": _rule_pool,
-    **{op: _rule_reduce for op in _REDUCE},
+    "MaxPool": _rule_maxpool,
+    "ReduceL2": _rule_reduce,
+    "ReduceMax": _rule_reduce,
     "Squeeze": _rule_squeeze,
     "Unsqueeze": _rule_squeeze,
     "TopK": _rule_topk,
-    "CumSum": _rule_build_time_input(1, "axis"),
-    "OneHot": _rule_build_time_input(1, "depth"),
-    "Dropout": _rule_dropout,
     "Constant": _rule_constant,
     "Cast": _rule_cast,
-    "CastLike": _rule_cast,
     "ScatterND": _rule_scatternd,
-    "LayerNormalization": _rule_layernorm,
-    "LSTM": _rule_lstm,
-    "EyeLike": _rule_eyelike,
-    "DequantizeLinear": _rule_zero_point(2, "x_zero_point"),
-    "QuantizeLinear": _rule_zero_point(2, "y_zero_point"),
-    "GridSample": _rule_gridsample,
-    "If": _rule_if,
     "Loop": _rule_loop,
 }
