@@ -15,7 +15,7 @@ from .frontier import ORACLE_SLACK, Trace
 from .models.halting import HaltingHead
 
 
-def fit_head(trace: Trace, *, hidden: int = 32, epochs: int = 600, lr: float = 1e-2, weight_decay: float = 1e-4,
+def fit_head(trace: Trace, *, hidden: int = 32, epochs: int = 600, lr: float = 1e-2, weight_decay: float = 1e-2,
              seed: int = 0, slack: float = ORACLE_SLACK) -> HaltingHead:
     """A HaltingHead trained with binary cross-entropy on every (image, step) of `trace`."""
     gen = torch.Generator().manual_seed(seed)

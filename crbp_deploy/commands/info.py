@@ -48,7 +48,7 @@ def info(
     no_check: bool = typer.Option(False, "--no-check", help="Skip the measured contraction check."),
 ) -> None:
     """Print a model card: architecture, parameters, config, metadata, measured contraction."""
-    from ..card import model_card
+    from ..modelcard import model_card
     from ..sources import resolve_model
 
     m, source = resolve_model(model)

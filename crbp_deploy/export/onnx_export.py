@@ -313,7 +313,7 @@ def export_onnx(
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
         raise CrbpError(f"the exported ONNX graph failed the checker: {str(exc).strip().splitlines()[0]}") from exc
     data = proto.SerializeToString()
-    from ..card import model_card
+    from ..modelcard import model_card
 
     card = model_card(model, source or "in-memory model", check=False)
     sidecar = {
