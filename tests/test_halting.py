@@ -119,3 +119,31 @@ def test_what_cannot_run_is_refused(tmp_path):
     ort = load_backend(art.path, "onnxruntime", threads=1)
     with pytest.raises(InputError, match="computes the estimate halting policy in its Loop"):
         ort.run(x.numpy(), policy="stable", threshold=0.0)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["policy"] for r in RULES])
+def test_openvino_runs_every_policy_with_the_same_iterations(model, images, rule, tmp_path):
+    pytest.importorskip("openvino", reason="openvino is not installed: pip install 'crbp-deploy[openvino]'")
+    budget = {"max_iters": 30, "tol": 1e-4, **rule}
+    art = export_onnx(model, tmp_path / "m.onnx", execution="compact", example_size=(32, 32), **budget)
+    ov = load_backend(art.path, "openvino", threads=1)
+    ref = TorchBackend(model).run(images, **budget)
+    got = ov.run(images)
+    assert got["iterations"].tolist() == ref["iterations"].tolist()
+    np.testing.assert_allclose(got["semantic"], ref["semantic"], atol=1e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=[r["policy"] for r in RULES])
+def test_masked_policy_loops_pass_the_tensorrt_lint(model, rule, tmp_path):
+    """TensorRT runs the masked Loop (fixed shapes); its policy ops must be ones TensorRT documents.
+    Execution on TensorRT itself is not verified here (no GPU): see README."""
+    import onnx
+
+    from crbp_deploy.export.tensorrt import prepare_for_tensorrt
+    from crbp_deploy.export.trt_lint import lint_tensorrt
+
+    art = export_onnx(model, tmp_path / "m.onnx", execution="masked", example_size=(32, 32), max_iters=30, tol=1e-4,
+                      **rule)
+    for graph in (onnx.load(str(art.path)), prepare_for_tensorrt(onnx.load(str(art.path)))):
+        report = lint_tensorrt(graph)
+        assert report.ok and not report.warnings, report.summary()

@@ -1,0 +1,137 @@
+"""docs/halting.md: does the shipped halting policy pay? Measured on held-out scenes of a seed never used for
+calibration, against the smallest fixed count within 0.5 points of the best fixed count and the per-image oracle.
+
+    OMP_NUM_THREADS=2 python benchmarks/halting_report.py [--model crbp-panoptic] [--count 96] [--seed 103]
+
+1. `crbp_deploy.calibrate.calibrate` on the new scenes (the model's own head; nothing re-chosen): every fixed
+   count, every policy's frontier and the oracle on these images.
+2. The shipped budget (the card's) scored on the same trace and re-run end to end by the task's evaluator.
+3. Wall-clock per image at batch 1 and 8: PyTorch eager (shipped budget vs the fixed baseline) and ONNX Runtime
+   (the compacted Loop with the shipped policy vs the unrolled fixed-count graph), best of `--repeats`, one run.
+Goals (issue 18): steps <= baseline / 1.5 with quality within 0.5; >= 1.4x wall-clock at batch 1 and 8 in both
+runtimes; saving captured >= 0.6. Everything goes to docs/halting_<model>.json; --md writes the page section.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _timed(backend, stack: np.ndarray, budget: dict, batch: int, repeats: int) -> float:
+    """Best-of-`repeats` mean ms per image over the stack in batches of `batch`."""
+    groups = [stack[i:i + batch] for i in range(0, len(stack) - batch + 1, batch)]
+    backend.run(groups[0], **budget)  # warm-up
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for g in groups:
+            backend.run(g, **budget)
+        best = min(best, (time.perf_counter() - start) / (len(groups) * batch))
+    return round(1e3 * best, 2)
+
+
+def wall_clock(model, stack: np.ndarray, shipped: dict, fixed: int, threads: int, repeats: int) -> dict:
+    from crbp_deploy.export import export_onnx
+    from crbp_deploy.runtime import OrtBackend, TorchBackend
+
+    out = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        size = tuple(stack.shape[-2:])
+        loop = export_onnx(model, Path(tmp) / "loop.onnx", example_size=size, **shipped)
+        unrolled = export_onnx(model, Path(tmp) / "unrolled.onnx", strategy="unrolled", iters=fixed, example_size=size)
+        runs = {"torch eager": (TorchBackend(model, threads=threads), shipped, {"iters": fixed}),
+                "onnxruntime": (None, {}, {})}
+        for name, (backend, early, base) in runs.items():
+            for b in (1, 8):
+                if name == "onnxruntime":
+                    t_policy = _timed(OrtBackend(loop.path, threads=threads), stack, {}, b, repeats)
+                    t_fixed = _timed(OrtBackend(unrolled.path, threads=threads), stack, {}, b, repeats)
+                else:
+                    t_policy = _timed(backend, stack, early, b, repeats)
+                    t_fixed = _timed(backend, stack, base, b, repeats)
+                out[f"{name} b{b}"] = {"policy_ms": t_policy, "fixed_ms": t_fixed, "speedup": round(t_fixed / t_policy, 2)}
+                print(f"{name} batch {b}: policy {t_policy} ms/image, fixed {fixed}: {t_fixed} ms/image", flush=True)
+    return out
+
+
+def measure(model, data: Path, threads: int, repeats: int) -> dict:
+    from crbp_deploy import calibrate as cal
+    from crbp_deploy.modelcard import ModelCard
+    from crbp_deploy.tasks import scorer_for, task_of
+
+    card = ModelCard.of(model)
+    shipped = card.budget.kwargs()
+    cap = shipped["max_iters"]
+    rec = cal.calibrate(model, data, max_iters=cap, latency=False, check=False, progress=print)
+    point = next((p for p in rec["sweep"] if p["budget"] == shipped), None)
+    scorer = scorer_for(model, data)
+    end_to_end = scorer.evaluate(**shipped)
+    q, steps = scorer.quality(end_to_end), scorer.mean_iterations(end_to_end)
+    base = rec["fixed_baseline"]
+    result = {
+        "model": model.arch, "shipped": shipped, "data": str(data), "images": rec["images"],
+        "calibration_on_these_images": cal.record(rec),
+        "shipped_point": {"trace": point, "end_to_end": {"quality": round(q, 4), "mean_iterations": round(steps, 4)}},
+        "fixed_baseline": base, "best_fixed": rec["best_quality"], "oracle": rec["oracle"],
+    }
+    if base:
+        result["goals"] = {
+            "steps_ratio": round(base["mean_iterations"] / steps, 3),
+            "quality_delta": round(q - base["quality"], 3),
+            "saving_captured": round((base["mean_iterations"] - steps) / (base["mean_iterations"] - rec["oracle"]["mean_iterations"]), 3),
+        }
+        stack = task_of(model).images(task_of(model).open(data), 16)
+        result["wall_clock"] = wall_clock(model, stack, shipped, base["iters"], threads, repeats)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from crbp_deploy.sources import resolve_model
+    from crbp_deploy.tasks import task_of
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="crbp-panoptic")
+    ap.add_argument("--data", type=Path, help="held-out data (default: generated with --seed at the card's size)")
+    ap.add_argument("--count", type=int, default=96)
+    ap.add_argument("--seed", type=int, default=103)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, source = resolve_model(args.model)
+    task = task_of(model)
+    from crbp_deploy.modelcard import ModelCard
+
+    size = ModelCard.of(model).image_size
+    data = args.data or task.generate(ROOT / "runs" / f"halting_eval_{args.model}_{args.seed}", args.count, size, args.seed)
+    result = measure(model, data, args.threads, args.repeats)
+    result["command"] = "python benchmarks/halting_report.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    result["setup"] = {"threads": args.threads, "torch": torch.__version__, "cpu": _cpu(),
+                       "load_average": [round(v, 2) for v in os.getloadavg()], "source": source}
+    out = args.out or ROOT / "docs" / f"halting_{args.model}.json"
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps({k: result.get(k) for k in ("shipped", "fixed_baseline", "oracle", "goals", "wall_clock")}, indent=1))
+    return 0
+
+
+def _cpu() -> str:
+    try:
+        return next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return "unknown"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
