@@ -19,17 +19,22 @@ def _parse_size(size: str) -> tuple[int, int]:
 
 
 def _strategy_budget(m, strategy: Optional[str], iters: Optional[int], max_iters: Optional[int],
-                     tol: Optional[float]) -> tuple[str, dict]:
-    """The graph strategy and the budget it is exported with (early exit: the options over the card's)."""
+                     tol: Optional[float], rule: dict) -> tuple[str, dict]:
+    """The graph strategy and the budget it is exported with (early exit: the options over the card's,
+    halting policy included; `rule`: --policy / --threshold / --patience as given)."""
     from ..modelcard import ModelCard
 
+    given = {k: v for k, v in rule.items() if v is not None}
     if iters is not None:
+        if given:
+            raise InputError("--policy/--threshold/--patience set early exit's halting; --iters is a fixed count")
         strategy = strategy or "unrolled"  # measured faster per iteration on ONNX Runtime CPU
         return strategy, {"iters": iters} if strategy == "unrolled" else {"max_iters": iters, "tol": 0.0}
     if strategy not in (None, "loop"):
         raise InputError("early exit needs the loop strategy; use --iters N for an unrolled graph")
     card = ModelCard.of(m).budget.early()
-    return "loop", {"max_iters": max_iters or card.max_iters, "tol": card.tol if tol is None else tol}
+    request = {"max_iters": max_iters or card.max_iters, "tol": card.tol if tol is None else tol, **given}
+    return "loop", card.merge(request).kwargs()
 
 
 def _fp16_conversion_lines(result) -> None:
@@ -88,6 +93,9 @@ def export(
     max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Early exit: default cap (a graph input)."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Early exit: default tolerance (a graph input)."),
     strategy: Optional[str] = typer.Option(None, "--strategy", help="Graph for a fixed count: unrolled (default) | loop."),
+    policy: Optional[str] = typer.Option(None, "--policy", help="Halting policy computed in the Loop: tol | estimate | stable | learned (default: the card's)."),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="The policy's default threshold (a graph input)."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Steps in a row the policy must fire (a graph input)."),
     loop: Optional[str] = typer.Option(
         None, "--loop", help="Loop body: compact (only unconverged samples are stepped; default for ONNX Runtime) | "
         "masked (fixed shapes; default for --format tensorrt, whose loops take no shrinking batch)."),
@@ -122,7 +130,8 @@ def export(
 
         require_converter()  # one line naming the package and how to install it, before any work
     m, source = resolve_model(model)
-    strategy, budget = _strategy_budget(m, strategy, iters, max_iters, tol)
+    strategy, budget = _strategy_budget(m, strategy, iters, max_iters, tol,
+                                        {"policy": policy, "threshold": threshold, "patience": patience})
     if postprocess:
         from ..export.panoptic_graph import WithPanopticLabels
         m = WithPanopticLabels(m, ModelCard.of(m).postprocess)

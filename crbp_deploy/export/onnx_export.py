@@ -371,7 +371,7 @@ def _check_policy(model, strategy, fp16, max_iters, tol, policy, threshold, pati
         raise InputError(f"the {rule.policy} halting policy needs strategy=loop: an unrolled graph runs a fixed count")
     if fp16:
         raise InputError(f"the {rule.policy} halting policy is not exported in fp16 (its features must stay fp32): "
-                         "export it in fp32")
+                         "export it in fp32, or choose --policy tol")
     Budget(max_iters=max_iters, tol=tol, policy=rule.policy, threshold=threshold, patience=patience)
     solver.Halting.of(model, rule.policy, threshold, patience)  # e.g. learned without a halting head
     return rule

@@ -33,6 +33,11 @@ class WithPanopticLabels(RecurrentSegmenter):
         self.stride = getattr(model, "stride", 1)
         self.post = config or PostprocessConfig()
         self.register_buffer("thing_mask", thing_mask_of(categories), persistent=False)
+        if getattr(model, "halting_head", None) is not None:  # the learned halting policy reads it
+            self.halting_head = model.halting_head
+
+    def answer_proxy(self, ctx: Tensor, h: Tensor) -> Tensor:
+        return self.inner.answer_proxy(ctx, h)
 
     def encode(self, images: Tensor) -> Tensor:
         return self.inner.encode(images)
