@@ -7,7 +7,7 @@ from typing import Optional
 
 import typer
 
-from .options import budget_options
+from .options import POLICY_HELP, budget_options
 
 
 def evaluate(
@@ -17,6 +17,9 @@ def evaluate(
     iters: Optional[int] = typer.Option(None, "--iters", help="Fixed number of recurrent steps."),
     max_iters: Optional[int] = typer.Option(None, "--max-iters", help="Early exit: iteration cap."),
     tol: Optional[float] = typer.Option(None, "--tol", help="Early exit: relative state change to stop at."),
+    policy: Optional[str] = typer.Option(None, "--policy", help=POLICY_HELP),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="The halting policy's threshold."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Steps in a row the policy must fire."),
     limit: int = typer.Option(0, "--limit", help="Evaluate the first N images only (0 = all)."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -29,7 +32,7 @@ def evaluate(
     from ..sources import resolve_model
     from ..tasks import scorer_for, task_of
 
-    given = budget_options(iters, max_iters, tol)
+    given = budget_options(iters, max_iters, tol, policy, threshold, patience)
     m, source = resolve_model(model)
     budget = resolve_budget(m, given).kwargs()
     scorer = scorer_for(m, data, split=split, limit=limit, progress=not as_json, source=source)

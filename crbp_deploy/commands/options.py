@@ -19,8 +19,14 @@ def json_object(text: str | None, option: str) -> dict:
     return value
 
 
-def budget_options(iters: Optional[int], max_iters: Optional[int], tol: Optional[float]) -> dict:
-    """--iters / --max-iters / --tol as the budget keys that were given (fixed count or early exit, not both)."""
-    if iters is not None and (max_iters is not None or tol is not None):
-        raise CrbpError("give --iters (fixed count) or --max-iters/--tol (early exit), not both")
-    return {k: v for k, v in {"iters": iters, "max_iters": max_iters, "tol": tol}.items() if v is not None}
+def budget_options(iters: Optional[int], max_iters: Optional[int], tol: Optional[float], policy: Optional[str] = None,
+                   threshold: Optional[float] = None, patience: Optional[int] = None) -> dict:
+    """--iters / --max-iters / --tol / --policy / --threshold / --patience as the budget keys that were given
+    (fixed count or early exit, not both)."""
+    early = {"max_iters": max_iters, "tol": tol, "policy": policy, "threshold": threshold, "patience": patience}
+    if iters is not None and any(v is not None for v in early.values()):
+        raise CrbpError("give --iters (fixed count) or --max-iters/--tol/--policy (early exit), not both")
+    return {k: v for k, v in {"iters": iters, **early}.items() if v is not None}
+
+
+POLICY_HELP = "Halting policy: tol | estimate | stable | learned (default: the card's)."

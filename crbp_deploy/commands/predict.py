@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from ..errors import CrbpError
-from .options import budget_options
+from .options import POLICY_HELP, budget_options
 
 
 def predict(
@@ -19,6 +19,9 @@ def predict(
     iters: Optional[int] = typer.Option(None, "--iters"),
     max_iters: Optional[int] = typer.Option(None, "--max-iters"),
     tol: Optional[float] = typer.Option(None, "--tol"),
+    policy: Optional[str] = typer.Option(None, "--policy", help=POLICY_HELP),
+    threshold: Optional[float] = typer.Option(None, "--threshold", help="The halting policy's threshold."),
+    patience: Optional[int] = typer.Option(None, "--patience", help="Steps in a row the policy must fire."),
     backend: str = typer.Option("torch", "--backend", help="torch | onnxruntime | openvino (a checkpoint is exported to an early-exit ONNX first)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (torch autocast or OpenVINO; refused where this machine lacks it)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: the runtime's)."),
@@ -38,13 +41,14 @@ def predict(
         predictor = PANOPTIC.runner(m, source=source)
     else:
         predictor = _backend_predictor(model, backend, precision, threads)
-    budget = budget_options(iters, max_iters, tol)
+    budget = budget_options(iters, max_iters, tol, policy, threshold, patience)
     arrays = [read_image(p) for p in images]  # all validated before any work starts
     for path, image, pred in zip(images, arrays, predictor.predict(arrays, **budget)):
         write_prediction(out, path.stem, image, pred, predictor.categories)
         typer.echo(
             f"{path}: {len(pred.segments_info)} segments, {pred.iterations} iterations, "
-            f"residual {pred.residual:.2e}, converged {pred.converged} -> {out / (path.stem + '_panoptic.json')}"
+            f"residual {pred.residual:.2e}, converged {pred.converged}, stopped: {pred.stopped} "
+            f"-> {out / (path.stem + '_panoptic.json')}"
         )
 
 
