@@ -132,9 +132,8 @@ class _Setup:
 
 
 def _fixed_baseline(s: _Setup, torch_backend, q_early: float) -> tuple[int, dict, str]:
-    """The equal-quality fixed count early exit is timed against: the one `calibrate` recorded in the card
-    (`inference.calibration.fixed_baseline`); for an uncalibrated model, said in the output, the smallest
-    of FIXED_CANDIDATES within PQ_MATCH points of early exit's quality on this data."""
+    """The equal-quality fixed count early exit is timed against: `calibrate`'s in the card (`inference.calibration.
+    fixed_baseline`), else (uncalibrated, said so) the smallest candidate within PQ_MATCH points of early exit."""
     base = (ModelCard.of(s.model).inference.get("calibration") or {}).get("fixed_baseline")
     if base:
         s.progress(f"fixed baseline from the card's calibration: {base['iters']} iterations "
@@ -149,25 +148,6 @@ def _fixed_baseline(s: _Setup, torch_backend, q_early: float) -> tuple[int, dict
         if fixed_quality[n] >= q_early - PQ_MATCH:
             return n, fixed_quality, "uncalibrated"
     return max(fixed_quality), fixed_quality, "uncalibrated"
-
-
-def _plan(s: _Setup, work: Path, torch_backend, n_fixed: int, early: dict, threads: int, compiled: bool) -> list[tuple]:
-    """(backend name, strategy, Backend, budget, MB) of every row: torch and onnxruntime graphs, then extras."""
-    model = s.model
-    ckpt_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 1e6
-    unrolled = export_onnx(model, work / "unrolled.onnx", strategy="unrolled", iters=n_fixed)
-    loop = export_onnx(model, work / "loop.onnx", strategy="loop", **early)
-    masked = export_onnx(model, work / "masked.onnx", strategy="loop", execution="masked", **early)
-    ort_loop = OrtBackend(loop.path, threads=threads)
-    plan = [
-        ("torch eager", "fixed", torch_backend, {"iters": n_fixed}, ckpt_mb),
-        ("torch eager", "early exit", torch_backend, early, ckpt_mb),
-        ("onnxruntime", "unrolled", OrtBackend(unrolled.path, threads=threads), {}, unrolled.size_bytes / 1e6),
-        ("onnxruntime", "loop, fixed", ort_loop, {"max_iters": n_fixed, "tol": 0.0}, loop.size_bytes / 1e6),
-        ("onnxruntime", "loop, early exit", ort_loop, {}, loop.size_bytes / 1e6),
-        ("onnxruntime", "masked loop, early exit", OrtBackend(masked.path, threads=threads), {}, masked.size_bytes / 1e6),
-    ]
-    return plan + _extra_rows(model, work, early, threads, compiled, s.progress)
 
 
 def _row(s: _Setup, name: str, strategy: str, backend, budget: dict, mb: float) -> Row:
@@ -243,7 +223,20 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
     progress(f"early exit {early}: {task.metric} {q_early:.2f}, {it_early:.1f} iterations")
     n_fixed, fixed_quality, baseline = _fixed_baseline(s, torch_backend, q_early)
     # 2. every row: artifacts at that count and the early-exit loops, then the extra precisions and compilers
-    rows = [_row(s, *entry) for entry in _plan(s, work, torch_backend, n_fixed, early, threads, compiled)]
+    unrolled = export_onnx(model, work / "unrolled.onnx", strategy="unrolled", iters=n_fixed)
+    loop = export_onnx(model, work / "loop.onnx", strategy="loop", **early)
+    masked = export_onnx(model, work / "masked.onnx", strategy="loop", execution="masked", **early)
+    ort_loop, ckpt_mb = OrtBackend(loop.path, threads=threads), sum(t.nbytes for t in model.state_dict().values()) / 1e6
+    plan = [
+        ("torch eager", "fixed", torch_backend, {"iters": n_fixed}, ckpt_mb),
+        ("torch eager", "early exit", torch_backend, early, ckpt_mb),
+        ("onnxruntime", "unrolled", OrtBackend(unrolled.path, threads=threads), {}, unrolled.size_bytes / 1e6),
+        ("onnxruntime", "loop, fixed", ort_loop, {"max_iters": n_fixed, "tol": 0.0}, loop.size_bytes / 1e6),
+        ("onnxruntime", "loop, early exit", ort_loop, {}, loop.size_bytes / 1e6),
+        ("onnxruntime", "masked loop, early exit", OrtBackend(masked.path, threads=threads), {}, masked.size_bytes / 1e6),
+    ]
+    plan += _extra_rows(model, work, early, threads, compiled, progress)
+    rows = [_row(s, *entry) for entry in plan]
     fixed_quality = fixed_quality or {n_fixed: next(r.quality for r in rows if r.strategy == "fixed")}
     summary = _summary(rows, peak, model, tuple(stack.shape[-2:]))
     tmp.cleanup()

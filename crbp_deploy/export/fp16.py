@@ -42,6 +42,7 @@ import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, TensorProto, helper
 
+from ..artifact import read_sidecar, write_sidecar
 from ..errors import CrbpError, InputError
 
 PACKAGE = "onnxconverter-common"
@@ -495,19 +496,15 @@ def execution_check(path):
     return fp16_execution
 
 
-#: onnxruntime's words for "no kernel for this op and type" (session creation or run).
-NO_KERNEL = ("NOT_IMPLEMENTED", "Could not find an implementation")
-
-
 def missing_kernel(exc: Exception) -> bool:
-    """The error is onnxruntime lacking an fp16 kernel (not a verification failure, which carries a report)."""
-    return getattr(exc, "report", None) is None and any(k in str(exc) for k in NO_KERNEL)
+    """The error is onnxruntime's "no kernel for this op and type" (session creation or run), not a failed
+    verification (which carries a report)."""
+    words = ("NOT_IMPLEMENTED", "Could not find an implementation")
+    return getattr(exc, "report", None) is None and any(k in str(exc) for k in words)
 
 
 def skip_verification(artifact, exc: Exception) -> dict:
     """An fp16 artifact the runtime has no kernels for: a skipped report, also written to its sidecar."""
-    from ..artifact import read_sidecar, write_sidecar
-
     reason = f"onnxruntime has no fp16 kernel for part of this graph ({exc})"
     report = {"passed": None, "skipped": True, "precision": "fp16", "reason": reason}
     sidecar = read_sidecar(artifact)
@@ -519,12 +516,10 @@ def skip_verification(artifact, exc: Exception) -> dict:
 
 def artifact_precision(artifact) -> str:
     """"fp16" or "fp32", as the artifact's sidecar records it."""
-    from ..artifact import read_sidecar
-
     sidecar = read_sidecar(artifact) or {}
     return sidecar.get("precision") or ("fp16" if sidecar.get("fp16") else "fp32")
 
 
-__all__ = ["Fp16Summary", "INSTALL", "NO_KERNEL", "PACKAGE", "artifact_precision", "convert", "converter_missing",
+__all__ = ["Fp16Summary", "INSTALL", "PACKAGE", "artifact_precision", "convert", "converter_missing",
            "execution_check", "fp32_nodes", "missing_kernel", "onnxruntime_execution", "precision_of",
            "require_converter", "skip_verification"]

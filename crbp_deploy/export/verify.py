@@ -262,26 +262,21 @@ def parity_checks(model, data: str | os.PathLike | None, workdir: Path, max_delt
     return [pq_parity_check(data, model.meta, max_delta=max_delta)]
 
 
-def verify_sizes(model) -> list[tuple[int, int]]:
-    """The image sizes `crbp-deploy verify` checks a dynamic export at (multiples of the model's stride)."""
-    m = int(getattr(model, "stride", 1) or 1)
-    return [(32 * m, 32 * m), (24 * m, 40 * m)]
-
-
 def verify_export(artifact: Path, model, *, data=None, sizes=None, batches=None, backend: str = "onnxruntime",
                   precision: str = "fp32") -> VerifyReport | dict:
-    """`verify` with the task's parity checks (and, for an fp16 graph, what ran in fp16). An fp16 artifact
-    onnxruntime has no kernels for gives a skipped report (a dict, recorded in the sidecar), not an error."""
+    """`verify` with the task's parity checks (fp16: and what ran in fp16), by default at two sizes that are
+    multiples of the model's stride; an fp16 graph onnxruntime has no kernels for: a skipped report (a dict)."""
     from ..runtime import load_backend
     from .fp16 import artifact_precision, execution_check, missing_kernel, skip_verification
 
     fp16 = backend in ("onnxruntime", "ort") and artifact_precision(artifact) == "fp16"
+    m = int(getattr(model, "stride", 1) or 1)
     try:
         candidate = load_backend(artifact, backend, precision=precision)  # a missing runtime fails before any work
         limits = tolerance(getattr(candidate, "precision", precision))  # an fp16 artifact: the fp16 tolerances
         with tempfile.TemporaryDirectory() as tmp:
             checks = parity_checks(model, data, Path(tmp), limits.pq) + ([execution_check(artifact)] if fp16 else [])
-            return verify(artifact, model, sizes=sizes or verify_sizes(model), batches=batches, checks=checks,
+            return verify(artifact, model, sizes=sizes or [(32 * m, 32 * m), (24 * m, 40 * m)], batches=batches, checks=checks,
                           backend=candidate)
     except CrbpError as exc:
         if fp16 and missing_kernel(exc):

@@ -1,10 +1,6 @@
-"""One Task per task (crbp_deploy.tasks.base.Task): `TASKS[model.task]` knows its data, runner, score and training.
-
-`eval`, `calibrate`, `bench` and `verify` ask the same question -- how good is this model (or exported
-artifact) on held-out data at this budget, and how many iterations does it spend -- so they share one
-`Scorer`: `scorer.evaluate(**budget)` gives the task's full result and `scorer.quality(result)` its
-headline number in points (PQ, or IoU x 100).
-"""
+"""One Task per task (`base.Task`): `TASKS[model.task]` knows its data, runner, score and training. `eval`,
+`calibrate` and `bench` share one `Scorer`: `scorer.evaluate(**budget)` gives the task's full result on held-out
+data, `scorer.quality(result)` its headline number in points (PQ, or IoU x 100)."""
 from __future__ import annotations
 
 import os
@@ -12,12 +8,11 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
 from ..errors import InputError
-from .base import EVAL_BATCH, TASKS, Task, TrainingData, data_folder, iteration_stats
+from .base import EVAL_BATCH, TASKS, Task, data_folder
 from .pathfinder import PATHFINDER  # registered first: the order `train --task` lists  # isort: skip
 from .panoptic import PANOPTIC  # isort: skip
 
-__all__ = ["EVAL_BATCH", "PANOPTIC", "PATHFINDER", "TASKS", "Scorer", "Task", "TrainingData", "data_folder",
-           "iteration_stats", "scorer_for", "task_of"]
+__all__ = ["EVAL_BATCH", "PANOPTIC", "PATHFINDER", "TASKS", "Scorer", "Task", "data_folder", "scorer_for", "task_of"]
 
 
 def task_of(model) -> Task:

@@ -34,6 +34,12 @@ class TrainingData:
 
 
 class Task(Protocol):
+    """One task (panoptic, pathfinder). Held-out data: `open` a split (one InputError for a missing, empty or
+    other task's folder) or `generate` one; `runner` wraps a model, or a runtime Backend running it, for
+    `evaluate` (the task's full result, with `iterations` statistics); `quality` is its one number in points,
+    `details` what a calibration sweep keeps, `report` what `eval` prints; `images` gives bench's latency
+    inputs. Training: `training_data` (both splits in memory), `loss` per batch, `train_eval` per epoch."""
+
     name: str  # the `model.task` that selects it
     metric: str  # the quality's name: "PQ" | "IoU"
     default_model: str  # the registered architecture `train` builds by default
@@ -43,39 +49,18 @@ class Task(Protocol):
     label: str  # "<what the data is> (<marker>)"
     how: str  # how to make such a folder
 
-    def open(self, data: str | os.PathLike, split: str = "val", *, targets: bool = False) -> Any:
-        """The dataset in `data` or `data/split` (see `data_folder`); `targets`: with training targets."""
-
-    def generate(self, folder: Path, count: int, size: int, seed: int) -> Path:
-        """A generated held-out split of `count` images of `size` px; returns the folder `open` takes."""
-
-    def runner(self, model, backend=None, source: str | None = None) -> Any:
-        """What `evaluate` runs: the model, or (with `backend`) that runtime, with the model's card."""
-
+    def open(self, data: str | os.PathLike, split: str = "val", *, targets: bool = False) -> Any: ...
+    def generate(self, folder: Path, count: int, size: int, seed: int) -> Path: ...  # the folder `open` takes
+    def runner(self, model, backend=None, source: str | None = None) -> Any: ...
     def evaluate(self, runner, dataset, *, limit: int = 0, batch_size: int | None = None, progress: bool = False,
-                 **budget) -> dict[str, Any]:
-        """The task's full result on the first `limit` images (0 = all), with `iterations` statistics."""
-
-    def quality(self, result: Mapping[str, Any]) -> float:
-        """The one headline number, in points (PQ, or IoU x 100)."""
-
-    def details(self, result: Mapping[str, Any]) -> dict[str, Any]:
-        """The parts of a result a calibration sweep records beside the quality."""
-
-    def report(self, result: Mapping[str, Any], dataset, *, per_class: bool = False) -> list:
-        """What `eval` prints: rich tables and lines."""
-
-    def images(self, dataset, count: int) -> np.ndarray:
-        """The first `count` images as N x C x H x W float32 in [0, 1] (bench's latency inputs)."""
-
-    def training_data(self, cfg) -> TrainingData:
-        """The training and validation splits of `cfg.data` (a TrainConfig)."""
-
-    def loss(self, outputs, batch, cfg) -> tuple[Any, dict[str, float]]:
-        """The training loss of a batch, and the numbers the progress bar shows."""
-
-    def train_eval(self, model, data: dict, steps: int) -> dict[str, float]:
-        """The trainer's cheap per-epoch check on the in-memory validation split."""
+                 **budget) -> dict[str, Any]: ...
+    def quality(self, result: Mapping[str, Any]) -> float: ...
+    def details(self, result: Mapping[str, Any]) -> dict[str, Any]: ...
+    def report(self, result: Mapping[str, Any], dataset, *, per_class: bool = False) -> list: ...
+    def images(self, dataset, count: int) -> np.ndarray: ...  # N x C x H x W float32 in [0, 1]
+    def training_data(self, cfg) -> TrainingData: ...
+    def loss(self, outputs, batch, cfg) -> tuple[Any, dict[str, float]]: ...  # and the numbers the bar shows
+    def train_eval(self, model, data: dict, steps: int) -> dict[str, float]: ...
 
 
 def register(task: "Task") -> "Task":
@@ -126,7 +111,7 @@ def iteration_line(it: Mapping[str, Any]) -> str:
 
 
 def first(dataset, limit: int) -> int:
-    """How many images an evaluation of the first `limit` (0 = all) takes; InputError for none."""
+    """How many images an evaluation of the first `limit` (0 = all) takes; none is an InputError."""
     n = min(len(dataset), limit) if limit else len(dataset)
     if n == 0:
         raise InputError("the dataset holds no images")

@@ -14,7 +14,12 @@ import torch
 from rich.progress import Progress
 from torch import Tensor
 
+from ..data.coco_panoptic import PanopticDataset, category_ids
+from ..data.panoptic_synth import write_dataset
 from ..errors import InputError
+from ..modelcard import ModelCard
+from ..panoptic.pq import evaluate_panoptic, format_table
+from ..panoptic.predict import PanopticPredictor
 from ..training.losses import IGNORE, panoptic_loss
 from .base import EVAL_BATCH, TaskBase, TrainingData, data_folder, first, iteration_line, iteration_stats, register
 
@@ -28,24 +33,17 @@ class PanopticTask(TaskBase):
                           "a COCO panoptic folder (annotations.json, images/, panoptic/), e.g. from `crbp-deploy data panoptic`")
 
     def open(self, data: str | os.PathLike, split: str = "val", *, targets: bool = False):
-        from ..data.coco_panoptic import PanopticDataset
-
         base = data_folder(self, data, split)
         dataset = PanopticDataset(base / "images", base / "panoptic", base / "annotations.json", targets=targets,
                                   sigma=TARGET_SIGMA)
         return self._checked(dataset, base)
 
     def generate(self, folder: Path, count: int, size: int, seed: int) -> Path:
-        from ..data.panoptic_synth import write_dataset
-
         write_dataset(folder, count=count, size=size, seed=seed, val_fraction=1.0, progress=None)
         return folder / "val"
 
     def runner(self, model, backend=None, source: str | None = None):
         """A PanopticPredictor over the model, or over `backend` with the model's card and stride."""
-        from ..modelcard import ModelCard
-        from ..panoptic.predict import PanopticPredictor
-
         if not ModelCard.of(model).categories:
             raise InputError(f"{source or 'this model'} is not a trained panoptic model (its card lists no categories)")
         if backend is None:
@@ -57,8 +55,6 @@ class PanopticTask(TaskBase):
     def evaluate(self, runner, dataset, *, limit: int = 0, batch_size: int | None = None, progress: bool = False,
                  **budget) -> dict[str, Any]:
         """Run the predictor over the first `limit` images and score them with the panopticapi rules."""
-        from ..panoptic.pq import evaluate_panoptic
-
         n, batch_size = first(dataset, limit), batch_size or self.eval_batch
         pairs, iterations, converged = [], [], []
         with Progress(disable=not progress, transient=True) as bar:
@@ -83,8 +79,6 @@ class PanopticTask(TaskBase):
 
     def report(self, result: Mapping[str, Any], dataset, *, per_class: bool = False) -> list:
         """PQ / SQ / RQ for all, things and stuff (and per class), then the iterations line."""
-        from ..panoptic.pq import format_table
-
         tables = [format_table(result, dataset.categories)]
         if per_class:
             tables.append(format_table(result, dataset.categories, per_class=True))
@@ -96,8 +90,6 @@ class PanopticTask(TaskBase):
 
     def training_data(self, cfg) -> TrainingData:
         """DATA/train and DATA/val; the model gets one class per category (contiguous-index order)."""
-        from ..data.coco_panoptic import category_ids
-
         root = Path(cfg.data)
         train, val = (self.open(root / split, targets=True) for split in ("train", "val"))
         by_id = {c["id"]: c for c in train.categories}

@@ -17,6 +17,7 @@ import torch
 from rich.progress import Progress
 from rich.table import Table
 
+from ..data.pathfinder import PathfinderConfig, PathfinderFolder, write_dataset
 from ..training.losses import PATHFINDER_LOSSES
 from .base import EVAL_BATCH, TaskBase, TrainingData, data_folder, first, iteration_line, iteration_stats, register
 
@@ -25,16 +26,9 @@ LENGTHS = (6, 9, 14, 20, 25)  # a generated held-out set mixes these (difficulty
 
 def average_ranks(values: Sequence[float]) -> np.ndarray:
     """Ranks 1..n, ties sharing the mean of their ranks (as Spearman's rho needs)."""
-    x = np.asarray(values, dtype=np.float64)
-    order = np.argsort(x, kind="mergesort")
-    ranks = np.empty(len(x))
-    sorted_x = x[order]
-    start = 0
-    for end in range(1, len(x) + 1):
-        if end == len(x) or sorted_x[end] != sorted_x[start]:
-            ranks[order[start:end]] = (start + end + 1) / 2  # mean of ranks start+1 .. end
-            start = end
-    return ranks
+    _, inverse, counts = np.unique(np.asarray(values, dtype=np.float64), return_inverse=True, return_counts=True)
+    ends = np.cumsum(counts)
+    return ((ends - counts + 1 + ends) / 2)[inverse]  # the mean of ranks end - count + 1 .. end
 
 
 def spearman(x: Sequence[float], y: Sequence[float]) -> float | None:
@@ -97,14 +91,10 @@ class PathfinderTask(TaskBase):
                           "a folder written by `crbp-deploy data pathfinder`")
 
     def open(self, data: str | os.PathLike, split: str = "val", *, targets: bool = False):
-        from ..data.pathfinder import PathfinderFolder
-
         base = data_folder(self, data, split)
         return self._checked(PathfinderFolder(base), base)
 
     def generate(self, folder: Path, count: int, size: int, seed: int) -> Path:
-        from ..data.pathfinder import PathfinderConfig, write_dataset
-
         write_dataset(folder, PathfinderConfig(length=LENGTHS[0], size=size), count, seed=seed, progress=False,
                       lengths=LENGTHS)
         return folder

@@ -230,8 +230,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
 
 
 def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar) -> dict[str, Any]:
-    """One pass over the training set: the epoch's record so far (mean loss and penalty, seconds) and,
-    under `_neumann`, this epoch's Neumann solves."""
+    """One pass over the training set: the epoch's record so far, and its Neumann solves (under `_neumann`)."""
     n, local = len(train_set["images"]), cfg.batch_size // world.size
     batches = n // cfg.batch_size
     device = cfg.torch_device()
