@@ -37,7 +37,8 @@ def test_export_early_exit_default_verifies_with_pq_parity(model_file, tmp_path,
 
 def test_export_fixed_count_unrolled_and_postprocess(model_file, tmp_path, run_cli):
     out = tmp_path / "u.onnx"
-    code, _, err = run_cli("export", model_file, "--iters", "5", "--postprocess", "--out", out)
+    # verified once, by `verify` below (export-time verification is the default path's test)
+    code, _, err = run_cli("export", model_file, "--iters", "5", "--postprocess", "--out", out, "--no-verify")
     assert code == 0, err
     sidecar = json.loads(out.with_name("u.onnx.json").read_text())
     assert sidecar["strategy"] == "unrolled"

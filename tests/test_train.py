@@ -51,6 +51,7 @@ def test_resume_continues_where_it_stopped(panoptic_data, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
 
 
+@pytest.mark.slow  # trains four models; each mode's gradient is covered by test_solve, the loop by the tests here
 def test_every_grad_mode_trains(panoptic_data, tmp_path):
     for grad in ("bptt", "cbptt", "rbp", "crbp"):
         record = train(_cfg(panoptic_data, grad=grad, max_train=8), tmp_path / grad, progress=False)
