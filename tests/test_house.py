@@ -3,7 +3,9 @@
 - no import circle among the modules of crbp_deploy/;
 - no module under crbp_deploy/ other than cli.py and commands/ imports crbp_deploy.commands or crbp_deploy.cli
   (the CLI is a thin layer over the library, never the other way round);
-- no function in crbp_deploy/ longer than MAX_FUNCTION_LINES lines.
+- no function in crbp_deploy/ longer than MAX_FUNCTION_LINES lines;
+- one definition each of TASKS, EVAL_BATCH, the quality scorer, IoU and the dataset opener (by the names
+  the issue found them under: a second name for the same thing counts as a second definition).
 
 An import is any `import` / `from ... import` statement, at module level or inside a function or class (a
 deferred import still couples the two modules), and `importlib.import_module("crbp_deploy....")` with a literal
@@ -208,6 +210,44 @@ def long_functions(root: Path = SOURCE, limit: int = MAX_FUNCTION_LINES) -> list
     return found
 
 
+#: concept -> the module-level names it has been defined under; at most one of them may be defined, once.
+#: (The dataset opener is `Task.open` in crbp_deploy/tasks/: a module-level opener would be a second one.)
+ONE_DEFINITION = {
+    "TASKS": {"TASKS"},
+    "EVAL_BATCH": {"EVAL_BATCH"},
+    "the quality scorer": {"Scorer"},
+    "IoU": {"iou_counts", "pixel_counts"},
+    "the dataset opener": {"open_data", "open_dataset", "open_pathfinder", "load_pathfinder", "load_panoptic_split"},
+}
+
+
+def module_level_names(tree: ast.Module):
+    """(name, line) for every name a module binds at its top level (also inside a top-level if/try)."""
+    todo = list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            yield node.name, node.lineno
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+            for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                for name in ast.walk(target):
+                    if isinstance(name, ast.Name):
+                        yield name.id, node.lineno
+        elif isinstance(node, (ast.If, ast.Try)):
+            todo.extend(node.body + node.orelse + getattr(node, "finalbody", [])
+                        + [n for h in getattr(node, "handlers", []) for n in h.body])
+
+
+def repeated_definitions(root: Path = SOURCE) -> list[str]:
+    found: dict[str, list[str]] = {concept: [] for concept in ONE_DEFINITION}
+    for path in sorted(root.rglob("*.py")):
+        for name, line in module_level_names(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+            for concept, names in ONE_DEFINITION.items():
+                if name in names:
+                    found[concept].append(f"{path.relative_to(root.parent)}:{line} {name}")
+    return [f"{concept}: {'; '.join(where)}" for concept, where in found.items() if len(where) > 1]
+
+
 # --- the rules ----------------------------------------------------------------------------------------------
 def test_no_import_circle():
     circles = import_circles()
@@ -222,6 +262,11 @@ def test_library_does_not_import_the_cli():
 def test_no_function_longer_than_80_lines():
     bad = long_functions()
     assert not bad, f"functions longer than {MAX_FUNCTION_LINES} lines (file:function:lines):\n" + "\n".join(bad)
+
+
+def test_one_definition_each():
+    bad = repeated_definitions()
+    assert not bad, "defined more than once:\n" + "\n".join(bad)
 
 
 # --- the checks themselves: they see what they must see -----------------------------------------------------
@@ -257,6 +302,8 @@ def toy(tmp_path):
         "commands/__init__.py": "from ..cli import a\n",
         "library.py": "def g():\n    from .commands import x\n",
         "long.py": "class K:\n    def m(self):\n" + "        x = 1\n" * 5 + "\ndef short():\n    pass\n",
+        "twice.py": "TASKS = {}\nif True:\n    def pixel_counts():\n        pass\n",
+        "sub/again.py": "TASKS: dict = {}\nclass Scorer:\n    EVAL_BATCH = 1\n",
     })
 
 
@@ -268,3 +315,4 @@ def test_the_checks_find_planted_violations(toy):
     assert cli_imports_from_library(toy, "toy") == ["toy/library.py:2: toy.library imports toy.commands"]
     assert long_functions(toy, limit=5) == ["toy/long.py:K.m:6"]
     assert long_functions(toy, limit=6) == []
+    assert repeated_definitions(toy) == ["TASKS: toy/sub/again.py:1 TASKS; toy/twice.py:1 TASKS"]
