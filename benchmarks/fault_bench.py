@@ -41,10 +41,10 @@ def _rss(run_dir) -> int:
     """Resident memory of the model worker(s) and their children, in bytes."""
     import psutil
 
-    from crbp_deploy.serving.server import worker_processes
+    from crbp_deploy.serving.engine import get_engine
 
     total = 0
-    for proc in worker_processes(run_dir):
+    for proc in get_engine("torchserve").worker_processes(run_dir):
         try:
             total += proc.memory_info().rss + sum(c.memory_info().rss for c in proc.children(recursive=True))
         except psutil.Error:
@@ -80,7 +80,9 @@ def _clients(url, token, concurrency, next_job, on_answer):
 
 
 def kill_run(server, images, expected, args) -> dict:
-    from crbp_deploy.serving.server import worker_processes
+    from crbp_deploy.serving.engine import get_engine
+
+    worker_processes = get_engine("torchserve").worker_processes
 
     lock, stop = threading.Lock(), threading.Event()
     records = []
@@ -218,7 +220,7 @@ def main(argv=None) -> int:
     import torch
 
     torch.set_num_threads(1)
-    from crbp_deploy.serving import server as ts
+    from crbp_deploy.serving.engine import get_engine
     from crbp_deploy.serving.archive import ArchiveConfig, package
     from crbp_deploy.serving.service import PanopticService, RawRequest
 
@@ -232,7 +234,8 @@ def main(argv=None) -> int:
         expected = [service.handle([RawRequest({"body": im}, {"body": "image/png"})])[0].body for im in images]
         store = work / "store"
         package(onnx, name="bench", out=store, config=ArchiveConfig(batch_size=8, max_batch_delay_ms=10))
-        server = ts.start(store, ts.ServerConfig(port=_free_port()), run_dir=work / "run")
+        torchserve = get_engine("torchserve")
+        server = torchserve.start(store, torchserve.configure(_free_port()), run_dir=work / "run")
         try:
             report["model"] = spec
             report["kill"] = kill_run(server, images, expected, args)

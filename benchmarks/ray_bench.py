@@ -5,7 +5,7 @@
 MODEL: a checkpoint or bundled model name (default: the bundled model), exported with the early-exit
 loop and packaged once (batchSize 8, maxBatchDelay 10 ms, 1 runtime thread). First TorchServe (one
 worker) answers 8 images x 2 budgets; then for each replica count a local Ray cluster is started with
-`ray_engine.start`, its answers to the same 16 requests must be identical to TorchServe's
+`get_engine("ray").start`, its answers to the same 16 requests must be identical to TorchServe's
 (`panoptic_png`, `segments_info`, `iterations`, `residual`), and `c` keep-alive clients in a closed
 loop measure throughput and latency (best of `--repeats`). Clients, Ray's HTTP proxy and the replicas
 share this machine's cores, as a load generator on the serving host would.
@@ -45,9 +45,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     from crbp_deploy.modelcard import ModelCard
-    from crbp_deploy.serving import ray_engine
-    from crbp_deploy.serving import server as ts
     from crbp_deploy.serving.archive import ArchiveConfig, package
+    from crbp_deploy.serving.engine import get_engine
 
     report = {"command": "python benchmarks/ray_bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores (shared)",
@@ -58,7 +57,8 @@ def main(argv=None) -> int:
         store = work / "store"
         package(onnx, name="bench", out=store, config=ArchiveConfig(batch_size=8, max_batch_delay_ms=10))
         images = _images(8, ModelCard.of(net).image_size or 64)
-        server = ts.start(store, ts.ServerConfig(port=_free_port()), run_dir=work / "ts")
+        torchserve, rayserve = get_engine("torchserve"), get_engine("ray")
+        server = torchserve.start(store, torchserve.configure(_free_port()), run_dir=work / "ts")
         try:
             reference = _answers(server.predictions_url("bench"), server.token, images)
             runs = [run_served(server.predictions_url("bench"), server.token, images, args.concurrency, args.requests)
@@ -69,8 +69,8 @@ def main(argv=None) -> int:
             server.stop()
         report["load_average"] = os.getloadavg()
         for replicas in args.replicas:
-            config = ray_engine.RayConfig(port=_free_port(10), replicas=replicas)
-            ray = ray_engine.start(store, config, run_dir=work / f"ray{replicas}")
+            config = rayserve.configure(_free_port(10), replicas=replicas)
+            ray = rayserve.start(store, config, run_dir=work / f"ray{replicas}")
             try:
                 same = _answers(ray.predictions_url("bench"), ray.token, images) == reference
                 runs = [run_served(ray.predictions_url("bench"), ray.token, images, args.concurrency, args.requests)

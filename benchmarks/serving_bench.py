@@ -177,7 +177,7 @@ def main(argv=None) -> int:
     from crbp_deploy.export import export_onnx
     from crbp_deploy.modelcard import ModelCard
     from crbp_deploy.sources import resolve_model
-    from crbp_deploy.serving import server as ts
+    from crbp_deploy.serving.engine import get_engine
     from crbp_deploy.serving.archive import ArchiveConfig, package
     from crbp_deploy.serving.service import PanopticService, RawRequest, ServiceConfig
 
@@ -205,7 +205,8 @@ def main(argv=None) -> int:
         package(onnx, name="bench", out=store, service=service_config,
                 config=ArchiveConfig(workers=args.workers, batch_size=args.batch_size,
                                      max_batch_delay_ms=args.max_batch_delay))
-        server = ts.start(store, ts.ServerConfig(port=_free_port()), run_dir=work / "run")
+        torchserve = get_engine("torchserve")
+        server = torchserve.start(store, torchserve.configure(_free_port()), run_dir=work / "run")
         runs = {"inprocess": {}, "torchserve": {}}
         try:
             from crbp_deploy.serving.client import Client

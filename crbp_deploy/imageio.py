@@ -61,6 +61,10 @@ def decode_image(data: bytes, *, name: str = "image", limits: ImageLimits = DEFA
         raise InputError(f"{name}: refused as a decompression bomb ({exc})") from None
     except (OSError, SyntaxError, ValueError) as exc:
         raise InputError(f"{name}: truncated or corrupt {fmt or 'image'} ({exc})") from None
+    if img.mode == "F":  # a float image (TIFF) may hold NaN or infinity: bad input, not a model failure
+        bad = int(np.count_nonzero(~np.isfinite(np.asarray(img, dtype=np.float32))))
+        if bad:
+            raise InputError(f"{name}: {bad} pixel(s) of this float image are NaN or infinite; send finite values")
     return to_rgb_float(img)
 
 

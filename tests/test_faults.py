@@ -14,10 +14,12 @@ import psutil
 import pytest
 
 from crbp_deploy.serving.client import Client
-from crbp_deploy.serving.server import read_keys, running_pid, worker_processes
+from crbp_deploy.serving.engine import get_engine, read_keys
 from serving_util import cli, same, sample, served, tiny_store
 
 pytestmark = [pytest.mark.serve, pytest.mark.timeout(600)]
+TORCHSERVE = get_engine("torchserve")
+worker_processes = TORCHSERVE.worker_processes
 
 
 @pytest.fixture(scope="module")
@@ -182,7 +184,7 @@ def test_restart_on_the_same_store(server):
     assert r.returncode == 0 and "stopped" in r.stdout, r.stdout + r.stderr
     _start_and_compare(server, args, data, before.body)
 
-    java = psutil.Process(running_pid(server["run"]))
+    java = psutil.Process(TORCHSERVE.running(server["run"]))
     workers = worker_processes(server["run"])
     java.kill()  # a crash: no shutdown hook, the pid file stays behind
     java.wait(timeout=30)

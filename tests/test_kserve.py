@@ -278,7 +278,8 @@ def test_v2_protocol_on_real_torchserve(archive, tmp_path):
 
     from PIL import Image
 
-    from crbp_deploy.serving import server as ts
+    from crbp_deploy.serving.engine import get_engine
+    from crbp_deploy.serving.server import ServerConfig
     from crbp_deploy.serving.service import PanopticService, RawRequest
 
     buf = io.BytesIO()
@@ -286,7 +287,8 @@ def test_v2_protocol_on_real_torchserve(archive, tmp_path):
     image = buf.getvalue()
     port = next(p for p in range(30000 + os.getpid() % 20000, 65000, 7)
                 if all(_free(q) for q in range(p, p + 5)))
-    srv = ts.start(archive.parent, ts.ServerConfig(port=port, auth=False, envelope="kservev2"), run_dir=tmp_path / "run")
+    srv = get_engine("torchserve").start(archive.parent, ServerConfig(port=port, auth=False, envelope="kservev2"),
+                                         run_dir=tmp_path / "run")
     try:
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/v2/models/crbp-tiny/infer", data=json.dumps(v2_request(image)).encode(),

@@ -50,17 +50,19 @@ def predictions_url(url: str, model: str | None = None) -> str:
 
 def find_token(url: str) -> str | None:
     """$CRBP_DEPLOY_TOKEN, else the inference key of a server `crbp-deploy serve` started here on that port
-    (TorchServe or Ray: both keep TorchServe's key_file.json layout in their run folder)."""
+    (any engine of ENGINES: all keep TorchServe's key_file.json layout in their run folder)."""
     if os.environ.get(TOKEN_ENV):
         return os.environ[TOKEN_ENV]
     parts = urllib.parse.urlsplit(url)
     if parts.hostname not in ("127.0.0.1", "localhost", "::1") or parts.port is None:
         return None
-    from . import ray_engine
-    from .server import default_run_dir, read_keys
+    from .engine import ENGINES, get_engine, read_keys
 
-    keys = read_keys(default_run_dir(parts.port)) or read_keys(ray_engine.default_run_dir(parts.port))
-    return keys.get("inference") if keys else None
+    for name in ENGINES:  # every engine keeps TorchServe's key file layout in its run folder
+        key = read_keys(get_engine(name).default_run_dir(parts.port)).get("inference")
+        if key:
+            return key
+    return None
 
 
 @dataclass

@@ -3,12 +3,17 @@
 
 A base class rather than a bare Protocol because the engines share more than names: the `.mar` store, a run
 folder per engine and port, TorchServe's key file layout (`predict --url` finds either token), the refusals
-before starting, the /ping probe. A new engine adds `configure`, `start`, `stop`, `running`, `log_dir`, and
-one line in `ENGINES`.
+before starting, the /ping probe, and how a server's processes are found and ended. A new engine adds
+`configure`, `start`, `stop`, `running`, `log_dir`, and one line in `ENGINES`.
+
+Every process a server starts carries `CRBP_DEPLOY_RUN=<run folder>` in its environment (children inherit
+it, a daemon reparented to pid 1 keeps it), so `processes(run)` finds all of them and `stop` ends all of
+them; `listening(run)` lists their listening sockets (the lockdown tests assert they are all on loopback).
 """
 from __future__ import annotations
 
 import importlib
+import ipaddress
 import json
 import os
 import socket
@@ -26,6 +31,7 @@ ENGINES = {"torchserve": "crbp_deploy.serving.server:TorchServe", "ray": "crbp_d
 DEFAULT_ENGINE = "torchserve"
 STATE_ENV = "CRBP_DEPLOY_STATE"
 KEY_FILE = "key_file.json"
+RUN_ENV = "CRBP_DEPLOY_RUN"  # set to the run folder in the environment of every process a server starts
 
 
 def get_engine(name: str) -> Engine:
@@ -71,6 +77,107 @@ def port_free(host: str, port: int) -> bool:
 
 def store_models(model_store: str | os.PathLike) -> list[str]:
     return sorted(p.stem for p in Path(model_store).glob("*.mar"))
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """`path` as a folder only its owner can enter (mode 700): keys, logs, sockets and temp files live below."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    path.chmod(0o700)
+    return path
+
+
+def write_private(path: Path, text: str) -> None:
+    """Write `text` to `path` with mode 600, replacing it at once (a reader never sees half a key file)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def private_log(path: Path):
+    """`path` opened for writing (binary, truncated) with mode 600, for a launcher's output."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(fd, 0o600)
+    return os.fdopen(fd, "wb")
+
+
+def marked_processes(run_dir: str | os.PathLike) -> list:
+    """The live processes (psutil) whose environment says they belong to the server of `run_dir`, and
+    their children; never this process."""
+    import psutil
+
+    tag = str(Path(run_dir).resolve())
+    found = {}
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid != os.getpid() and proc.environ().get(RUN_ENV) == tag:
+                found[proc.pid] = proc
+        except psutil.Error:
+            continue
+    return with_children(found.values())
+
+
+def with_children(procs) -> list:
+    """`procs` and all their live descendants (zombies left out), each once; never this process."""
+    import psutil
+
+    found = {}
+    for proc in procs:
+        try:
+            for p in [proc, *proc.children(recursive=True)]:
+                if p.pid != os.getpid() and p.status() != psutil.STATUS_ZOMBIE:
+                    found.setdefault(p.pid, p)
+        except psutil.Error:
+            continue
+    return list(found.values())
+
+
+def end_processes(procs, timeout: float) -> None:
+    """SIGTERM `procs`, SIGKILL the ones alive after `timeout` s, and wait until all have exited."""
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.terminate()
+        except psutil.Error:
+            pass
+    _, alive = psutil.wait_procs(procs, timeout=timeout)
+    for proc in alive:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(alive, timeout=10)
+
+
+def is_loopback(ip: str) -> bool:
+    """127.0.0.0/8 and ::1, also written as an IPv4-mapped IPv6 address (::ffff:127.0.0.1)."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return False
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        addr = addr.ipv4_mapped
+    return addr.is_loopback
+
+
+def listening_sockets(procs) -> list[tuple[str, int, int, str]]:
+    """(address, port, pid, process name) of every TCP/UDP socket `procs` listen on (TCP LISTEN, bound UDP)."""
+    import psutil
+
+    out = set()
+    for proc in procs:
+        try:
+            name = proc.name()
+            for conn in proc.net_connections(kind="inet"):
+                if conn.laddr and (conn.status == psutil.CONN_LISTEN or (conn.type == socket.SOCK_DGRAM and not conn.raddr)):
+                    out.add((conn.laddr.ip, conn.laddr.port, proc.pid, name))
+        except psutil.Error:
+            continue
+    return sorted(out, key=lambda s: (s[1], s[0]))
 
 
 @dataclass
@@ -148,8 +255,7 @@ class Engine(ABC):
         if missing:
             found = ", ".join(available) or "none"
             raise CrbpError(f"not in {store}: {', '.join(m + '.mar' for m in missing)} (found: {found})")
-        run = Path(run_dir or self.default_run_dir(config.port)).resolve()
-        run.mkdir(parents=True, exist_ok=True)
+        run = private_dir(Path(run_dir or self.default_run_dir(config.port)).resolve())
         live = self.running(run)
         if live:
             raise CrbpError(f"a {self.noun} from {run} is already running (pid {live}); "
@@ -178,3 +284,15 @@ class Engine(ABC):
     @abstractmethod
     def log_dir(self, run_dir) -> Path:
         """Where the server started from `run_dir` writes its logs."""
+
+    def processes(self, run_dir) -> list:
+        """Every live process of the server started from `run_dir` (psutil), found by its environment."""
+        return marked_processes(run_dir)
+
+    def listening(self, run_dir) -> list[tuple[str, int, int, str]]:
+        """(address, port, pid, name) of every socket the server's processes listen on."""
+        return listening_sockets(self.processes(run_dir))
+
+    def environment(self, run: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+        """The server's environment: this process's, `extra`, and the run folder marker."""
+        return {**os.environ, **(extra or {}), RUN_ENV: str(Path(run).resolve())}

@@ -10,8 +10,16 @@ client cannot tell the two engines apart:
   `POST /invocations?model_name=NAME&max_iters=..&tol=..`, `GET /ping`; the query string of
   /predictions is ignored, as TorchServe 0.12 does;
 - token auth with the key file's inference key (TorchServe's 400 `InvalidKeyException` otherwise),
-  TorchServe's 404 `ModelNotFoundException` for an unknown model, 413 above the request size limit,
-  400 for more than 8 KiB of headers.
+  TorchServe's 404 `ModelNotFoundException` for an unknown model (`ModelVersionNotFoundException` for
+  /predictions/NAME/VERSION of another version), 400 for more than 8 KiB of headers or a request line
+  over 4 KiB (Netty's limits in TorchServe), a repeated header read as its last value (as TorchServe
+  hands headers to its handler), /invocations without model_name served by the only model;
+- the body is read as it streams, with a limit: a body over `max_request_bytes` (declared by
+  Content-Length or sent chunked) is answered 413 as soon as the limit is passed, before the rest is read
+  (TorchServe answers 413 to a declared size and resets a chunked upload at its limit);
+- where TorchServe's own front end answers differently, this file does the HTTP-correct thing and
+  docs/deploy.md lists the difference (methods other than POST: 405 here; a malformed multipart body:
+  400 here).
 
 Batching: `serve.batch` collects up to the archive's `batchSize` requests within `maxBatchDelay` ms
 per replica; `PanopticService.handle` then groups them by model, budget and image size (only same-size,
@@ -25,6 +33,7 @@ import email.policy
 import hmac
 import json
 import logging
+import os
 import zipfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -41,12 +50,50 @@ INVALID_KEY = "Token Authorization failed. Token either incorrect, expired, or n
 #: TorchServe's (Netty's) header limit: above it TorchServe answers 400 before anything else; Ray's
 #: proxy accepts 64 KiB of headers (measured), so the replica applies the same limit.
 MAX_HEADER_BYTES = 8192
+#: Netty's request line limit in TorchServe (method, URL and version): longer lines get 400 there.
+MAX_LINE_BYTES = 4096
+NOT_FOUND = "Requested resource is not found, please refer to API document."
+NOT_ALLOWED = "Requested method is not allowed, please refer to API document."
+
+
+class BodyTooLarge(Exception):
+    """The body passed the size limit while it streamed."""
+
+
+def _replica_grpc_on_loopback() -> None:
+    """Ray Serve 2.60 binds every replica's inter-deployment gRPC server to "[::]:0" (all interfaces),
+    whatever the node address (measured: `*:35541` beside a cluster otherwise on 127.0.0.1). On the local
+    cluster `serve --engine ray` starts (node address kept on loopback, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0)
+    it is bound to 127.0.0.1 instead, where the other processes of the node reach it. This module is imported
+    in each replica before Serve starts that server, and Serve's replica module calls the function by the
+    name it imported, so that name is wrapped. On any other cluster nothing changes."""
+    if os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER") != "0":
+        return
+    try:
+        from ray.serve._private import replica
+    except ImportError:
+        return
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "loopback_only", False):
+        return
+
+    def on_loopback(server, address):
+        if isinstance(address, str) and address.startswith("[::]:"):
+            address = "127.0.0.1:" + address.rsplit(":", 1)[1]
+        return original(server, address)
+
+    on_loopback.loopback_only = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
+_replica_grpc_on_loopback()
 
 
 def _ts_error(code: int, kind: str, message: str) -> Response:
-    """An error in TorchServe's own shape ({"code", "type", "message"}), for what TorchServe answers itself."""
+    """An error in TorchServe's own shape ({"code", "type", "message"}), for what TorchServe answers itself.
+    A 413 closes the connection: the rest of the body is never read."""
     return Response(json.dumps({"code": code, "type": kind, "message": message}, indent=2), code,
-                    media_type="application/json")
+                    media_type="application/json", headers={"Connection": "close"} if code == 413 else None)
 
 
 def unpack_archive(mar: Path, dest: Path) -> dict[str, Any]:
@@ -62,6 +109,7 @@ def unpack_archive(mar: Path, dest: Path) -> dict[str, Any]:
     config = yaml.safe_load((dest / "model-config.yaml").read_text()) if (dest / "model-config.yaml").is_file() else {}
     return {
         "name": manifest["model"]["modelName"],
+        "version": str(manifest["model"].get("modelVersion") or ""),
         "model_file": str(dest / manifest["model"]["serializedFile"]),
         "batch_size": int(config.get("batchSize", 1)),
         "batch_delay_ms": int(config.get("maxBatchDelay", 100)),
@@ -85,10 +133,28 @@ def parse_multipart(content_type: str, body: bytes) -> tuple[dict, dict]:
     return fields, types
 
 
-async def to_raw_request(request: Request, query_fields: bool) -> RawRequest:
+def last_headers(request: Request) -> dict[str, str]:
+    """The request's headers, lower-cased; a repeated header keeps its last value, as TorchServe's front end
+    hands headers to its handler (one map entry per name)."""
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in request.headers.raw}
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, read as it streams; raises BodyTooLarge as soon as more than `limit` bytes arrived, so an
+    oversized upload (chunked or not) is never held whole."""
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(size)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def to_raw_request(request: Request, query_fields: bool, limit: int = 21 * 1024 * 1024) -> RawRequest:
     """HTTP -> RawRequest; query parameters become fields only where TorchServe passes them (/invocations)."""
-    headers = dict(request.headers)
-    body = await request.body()
+    headers = last_headers(request)
+    body = await read_body(request, limit)
     ctype = headers.get("content-type", "")
     fields: dict[str, Any] = dict(request.query_params) if query_fields else {}
     if ctype.split(";")[0].strip().lower() == "multipart/form-data":
@@ -113,6 +179,7 @@ class PanopticIngress:
             m["name"]: PanopticService(m["model_file"], ServiceConfig.from_dict(m["service"]), name=m["name"])
             for m in models
         }
+        self.versions = {m["name"]: m.get("version", "") for m in models}
         self.key = key
         self.max_request_bytes = max_request_bytes
         self.pool = ThreadPoolExecutor(1)  # one model call at a time per replica: replicas scale, not threads
@@ -145,26 +212,54 @@ class PanopticIngress:
         given = request.headers.get("authorization", "")
         return given.startswith("Bearer ") and hmac.compare_digest(given[7:].strip(), self.key)
 
+    def _route(self, request: Request, parts: list[str]) -> str | Response:
+        """The model a POST is for, or TorchServe's answer when there is none (404 / 405 / 400)."""
+        if not parts or parts[0] not in ("predictions", "invocations"):
+            return _ts_error(404, "ResourceNotFoundException", NOT_FOUND)
+        if request.method != "POST":
+            return _ts_error(405, "MethodNotAllowedException", NOT_ALLOWED)
+        if parts[0] == "invocations":
+            if len(parts) > 1:
+                return _ts_error(404, "ResourceNotFoundException", NOT_FOUND)
+            name = request.query_params.get("model_name")
+            if name is None and len(self.services) == 1:  # TorchServe serves its only model
+                name = next(iter(self.services))
+            if name is None:
+                return _ts_error(400, "BadRequestException", "Parameter model_name is required.")
+        else:
+            if len(parts) not in (2, 3):
+                return _ts_error(404, "ResourceNotFoundException", NOT_FOUND)
+            name = parts[1]
+        if name not in self.services:
+            return _ts_error(404, "ModelNotFoundException", f"Model not found: {name}")
+        if len(parts) == 3 and parts[2] != self.versions.get(name):
+            return _ts_error(404, "ModelVersionNotFoundException", f"Model version: {parts[2]} does not exist for model: {name}")
+        return name
+
     async def __call__(self, request: Request) -> Response:
         parts = [p for p in request.url.path.split("/") if p]
-        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.items())
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.headers.raw)
         if header_bytes > MAX_HEADER_BYTES:
             return _ts_error(400, "BadRequestException", f"headers of {header_bytes} bytes exceed {MAX_HEADER_BYTES}")
+        query = request.scope.get("query_string") or b""
+        line = len(request.method) + len(request.scope.get("raw_path") or b"") + (len(query) + 1 if query else 0) + 10
+        if line > MAX_LINE_BYTES:
+            return _ts_error(400, "BadRequestException", f"request line of {line} bytes exceeds {MAX_LINE_BYTES} (URL too long)")
         if not self._authorized(request):
             return _ts_error(400, "InvalidKeyException", INVALID_KEY)
         if request.method == "GET" and parts == ["ping"]:
             return Response(json.dumps({"status": "Healthy"}, indent=2), 200, media_type="application/json")
-        if request.method != "POST" or not parts or parts[0] not in ("predictions", "invocations"):
-            return _ts_error(405 if parts and parts[0] in ("predictions", "invocations") else 404,
-                             "MethodNotAllowedException" if parts else "ResourceNotFoundException",
-                             "Requested resource is not found, please refer to API document.")
-        name = parts[1] if parts[0] == "predictions" and len(parts) > 1 else request.query_params.get("model_name", "")
-        if name not in self.services:
-            return _ts_error(404, "ModelNotFoundException", f"Model not found: {name}")
+        name = self._route(request, parts)
+        if isinstance(name, Response):
+            return name
         length = request.headers.get("content-length", "")
         if length.isdigit() and int(length) > self.max_request_bytes:
             return _ts_error(413, "RequestEntityTooLarge", f"request of {length} bytes exceeds {self.max_request_bytes}")
-        raw = await to_raw_request(request, query_fields=parts[0] == "invocations")
+        try:
+            raw = await to_raw_request(request, parts[0] == "invocations", self.max_request_bytes)
+        except BodyTooLarge as exc:
+            return _ts_error(413, "RequestEntityTooLarge",
+                             f"request body passed {self.max_request_bytes} bytes ({exc.args[0]} received); refused before reading the rest")
         reply = await self.predict((name, raw))
         return Response(reply.json(), reply.status, media_type="application/json")
 
@@ -176,7 +271,7 @@ def build_app(args: dict[str, Any]):
     key_file (TorchServe-style key_file.json; none = no auth), num_replicas or autoscaling_config,
     threads (CPUs per replica), max_ongoing_requests.
     """
-    from .server import read_keys
+    from .engine import read_keys
 
     store = Path(args["model_store"])
     unpack = Path(args.get("unpack_dir") or store / ".ray-unpacked")

@@ -11,6 +11,16 @@ Why each choice (measured on TorchServe 0.12):
   every worker is READY.
 - Token auth stays on unless asked: TorchServe writes key_file.json (inference, management and API
   keys) into the run folder; even /ping answers 400 without the inference key.
+- The management key is dropped once the workers are READY: TorchServe 0.12 lets it scale workers and
+  set default versions whatever `enable_model_api` says (measured: `PUT /models/NAME?min_worker=5`
+  answered 202 and started five workers; gRPC's ScaleWorker is not gated either), and the API key can
+  mint a new management key. key_file.json keeps only the inference key, so the management API (HTTP
+  P+1, gRPC P+4, both on 127.0.0.1) refuses every call from then on; the keys exist only in
+  TorchServe's memory. Inference keys are renewed by restarting.
+- Least privilege on disk: the run folder is mode 700 and TorchServe starts with umask 077, so its logs
+  (the access log records URLs, a token sent as `?token=` included) are 600 in a 700 folder.
+- Every process carries `CRBP_DEPLOY_RUN=<run folder>` (engine.RUN_ENV): `stop` ends the Java process,
+  its workers and anything else the server left, and returns when none is alive.
 - `metrics_mode=prometheus` with a metrics YAML that declares this project's model metrics, so
   /metrics on the metrics port shows them (TorchServe exposes only declared backend metrics).
 - TorchServe always opens gRPC ports; they are put at P+3 / P+4 on 127.0.0.1 so two servers on
@@ -18,6 +28,7 @@ Why each choice (measured on TorchServe 0.12):
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -32,7 +43,7 @@ from typing import ClassVar
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
 from . import metrics as model_metrics
-from .engine import KEY_FILE, Engine, Running, http_get, read_keys
+from .engine import KEY_FILE, Engine, Running, end_processes, http_get, private_log, read_keys, write_private
 
 JAVA_MAIN = "org.pytorch.serve.ModelServer"
 PID_FILE = ".model_server.pid"
@@ -84,7 +95,8 @@ class Server(Running):
         return f"pid {self.pid}"
 
     def links(self) -> list[str]:
-        return [f"  management:  {self.url('management')}/models", f"  metrics:     {self.metrics_url}"]
+        return [f"  management:  {self.url('management')}/models (closed: serve drops the management key once ready)",
+                f"  metrics:     {self.metrics_url}"]
 
 
 def metrics_yaml() -> str:
@@ -152,24 +164,6 @@ def _server_process(run_dir: Path):
         pass
     pid_file.unlink(missing_ok=True)
     return None
-
-
-def worker_processes(run_dir: Path) -> list:
-    """The live model worker processes (psutil) of the TorchServe recorded in `run_dir`: the Python
-    children of the Java process. Fault tests kill them; the soak benchmark reads their memory."""
-    import psutil
-
-    proc = _server_process(Path(run_dir))
-    if proc is None:
-        return []
-    found = []
-    for child in proc.children(recursive=True):
-        try:
-            if child.status() != psutil.STATUS_ZOMBIE and any("model_service_worker" in a for a in child.cmdline()):
-                found.append(child)
-        except psutil.Error:
-            continue
-    return found
 
 
 def _log_tail(run_dir: Path, lines: int = 25) -> str:
@@ -270,6 +264,23 @@ class TorchServe(Engine):
     def log_dir(self, run_dir) -> Path:
         return Path(run_dir) / "logs"
 
+    def worker_processes(self, run_dir) -> list:
+        """The live model worker processes (psutil) of the TorchServe recorded in `run_dir`: the Python
+        children of the Java process. Fault tests kill them; the soak benchmark reads their memory."""
+        import psutil
+
+        proc = _server_process(Path(run_dir))
+        if proc is None:
+            return []
+        found = []
+        for child in proc.children(recursive=True):
+            try:
+                if child.status() != psutil.STATUS_ZOMBIE and any("model_service_worker" in a for a in child.cmdline()):
+                    found.append(child)
+            except psutil.Error:
+                continue
+        return found
+
     def start(self, model_store, config: ServerConfig | None = None, *, run_dir=None, models=None,
               env: dict[str, str] | None = None, progress=None) -> Server:
         """Start TorchServe, wait until /ping is healthy and every model's workers are READY.
@@ -283,17 +294,17 @@ class TorchServe(Engine):
         store, models, run = self.prepare(model_store, config, run_dir, models)
         (run / KEY_FILE).unlink(missing_ok=True)  # never read a previous server's keys
         shutil.rmtree(run / "models", ignore_errors=True)  # archives a previous server unpacked here
-        (run / "metrics.yaml").write_text(metrics_yaml())
+        write_private(run / "metrics.yaml", metrics_yaml())
         cfg = run / "config.properties"
-        cfg.write_text(config_properties(config, store, models, run / "metrics.yaml"))
-        server_env = {**os.environ, **(env or {})}
+        write_private(cfg, config_properties(config, store, models, run / "metrics.yaml"))
+        server_env = self.environment(run, env)
         server_env.update(TMPDIR=str(run), TEMP=str(run), LOG_LOCATION=str(run / "logs"), METRICS_LOCATION=str(run / "logs"))
         server_env.pop("TS_CONFIG_FILE", None)  # would override --ts-config
         say(f"starting TorchServe (run folder {run})")
-        with open(run / "launcher.log", "wb") as log:
+        with private_log(run / "launcher.log") as log:
             launcher = subprocess.run(
                 [sys.executable, "-m", "ts.model_server", "--start", "--ts-config", str(cfg), "--model-store", str(store), "--ncs"],
-                cwd=run, env=server_env, stdout=log, stderr=subprocess.STDOUT, timeout=120,
+                cwd=run, env=server_env, stdout=log, stderr=subprocess.STDOUT, timeout=120, umask=0o077,
             )
         proc = _server_process(run)
         if launcher.returncode != 0 or proc is None:
@@ -301,40 +312,49 @@ class TorchServe(Engine):
         server = Server(run_dir=run, config=config, pid=proc.pid, models=models)
         try:
             _wait_ready(server, proc, say)
+            if config.auth:
+                server.keys = _drop_management_keys(run)
         except BaseException:
             self.stop(run)
             raise
         return server
 
     def stop(self, run_dir, timeout: float | None = None) -> bool:
-        """Stop the TorchServe recorded in `run_dir` and wait until the Java process and its workers have
-        exited (SIGTERM, then SIGKILL after `timeout`, default 60 s). False if none was running."""
+        """Stop the TorchServe recorded in `run_dir` and wait until the Java process, its workers and any
+        other process of this run have exited (SIGTERM, then SIGKILL after `timeout`, default 60 s). False if
+        none was running."""
         import psutil
 
         run = Path(run_dir)
         proc = _server_process(run)
-        if proc is None:
+        stray = self.processes(run)
+        if proc is None and not stray:
             return False
-        try:
-            workers = proc.children(recursive=True)
-            proc.terminate()
+        if proc is not None:
             try:
-                proc.wait(timeout=60.0 if timeout is None else timeout)
-            except psutil.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
-        except psutil.NoSuchProcess:
-            workers = []
-        _, alive = psutil.wait_procs(workers, timeout=15)
-        for worker in alive:
-            worker.kill()
-        psutil.wait_procs(alive, timeout=5)
+                workers = proc.children(recursive=True)
+                proc.terminate()
+                try:
+                    proc.wait(timeout=60.0 if timeout is None else timeout)
+                except psutil.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=10)
+            except psutil.NoSuchProcess:
+                workers = []
+            end_processes(workers, 15.0)
+        end_processes(self.processes(run), 15.0)  # whatever else carries this run's marker
+        left = self.processes(run)
+        if left:
+            raise CrbpError(f"processes of the TorchServe in {run} survived SIGKILL: {sorted(p.pid for p in left)}")
         (run / PID_FILE).unlink(missing_ok=True)
         (run / KEY_FILE).unlink(missing_ok=True)  # the keys die with the server
         return True
 
 
-ENGINE = TorchServe()
-# module-level names kept for the callers that import them (benchmarks, KServe, the client, fault tests)
-start, stop, running_pid = ENGINE.start, ENGINE.stop, ENGINE.running
-default_run_dir, check_installed = ENGINE.default_run_dir, ENGINE.check_installed
+def _drop_management_keys(run: Path) -> dict[str, str]:
+    """Rewrite key_file.json with the inference key only (mode 600) and return {"inference": key}: the
+    management key can scale workers and the API key can mint a management key, and serve needs neither
+    once every worker is READY."""
+    doc = json.loads((run / KEY_FILE).read_text())
+    write_private(run / KEY_FILE, json.dumps({"inference": doc["inference"]}, indent=2))
+    return {"inference": doc["inference"]["key"]}

@@ -249,8 +249,9 @@ class PanopticService:
                                "the tol policy (relative change <= tol), which takes neither")
         try:
             budget = Budget.from_dict({**self.default_budget, **requested}).kwargs()
-        except InputError as exc:
-            raise RequestError(f"{exc} (this server runs at most max_iters={limit} per image)") from None
+        except InputError as exc:  # the limit is named only where the error is about max_iters
+            note = f" (this server runs at most max_iters={limit} per image)" if "max_iters" in str(exc) else ""
+            raise RequestError(f"{exc}{note}") from None
         clamped = budget["max_iters"] > limit
         if clamped:
             budget["max_iters"] = limit
