@@ -98,8 +98,9 @@ def test_fp16_graph_keeps_io_and_convergence_test_fp32(arts, kind):
         assert {i.name: i.type.tensor_type.elem_type for i in graph.input}["tol"] == FLOAT
         loop = next(n for n in graph.node if n.op_type == "Loop")
         body = loop.attribute[0].g
-        assert [i.type.tensor_type.elem_type for i in body.input] == [INT64, BOOL, FLOAT, BOOL, INT64, FLOAT]
-        assert [o.type.tensor_type.elem_type for o in body.output] == [BOOL, FLOAT, BOOL, INT64, FLOAT]
+        # trip, cond, h, active, iterations, residual, streak (the halting policy's count)
+        assert [i.type.tensor_type.elem_type for i in body.input] == [INT64, BOOL, FLOAT, BOOL, INT64, FLOAT, INT64]
+        assert [o.type.tensor_type.elem_type for o in body.output] == [BOOL, FLOAT, BOOL, INT64, FLOAT, INT64]
         assert types[loop.input[0]] == INT64 and types[loop.input[1]] == BOOL
     props = {p.key: json.loads(p.value) for p in proto.metadata_props}
     assert props["crbp_deploy.precision"] == "fp16"
