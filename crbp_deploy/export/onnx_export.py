@@ -291,11 +291,7 @@ def export_onnx(
     height, width = _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_size, substeps, path)
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
-    execution = execution or ("compact" if substeps == 1 else "masked")
-    if execution not in solver.EXECUTIONS:
-        raise InputError(f"execution must be one of {', '.join(solver.EXECUTIONS)}, got {execution!r}")
-    if execution == "compact" and substeps > 1:
-        raise InputError("a compacted Loop runs one step per trip: use substeps=1 or execution='masked'")
+    execution = _check_execution(execution, substeps)
     path = Path(path)
     check_writable(path)
     started = time.perf_counter()
@@ -316,29 +312,7 @@ def export_onnx(
     from ..modelcard import model_card
 
     card = model_card(model, source or "in-memory model", check=False)
-    sidecar = {
-        "format": SIDECAR_FORMAT,
-        "version": SIDECAR_VERSION,
-        "file": path.name,
-        "sha256": hashlib.sha256(data).hexdigest(),
-        "model": card,
-        "strategy": strategy,
-        "substeps": meta.substeps if strategy == "loop" else None,
-        "execution": meta.execution if strategy == "loop" else None,
-        "defaults": meta.budget.kwargs(),
-        "opset": opset,
-        "ir_version": proto.ir_version,
-        "dynamic": dynamic,
-        "fp16": fp16,
-        "precision": meta.precision,
-        "fp16_conversion": None if converted is None else {
-            "converter": _converter_version(), "keep_io_types": True, **converted.to_dict()},
-        "inputs": inputs,
-        "outputs": outputs,
-        "heads": list(meta.heads),
-        "exporter": f"torch {torch.__version__} (dynamo) + onnx {onnx.__version__}",
-        "verification": None,
-    }
+    sidecar = _sidecar(path, data, proto, card, meta, opset, dynamic, fp16, converted, inputs, outputs)
     write_atomic([(path, data), (sidecar_path(path), sidecar_bytes(sidecar))])
     return ExportResult(
         path=path,
@@ -377,19 +351,89 @@ def _check_policy(model, strategy, fp16, max_iters, tol, policy, threshold, pati
     return rule
 
 
-def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution, fp16=False,
-           rule: HaltRule = HaltRule()):
+def _check_execution(execution: str | None, substeps: int) -> str:
+    execution = execution or ("compact" if substeps == 1 else "masked")
+    if execution not in solver.EXECUTIONS:
+        raise InputError(f"execution must be one of {', '.join(solver.EXECUTIONS)}, got {execution!r}")
+    if execution == "compact" and substeps > 1:
+        raise InputError("a compacted Loop runs one step per trip: use substeps=1 or execution='masked'")
+    return execution
+
+
+def _sidecar(path: Path, data: bytes, proto, card, meta: ArtifactMeta, opset, dynamic, fp16, converted, inputs,
+             outputs) -> dict[str, Any]:
+    """The JSON written beside the .onnx: the model card, the interface, how it was made."""
+    loop = meta.strategy == "loop"
+    return {
+        "format": SIDECAR_FORMAT,
+        "version": SIDECAR_VERSION,
+        "file": path.name,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "model": card,
+        "strategy": meta.strategy,
+        "substeps": meta.substeps if loop else None,
+        "execution": meta.execution if loop else None,
+        "defaults": meta.budget.kwargs(),
+        "opset": opset,
+        "ir_version": proto.ir_version,
+        "dynamic": dynamic,
+        "fp16": fp16,
+        "precision": meta.precision,
+        "fp16_conversion": None if converted is None else {
+            "converter": _converter_version(), "keep_io_types": True, **converted.to_dict()},
+        "inputs": inputs,
+        "outputs": outputs,
+        "heads": list(meta.heads),
+        "exporter": f"torch {torch.__version__} (dynamo) + onnx {onnx.__version__}",
+        "verification": None,
+    }
+
+
+def _loop_inputs(images_spec: dict, max_iters: int, tol: float, rule: HaltRule) -> list[dict[str, Any]]:
+    """The loop graph's inputs: images, then the budget (defaults that any call may override)."""
+    inputs = [
+        images_spec,
+        {"name": "max_iters", "dtype": "int64", "shape": [], "default": max_iters, "optional": True},
+        {"name": "tol", "dtype": "float32", "shape": [], "default": float(tol), "optional": True},
+    ]
+    if rule.policy != "tol":
+        inputs += [
+            {"name": "threshold", "dtype": "float32", "shape": [], "default": float(rule.threshold), "optional": True,
+             "meaning": f"the {rule.policy} halting policy's threshold"},
+            {"name": "patience", "dtype": "int64", "shape": [], "default": rule.patience, "optional": True,
+             "meaning": "steps in a row the policy must fire"},
+        ]
+    return inputs
+
+
+def _examples(model, size, batch: int, dynamic: bool):
+    """Two example batches whose differences are what is dynamic (dynamo needs batch >= 2 for that)."""
     mult = int(getattr(model, "stride", 1) or 1)
     h, w = size
     gen = torch.Generator().manual_seed(0)
     device = next(model.parameters(), torch.empty(0)).device
-    # two example sizes: what differs between them is dynamic (dynamo needs batch >= 2 for that)
-    ex_a = torch.rand(2 if dynamic else batch, model.in_channels, h, w, generator=gen)
-    ex_b = torch.rand(3, model.in_channels, h + mult, w + 2 * mult, generator=gen)
-    ex_a, ex_b = ex_a.to(device), ex_b.to(device)
+    ex_a = torch.rand(2 if dynamic else batch, model.in_channels, h, w, generator=gen).to(device)
+    ex_b = torch.rand(3, model.in_channels, h + mult, w + 2 * mult, generator=gen).to(device)
     for ex in (ex_a, ex_b):
         model.check_images(ex)  # e.g. a size that is not a multiple of the model stride
-    ref_a, ref_b = (ex_a.shape[0], h, w), (3, h + mult, w + 2 * mult)
+    return mult, ex_a, ex_b, (ex_a.shape[0], h, w), (3, h + mult, w + 2 * mult)
+
+
+def _check_parts(model, heads_a, h_a) -> tuple[str, ...]:
+    """The head names, once readout and state are what the graph interface needs."""
+    if not isinstance(heads_a, dict) or not heads_a:
+        raise CrbpError(f"{type(model).__name__}.readout must return a non-empty dict of tensors")
+    clash = sorted(RESERVED & set(heads_a))
+    if clash:
+        raise CrbpError(f"readout head name(s) {clash} clash with reserved graph names {sorted(RESERVED)}")
+    if not isinstance(h_a, Tensor):
+        raise CrbpError(f"{type(model).__name__}: the recurrent state must be one tensor, got {type(h_a).__name__}")
+    return tuple(heads_a)
+
+
+def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, substeps, execution, fp16=False,
+           rule: HaltRule = HaltRule()):
+    mult, ex_a, ex_b, ref_a, ref_b = _examples(model, size, batch, dynamic)
 
     def parts(images):
         ctx = model.encode(images)
@@ -399,14 +443,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
 
     ctx_a, h_a, heads_a = parts(ex_a)
     ctx_b, h_b, heads_b = parts(ex_b)
-    if not isinstance(heads_a, dict) or not heads_a:
-        raise CrbpError(f"{type(model).__name__}.readout must return a non-empty dict of tensors")
-    heads = tuple(heads_a)
-    clash = sorted(RESERVED & set(heads))
-    if clash:
-        raise CrbpError(f"readout head name(s) {clash} clash with reserved graph names {sorted(RESERVED)}")
-    if not isinstance(h_a, Tensor):
-        raise CrbpError(f"{type(model).__name__}: the recurrent state must be one tensor, got {type(h_a).__name__}")
+    heads = _check_parts(model, heads_a, h_a)
     leaves_a, spec = pytree.tree_flatten(ctx_a)
     leaves_b = pytree.tree_leaves(ctx_b)
     ctx_names = tuple(f"ctx_{i}" for i in range(len(leaves_a)))
@@ -464,18 +501,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         proto, converted = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
                                         dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs, fp16,
                                         rule)
-        inputs = [
-            images_spec,
-            {"name": "max_iters", "dtype": "int64", "shape": [], "default": max_iters, "optional": True},
-            {"name": "tol", "dtype": "float32", "shape": [], "default": float(tol), "optional": True},
-        ]
-        if rule.policy != "tol":
-            inputs += [
-                {"name": "threshold", "dtype": "float32", "shape": [], "default": float(rule.threshold), "optional": True,
-                 "meaning": f"the {rule.policy} halting policy's threshold"},
-                {"name": "patience", "dtype": "int64", "shape": [], "default": rule.patience, "optional": True,
-                 "meaning": "steps in a row the policy must fire"},
-            ]
+        inputs = _loop_inputs(images_spec, max_iters, tol, rule)
     del proto.metadata_props[:]
     for key, value in meta.to_props().items():
         proto.metadata_props.add(key=key, value=value)
