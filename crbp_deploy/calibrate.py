@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-import numpy as np
 
 from .errors import InputError
 from .frontier import Trace, policy_signal, simulate, trace_split

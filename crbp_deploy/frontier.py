@@ -14,16 +14,16 @@ quality and cost are a lookup, not a rerun:
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
-
 import os
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
 from .models.halting import distance_left, features as halting_features
 from .models.solver import relative_change
+from .tasks import TASKS, task_of
 
 ORACLE_SLACK = 0.01  # image quality (fraction): the oracle stops within 1 image-PQ point of the image's best
 
@@ -40,7 +40,6 @@ class Trace:
     features: np.ndarray  # [N, T, F]
     proxy_change: np.ndarray  # [N, T]: fraction of the answer proxy that changed at this step
     image_quality: np.ndarray  # [N, T] in [0, 1]
-    categories: list = field(default_factory=list)
 
     @property
     def steps(self) -> int:
@@ -50,7 +49,7 @@ class Trace:
         """(quality in points, mean steps) with image i stopped after stops[i] steps."""
         stops = np.clip(np.asarray(stops, dtype=np.int64), 1, self.steps)
         picked = self.counts[np.arange(len(stops)), stops - 1]
-        return _quality(self.task, picked), float(stops.mean())
+        return TASKS[self.task].counts_quality(picked), float(stops.mean())
 
     def fixed(self, n: int) -> tuple[float, float]:
         return self.score(np.full(self.residual.shape[0], n))
@@ -65,31 +64,9 @@ class Trace:
         return (np.arange(1, self.steps + 1)[None, :] >= self.oracle(slack)[:, None]).astype(np.float32)
 
 
-def _quality(task: str, picked: np.ndarray) -> float:
-    if task == "pathfinder":
-        tp, fp, fn = picked.sum(axis=0)
-        return 100.0 * float(tp / (tp + fp + fn)) if tp + fp + fn else 100.0
-    totals = picked.sum(axis=0)  # [K, 4]
-    seen = totals[:, 1] + totals[:, 2] + totals[:, 3] > 0
-    n = totals[:, 1] + 0.5 * (totals[:, 2] + totals[:, 3])
-    pq = np.where(n > 0, totals[:, 0] / np.maximum(n, 1e-12), 0.0)
-    return 100.0 * float(pq[seen].mean()) if seen.any() else 0.0
-
-
-def _image_quality(task: str, counts: np.ndarray) -> np.ndarray:
-    """[N, T] per-image quality in [0, 1] (image PQ over the categories it has, or image IoU)."""
-    if task == "pathfinder":
-        total = counts.sum(-1)
-        return np.where(total > 0, counts[..., 0] / np.maximum(total, 1.0), 1.0)
-    seen = counts[..., 1] + counts[..., 2] + counts[..., 3] > 0
-    n = counts[..., 1] + 0.5 * (counts[..., 2] + counts[..., 3])
-    pq = np.where(n > 0, counts[..., 0] / np.maximum(n, 1e-12), 0.0)
-    return np.where(seen.any(-1), (pq * seen).sum(-1) / np.maximum(seen.sum(-1), 1), 1.0)
-
-
 @torch.no_grad()
 def trace(model, batches, decode: Callable[[dict, Any], np.ndarray], *, steps: int, task: str, metric: str,
-          categories: Sequence[Any] = (), progress: Callable[[int], Any] | None = None) -> Trace:
+          progress: Callable[[int], Any] | None = None) -> Trace:
     """Run every batch `steps` steps; after each step read out, decode and count against the truth.
 
     `batches` yields (images [B, C, H, W] float, truth); `decode(heads, truth)` -> [B, ...] counts of
@@ -124,7 +101,7 @@ def trace(model, batches, decode: Callable[[dict, Any], np.ndarray], *, steps: i
     counts_a = np.concatenate(counts)
     return Trace(task=task, metric=metric, counts=counts_a, residual=np.concatenate(residual),
                  features=np.concatenate(feats), proxy_change=np.concatenate(proxy),
-                 image_quality=_image_quality(task, counts_a), categories=list(categories))
+                 image_quality=TASKS[task].image_quality(counts_a))
 
 
 def policy_signal(trace: Trace, policy: str, head=None) -> np.ndarray | None:
@@ -166,57 +143,11 @@ def simulate(trace: Trace, *, tol: float, cap: int, policy: str = "tol", thresho
     return np.where(any_stop, stop.argmax(axis=1) + 1, cap)
 
 
-def _panoptic_io(model, dataset, limit: int, batch: int):
-    """Batches of (images, truth) and the per-step decoder for a COCO panoptic split."""
-    from .modelcard import ModelCard
-    from .panoptic.postprocess import postprocess
-    from .panoptic.pq import match_image
-
-    card = ModelCard.of(model)
-    cats, post = card.categories, card.postprocess
-    ids = [int(c["id"]) for c in cats]
-
-    def batches():
-        for start in range(0, limit, batch):
-            items = [dataset.load(i) for i in range(start, min(start + batch, limit))]
-            rgb = np.stack([r for r, _, _ in items]).astype(np.float32) / 255.0
-            yield torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous(), [(i, s) for _, i, s in items]
-
-    def decode(heads, truth):
-        out = np.zeros((len(truth), len(ids), 4))
-        for i, ((pred_ids, pred_segs), (gt_ids, gt_segs)) in enumerate(zip(postprocess(heads, cats, post), truth)):
-            stats = match_image(gt_ids, gt_segs, pred_ids, pred_segs, set(ids))
-            for k, c in enumerate(ids):
-                if c in stats:
-                    out[i, k] = (stats[c].iou, stats[c].tp, stats[c].fp, stats[c].fn)
-        return out
-
-    return batches(), decode, cats
-
-
-def _pathfinder_io(model, dataset, limit: int, batch: int):
-    from .tasks.pathfinder import pixel_counts
-
-    def batches():
-        for start in range(0, limit, batch):
-            items = [dataset.load(i) for i in range(start, min(start + batch, limit))]
-            yield torch.from_numpy(np.stack([im for im, _ in items])[:, None]), np.stack([m for _, m in items])
-
-    def decode(heads, truth):
-        return pixel_counts(heads["logits"].argmax(dim=1) == 1, truth).astype(np.float64)
-
-    return batches(), decode, []
-
-
 def trace_split(model, data: str | os.PathLike, *, split: str = "val", steps: int, limit: int = 0, batch: int = 16,
                 progress: Callable[[int], Any] | None = None) -> Trace:
     """`trace` of a model on a held-out split of its task's data (first `limit` images; 0 = all)."""
-    from .tasks import task_of
-
     task = task_of(model)
     dataset = task.open(data, split)
     n = min(len(dataset), limit) if limit else len(dataset)
-    io = _panoptic_io if task.name == "panoptic" else _pathfinder_io
-    batches, decode, cats = io(model, dataset, n, batch)
-    return trace(model.eval(), batches, decode, steps=steps, task=task.name, metric=task.metric, categories=cats,
-                 progress=progress)
+    batches, decode = task.trace_io(model, dataset, n, batch)
+    return trace(model.eval(), batches, decode, steps=steps, task=task.name, metric=task.metric, progress=progress)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..artifact import BUDGET_INPUTS, ENGINE_SUFFIXES, ArtifactMeta, read_engine_sidecar
+from ..artifact import ENGINE_SUFFIXES, ArtifactMeta, read_engine_sidecar
 from ..errors import CrbpError, InputError
 from .base import Backend, Budget
 

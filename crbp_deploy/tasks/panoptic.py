@@ -88,6 +88,43 @@ class PanopticTask(TaskBase):
         rgb = [dataset.load(i)[0] for i in range(min(count, len(dataset)))]
         return np.stack(rgb).transpose(0, 3, 1, 2).astype(np.float32) / 255.0
 
+    def trace_io(self, model, dataset, limit: int, batch: int):
+        """Batches of (images, [(ids, segments)]) and a decoder: one step's heads -> [B, K, 4] (iou, tp, fp, fn)
+        per category, the panopticapi matching of each image."""
+        from ..panoptic.postprocess import postprocess
+        from ..panoptic.pq import match_image
+
+        card = ModelCard.of(model)
+        cats, post = card.categories, card.postprocess
+        ids = [int(c["id"]) for c in cats]
+
+        def batches():
+            for start in range(0, limit, batch):
+                items = [dataset.load(i) for i in range(start, min(start + batch, limit))]
+                rgb = np.stack([r for r, _, _ in items]).astype(np.float32) / 255.0
+                yield torch.from_numpy(rgb).permute(0, 3, 1, 2).contiguous(), [(i, s) for _, i, s in items]
+
+        def decode(heads, truth):
+            out = np.zeros((len(truth), len(ids), 4))
+            for i, ((pred_ids, pred_segs), (gt_ids, gt_segs)) in enumerate(zip(postprocess(heads, cats, post), truth)):
+                stats = match_image(gt_ids, gt_segs, pred_ids, pred_segs, set(ids))
+                for k, c in enumerate(ids):
+                    if c in stats:
+                        out[i, k] = (stats[c].iou, stats[c].tp, stats[c].fp, stats[c].fn)
+            return out
+
+        return batches(), decode
+
+    def counts_quality(self, counts: np.ndarray) -> float:
+        """PQ (points) of [N, K, 4] counts: per category summed over images, averaged over the categories seen."""
+        pq, seen = _pq(counts.sum(axis=0))
+        return 100.0 * float(pq[seen].mean()) if seen.any() else 0.0
+
+    def image_quality(self, counts: np.ndarray) -> np.ndarray:
+        """[...] image PQ in [0, 1] from [..., K, 4] counts (1 for an image with nothing to find or found)."""
+        pq, seen = _pq(counts)
+        return np.where(seen.any(-1), (pq * seen).sum(-1) / np.maximum(seen.sum(-1), 1), 1.0)
+
     def training_data(self, cfg) -> TrainingData:
         """DATA/train and DATA/val; the model gets one class per category (contiguous-index order)."""
         root = Path(cfg.data)
@@ -119,6 +156,12 @@ class PanopticTask(TaskBase):
         union = confusion.sum(0).float() + confusion.sum(1).float() - inter
         present = union > 0
         return {"loss": sum(losses) / len(losses), "miou": float((inter[present] / union[present]).mean())}
+
+
+def _pq(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """PQ per category (fraction) and whether the category occurs, from [..., K, 4] (iou, tp, fp, fn) sums."""
+    n = counts[..., 1] + 0.5 * (counts[..., 2] + counts[..., 3])
+    return np.where(n > 0, counts[..., 0] / np.maximum(n, 1e-12), 0.0), n > 0
 
 
 def as_tensors(dataset) -> dict[str, Tensor]:

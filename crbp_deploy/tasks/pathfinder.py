@@ -111,6 +111,25 @@ class PathfinderTask(TaskBase):
 
         return run
 
+    def trace_io(self, model, dataset, limit: int, batch: int):
+        """Batches of (images, masks) and a decoder: one step's logits -> [B, 3] pixel counts (tp, fp, fn)."""
+        def batches():
+            for start in range(0, limit, batch):
+                items = [dataset.load(i) for i in range(start, min(start + batch, limit))]
+                yield torch.from_numpy(np.stack([im for im, _ in items])[:, None]), np.stack([m for _, m in items])
+
+        def decode(heads, truth):
+            return pixel_counts(heads["logits"].argmax(dim=1) == 1, truth).astype(np.float64)
+
+        return batches(), decode
+
+    def counts_quality(self, counts: np.ndarray) -> float:
+        return 100.0 * scores(counts)["iou"]
+
+    def image_quality(self, counts: np.ndarray) -> np.ndarray:
+        total = counts.sum(-1)
+        return np.where(total > 0, counts[..., 0] / np.maximum(total, 1.0), 1.0)
+
     def evaluate(self, runner, dataset, *, limit: int = 0, batch_size: int | None = None, progress: bool = False,
                  **budget) -> dict[str, Any]:
         """Run `runner(images N x 1 x H x W, **budget) -> {logits, iterations, residual}` over a Pathfinder
