@@ -147,3 +147,33 @@ def test_masked_policy_loops_pass_the_tensorrt_lint(model, rule, tmp_path):
     for graph in (onnx.load(str(art.path)), prepare_for_tensorrt(onnx.load(str(art.path)))):
         report = lint_tensorrt(graph)
         assert report.ok and not report.warnings, report.summary()
+
+
+def test_the_service_serves_the_policy_and_says_why_each_image_stopped(model, tmp_path):
+    """The engines' shared service (TorchServe handler, Ray replica): the artifact's policy is the default,
+    a request may set its threshold / patience (field or X- header), and each answer says why it stopped."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from crbp_deploy.serving.service import PanopticService, RawRequest
+
+    budget = {"max_iters": 30, "tol": 1e-4, "policy": "learned", "threshold": 0.5, "patience": 2}
+    art = export_onnx(model, tmp_path / "m.onnx", example_size=(32, 32), **budget)
+    service = PanopticService(art.path)
+    assert service.describe()["default_budget"] == budget
+    buf = io.BytesIO()
+    Image.fromarray((sample_images(1, 3, (32, 32), seed=5)[0].transpose(1, 2, 0) * 255).astype(np.uint8)).save(buf, "PNG")
+    png = buf.getvalue()
+    plain, strict, bad, fixed = service.handle([
+        RawRequest({"body": png}, {"body": "image/png"}),
+        RawRequest({"body": png}, {"body": "image/png"}, {"X-Threshold": "0.99", "X-Patience": "3"}),
+        RawRequest({"body": png, "patience": "0"}, {"body": "image/png"}),
+        RawRequest({"body": png, "tol": "0.5"}, {"body": "image/png"}),
+    ])
+    a, b = json.loads(plain.json()), json.loads(strict.json())
+    assert a["stopped"] in ("policy", "converged", "cap") and a["budget"]["policy"] == "learned"
+    assert b["budget"]["threshold"] == 0.99 and b["budget"]["patience"] == 3 and b["iterations"] >= a["iterations"]
+    assert bad.status == 400 and "patience must be an integer in 1..100" in json.loads(bad.json())["message"]
+    assert json.loads(fixed.json())["stopped"] == "converged"  # a loose tol ends it before the policy
