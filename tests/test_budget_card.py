@@ -77,5 +77,8 @@ def test_bundled_pathfinder_model_carries_its_calibrated_budget():
     assert budget.early_exit and budget != Budget.DEFAULT  # calibrated, not the fallback
     calibration = card.inference["calibration"]
     assert calibration["budget"] == budget.kwargs() and calibration["metric"] == "IoU"
-    assert set(calibration["sweep"][0]["per_length"]) == {"6", "9", "14", "20", "25"}
+    assert set(calibration["check"]["chosen"]["per_length"]) == {"6", "9", "14", "20", "25"}
+    assert calibration["oracle"]["mean_iterations"] > 0 and {"estimate", "stable", "learned"} <= {
+        p["budget"].get("policy") for p in calibration["sweep"]}  # every policy was swept
+    assert model.halting_head is not None and card.inference["halting_head"] == model.halting_head.spec()
     assert card.training["grad"] == "crbp" and model.meta["training_command"].startswith("crbp-deploy train")

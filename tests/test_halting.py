@@ -48,8 +48,24 @@ def images():
     return sample_images(5, 3, (32, 32), seed=3)
 
 
+@pytest.fixture(scope="module")
+def artifact(model, tmp_path_factory):
+    """One export per (policy, execution), shared by the ONNX Runtime, OpenVINO and TensorRT-lint tests."""
+    made = {}
+
+    def get(rule: dict, execution: str):
+        key = (rule["policy"], execution)
+        if key not in made:
+            folder = tmp_path_factory.mktemp(f"{rule['policy']}-{execution}")
+            made[key] = export_onnx(model, folder / "m.onnx", execution=execution, example_size=(32, 32),
+                                    max_iters=30, tol=1e-4, **rule)
+        return made[key]
+
+    return get
+
+
 @pytest.mark.parametrize("rule", RULES, ids=[r["policy"] for r in RULES])
-def test_every_policy_decides_the_same_in_eager_and_both_onnx_loops(model, images, rule, tmp_path):
+def test_every_policy_decides_the_same_in_eager_and_both_onnx_loops(model, images, rule, artifact):
     budget = {"max_iters": 30, "tol": 1e-4, **rule}
     ref = TorchBackend(model).run(images, **budget)
     counts = ref["iterations"].tolist()
@@ -58,8 +74,8 @@ def test_every_policy_decides_the_same_in_eager_and_both_onnx_loops(model, image
     with torch.no_grad():
         masked = model(torch.from_numpy(images), execution="masked", **budget)
     assert masked["iterations"].tolist() == counts
-    for execution in ("compact", "masked"):
-        art = export_onnx(model, tmp_path / f"{execution}.onnx", execution=execution, example_size=(32, 32), **budget)
+    for execution in ("compact", "masked") if rule["policy"] == "learned" else ("compact",):  # masked: the TensorRT form
+        art = artifact(rule, execution)
         assert art.meta.policy == rule["policy"] and art.meta.budget.kwargs() == budget
         ort = load_backend(art.path, "onnxruntime", threads=1)
         got = ort.run(images)
@@ -122,10 +138,10 @@ def test_what_cannot_run_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("rule", RULES, ids=[r["policy"] for r in RULES])
-def test_openvino_runs_every_policy_with_the_same_iterations(model, images, rule, tmp_path):
+def test_openvino_runs_every_policy_with_the_same_iterations(model, images, rule, artifact):
     pytest.importorskip("openvino", reason="openvino is not installed: pip install 'crbp-deploy[openvino]'")
     budget = {"max_iters": 30, "tol": 1e-4, **rule}
-    art = export_onnx(model, tmp_path / "m.onnx", execution="compact", example_size=(32, 32), **budget)
+    art = artifact(rule, "compact")
     ov = load_backend(art.path, "openvino", threads=1)
     ref = TorchBackend(model).run(images, **budget)
     got = ov.run(images)
@@ -133,23 +149,21 @@ def test_openvino_runs_every_policy_with_the_same_iterations(model, images, rule
     np.testing.assert_allclose(got["semantic"], ref["semantic"], atol=1e-4, rtol=1e-3)
 
 
-@pytest.mark.parametrize("rule", RULES, ids=[r["policy"] for r in RULES])
-def test_masked_policy_loops_pass_the_tensorrt_lint(model, rule, tmp_path):
-    """TensorRT runs the masked Loop (fixed shapes); its policy ops must be ones TensorRT documents.
-    Execution on TensorRT itself is not verified here (no GPU): see README."""
+def test_masked_policy_loops_pass_the_tensorrt_lint(artifact):
+    """TensorRT runs the masked Loop (fixed shapes); its policy ops must be ones TensorRT documents (the
+    learned policy's ops include the others'). Execution on TensorRT is not verified here (no GPU): see README."""
     import onnx
 
     from crbp_deploy.export.tensorrt import prepare_for_tensorrt
     from crbp_deploy.export.trt_lint import lint_tensorrt
 
-    art = export_onnx(model, tmp_path / "m.onnx", execution="masked", example_size=(32, 32), max_iters=30, tol=1e-4,
-                      **rule)
+    art = artifact(RULES[2], "masked")
     for graph in (onnx.load(str(art.path)), prepare_for_tensorrt(onnx.load(str(art.path)))):
         report = lint_tensorrt(graph)
         assert report.ok and not report.warnings, report.summary()
 
 
-def test_the_service_serves_the_policy_and_says_why_each_image_stopped(model, tmp_path):
+def test_the_service_serves_the_policy_and_says_why_each_image_stopped(artifact):
     """The engines' shared service (TorchServe handler, Ray replica): the artifact's policy is the default,
     a request may set its threshold / patience (field or X- header), and each answer says why it stopped."""
     import io
@@ -160,7 +174,7 @@ def test_the_service_serves_the_policy_and_says_why_each_image_stopped(model, tm
     from crbp_deploy.serving.service import PanopticService, RawRequest
 
     budget = {"max_iters": 30, "tol": 1e-4, "policy": "learned", "threshold": 0.5, "patience": 2}
-    art = export_onnx(model, tmp_path / "m.onnx", example_size=(32, 32), **budget)
+    art = artifact(RULES[2], "compact")
     service = PanopticService(art.path)
     assert service.describe()["default_budget"] == budget
     buf = io.BytesIO()
