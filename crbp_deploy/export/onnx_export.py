@@ -32,7 +32,7 @@ from torch.utils import _pytree as pytree
 
 from ..artifact import SIDECAR_FORMAT, SIDECAR_VERSION, STRATEGIES, ArtifactMeta, check_writable, sidecar_bytes
 from ..artifact import read_sidecar, sidecar_path, write_atomic, write_sidecar  # noqa: F401  (they lived here)
-from ..budget import Budget, check_budget
+from ..budget import Budget
 from ..errors import CrbpError, InputError
 from ..models import RecurrentSegmenter, solver
 from ..models.halting import HaltRule
@@ -218,13 +218,13 @@ def _check_options(model, strategy, iters, max_iters, tol, opset, fp16, example_
             raise InputError("the unrolled strategy runs a fixed count: give iters=N, not max_iters/tol")
         if iters is None:
             raise InputError("the unrolled strategy needs iters=N (the fixed number of steps)")
-        check_budget(iters, None, None)
+        Budget(iters=iters)
     else:
         if iters is not None:
             raise InputError(
                 "the loop strategy exits early: give max_iters=M and tol (or use strategy='unrolled' for iters=N)"
             )
-        check_budget(None, max_iters, tol)
+        Budget(max_iters=max_iters, tol=tol)
     if fp16:
         from .fp16 import require_converter
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..budget import MAX_ITERATIONS, check_budget  # noqa: F401  (re-exported: the contract's budget rules)
+from ..budget import MAX_ITERATIONS, Budget  # noqa: F401  (MAX_ITERATIONS re-exported: the contract's limit)
 from ..config import StrictConfig
 from ..errors import InputError
 from .solver import fixed_point, split_budget
@@ -72,10 +72,11 @@ class RecurrentSegmenter(nn.Module):
         `execution="compact"` steps only the samples still running (a batch costs the sum of its
         iterations); "masked" steps every row and freezes converged ones (see solver.py).
         """
-        check_budget(iters, max_iters, tol)
-        rule = {k: v for k, v in (("policy", policy), ("threshold", threshold), ("patience", patience)) if v is not None}
+        given = {"iters": iters, "max_iters": max_iters, "tol": tol, "policy": policy, "threshold": threshold,
+                 "patience": patience}
+        budget = Budget.from_dict(given)  # every budget rule lives in Budget
         self.check_images(images)
-        return self.run(images, iters=iters, max_iters=max_iters, tol=tol, execution=execution, **rule)
+        return self.run(images, execution=execution, **budget.kwargs())
 
     def run(self, images: Tensor, *, execution: str = "compact", **budget) -> dict[str, Tensor]:
         """encode -> solve -> readout, unchecked (`forward` validates; exporters trace this)."""

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 from torch.utils import _pytree as pytree
 
-from ..budget import check_budget, check_policy
+from ..budget import Budget
 from ..errors import InputError
 from .halting import HaltRule, fires
 
@@ -154,11 +154,11 @@ def fixed_point(
     Under torch.export the loop is unrolled without early stops (the `unrolled` strategy); early
     exit in a graph is the ONNX Loop over `advance`.
     """
-    check_budget(iters, max_iters, tol)
+    rule = {} if halting is None else {"policy": halting.rule.policy, "threshold": halting.rule.threshold,
+                                       "patience": halting.rule.patience}
+    Budget(iters=iters, max_iters=max_iters, tol=tol, **rule)  # every budget rule lives in Budget
     if execution not in EXECUTIONS:
         raise InputError(f"execution must be one of {', '.join(EXECUTIONS)}, got {execution!r}")
-    if halting is not None:
-        check_policy(halting.rule.policy, halting.rule.threshold, halting.rule.patience, max_iters is not None)
     limit, threshold = (iters, -1.0) if iters is not None else (max_iters, float(tol))
     exporting = torch.compiler.is_exporting()
     active, iterations, residual, streak = start(h)
@@ -174,10 +174,8 @@ def fixed_point(
 
 def split_budget(model, budget: dict) -> tuple[dict, Halting | None]:
     """Budget keyword arguments -> (the solver's iters/max_iters/tol, the bound halting policy)."""
-    budget = dict(budget)
+    budget = Budget.from_dict(budget).kwargs()  # validated, the tol policy's keys dropped
     rule = {k: budget.pop(k) for k in ("policy", "threshold", "patience") if k in budget}
-    if rule and rule.get("policy", "tol") != "tol":
-        check_policy(rule["policy"], rule.get("threshold"), rule.get("patience", 1), budget.get("max_iters") is not None)
     return budget, Halting.of(model, **rule) if rule else None
 
 
