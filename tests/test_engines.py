@@ -176,7 +176,7 @@ def test_cluster_configs_follow_ray_schema(rayserve):
     from ray.serve.schema import ServeDeploySchema
 
     out = rayserve["stdout"]
-    assert "serve_config.yaml" in out and "rayservice.yaml" in out
+    assert "serve_config.yaml" in out and "rayservice.yaml" in out and "networkpolicy.yaml" in out
     config = yaml.safe_load((rayserve["run"] / "serve_config.yaml").read_text())
     ServeDeploySchema.model_validate(config)  # Ray's own schema for `serve deploy`
     app = config["applications"][0]
@@ -186,6 +186,9 @@ def test_cluster_configs_follow_ray_schema(rayserve):
     service = yaml.safe_load((rayserve["run"] / "rayservice.yaml").read_text())
     assert service["apiVersion"] == "ray.io/v1" and service["kind"] == "RayService"
     assert yaml.safe_load(service["spec"]["serveConfigV2"]) == config
+    assert service["spec"]["rayClusterConfig"]["authOptions"] == {"mode": "token"}
+    policy = yaml.safe_load((rayserve["run"] / "networkpolicy.yaml").read_text())
+    assert policy["kind"] == "NetworkPolicy"  # what it opens: tests/test_lockdown.py
 
 
 def test_ray_bad_inputs(rayserve, tmp_path):

@@ -247,7 +247,7 @@ class PanopticIngress:
             return _ts_error(400, "BadRequestException", f"request line of {line} bytes exceeds {MAX_LINE_BYTES} (URL too long)")
         if not self._authorized(request):
             return _ts_error(400, "InvalidKeyException", INVALID_KEY)
-        if request.method == "GET" and parts == ["ping"]:
+        if parts == ["ping"]:  # any method, as TorchServe answers it
             return Response(json.dumps({"status": "Healthy"}, indent=2), 200, media_type="application/json")
         name = self._route(request, parts)
         if isinstance(name, Response):
