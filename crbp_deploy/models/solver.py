@@ -104,12 +104,15 @@ def advance(step, ctx, h: Tensor, active: Tensor, iterations: Tensor, residual: 
     def policy(c, old, new, r, prev):
         return None if halting is None else fires(halting.rule, halting.model, c, old, new, r, prev, halting.threshold)
 
+    def count(fired, streak):  # steps in a row the policy fired
+        return torch.where(fired, streak + 1, torch.zeros_like(streak))
+
     if execution == "masked":
         new = step(ctx, h)
         r = relative_change(new, h)
         fired = policy(ctx, h, new, r, residual)
         if fired is not None:
-            streak = torch.where(active, torch.where(fired, streak + 1, torch.zeros_like(streak)), streak)
+            streak = torch.where(active, count(fired, streak), streak)
         residual = torch.where(active, r, residual)
         h = torch.where(active.view(-1, *([1] * (h.dim() - 1))), new, h)
     elif not torch.compiler.is_exporting() and bool(active.all()):
@@ -117,7 +120,7 @@ def advance(step, ctx, h: Tensor, active: Tensor, iterations: Tensor, residual: 
         r = relative_change(new, h)
         fired = policy(ctx, h, new, r, residual)
         if fired is not None:
-            streak = torch.where(fired, streak + 1, torch.zeros_like(streak))
+            streak = count(fired, streak)
         h, residual = new, r
     else:
         index = active.float().nonzero().squeeze(1)  # NonZero on float: the type TensorRT documents
@@ -126,8 +129,7 @@ def advance(step, ctx, h: Tensor, active: Tensor, iterations: Tensor, residual: 
         r = relative_change(new, rows)
         fired = policy(sub, rows, new, r, residual.index_select(0, index))
         if fired is not None:
-            kept = streak.index_select(0, index)
-            streak = streak.index_copy(0, index, torch.where(fired, kept + 1, torch.zeros_like(kept)))
+            streak = streak.index_copy(0, index, count(fired, streak.index_select(0, index)))
         h = h.index_copy(0, index, new)
         residual = residual.index_copy(0, index, r)
     iterations = iterations + active.long()
