@@ -132,6 +132,40 @@ def _check_limit(service: ServiceConfig, card: ModelCard) -> None:
         )
 
 
+def _stage_model(file: Path, kind: str, fmt: str, name: str, source: str, stage: Path, extra: Path,
+                 say: Callable[[str], None]) -> tuple[Path, ModelCard, dict[str, Any] | None]:
+    """Put the model file in `stage` (and its sidecar in `extra`): an ONNX export as it is, a checkpoint
+    exported to ONNX (`fmt` onnx) or copied. Returns (model file, card, export info or None)."""
+    if kind == "onnx":
+        sidecar = read_sidecar(file)
+        card = read_card(file)
+        if card is None or not card.categories:
+            raise CrbpError(f"{file}: its sidecar {sidecar_path(file).name} with the model card (categories) is missing")
+        if sidecar.get("strategy") != "loop":
+            raise CrbpError(f"{file} is a fixed-count ({sidecar.get('strategy')}) export; serve an early-exit (loop) export")
+        model_file = stage / f"{name}.onnx"
+        shutil.copy2(file, model_file)
+        shutil.copy2(sidecar_path(file), extra / f"{model_file.name}.json")
+        return model_file, card, None
+    from .. import checkpoint
+    from ..export import export_onnx
+
+    obj = checkpoint.load(file)
+    card = ModelCard.of(obj)
+    if not card.categories:
+        raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
+    if fmt != "onnx":
+        model_file = stage / f"{name}.pt"
+        shutil.copy2(file, model_file)
+        return model_file, card, None
+    budget = card.budget.early()
+    say(f"exporting {source} to ONNX (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
+    model_file = stage / f"{name}.onnx"
+    result = export_onnx(obj, model_file, strategy="loop", source=source, **budget.kwargs())
+    shutil.move(str(result.sidecar), extra / f"{model_file.name}.json")
+    return model_file, card, result.to_dict()
+
+
 def package(
     model: str | os.PathLike | None = None,
     *,
@@ -145,7 +179,6 @@ def package(
 ) -> PackageResult:
     """Build `out/NAME.mar` from an early-exit `.onnx` export, a checkpoint or a bundled model name
     (default: the bundled model, packaged as `crbp-panoptic`)."""
-    from ..export import export_onnx
     from ..sources import resolve
 
     say = progress or (lambda msg: None)
@@ -169,37 +202,10 @@ def package(
         raise InputError(f"{source} is already an ONNX export; --format checkpoint needs a .pt checkpoint")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    export_info = None
     with tempfile.TemporaryDirectory(prefix="crbp-mar-") as tmp:
         stage, extra = Path(tmp), Path(tmp) / "extra"
         extra.mkdir()
-        if kind == "onnx":
-            sidecar = read_sidecar(file)
-            card = read_card(file)
-            if card is None or not card.categories:
-                raise CrbpError(f"{file}: its sidecar {sidecar_path(file).name} with the model card (categories) is missing")
-            if sidecar.get("strategy") != "loop":
-                raise CrbpError(f"{file} is a fixed-count ({sidecar.get('strategy')}) export; serve an early-exit (loop) export")
-            model_file = stage / f"{name}.onnx"
-            shutil.copy2(file, model_file)
-            shutil.copy2(sidecar_path(file), extra / f"{model_file.name}.json")
-        else:
-            from .. import checkpoint
-
-            obj = checkpoint.load(file)
-            card = ModelCard.of(obj)
-            if not card.categories:
-                raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
-            if fmt == "onnx":
-                budget = card.budget.early()
-                say(f"exporting {source} to ONNX (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
-                model_file = stage / f"{name}.onnx"
-                result = export_onnx(obj, model_file, strategy="loop", source=source, **budget.kwargs())
-                export_info = result.to_dict()
-                shutil.move(str(result.sidecar), extra / f"{model_file.name}.json")
-            else:
-                model_file = stage / f"{name}.pt"
-                shutil.copy2(file, model_file)
+        model_file, card, export_info = _stage_model(file, kind, fmt, name, source, stage, extra, say)
         _check_limit(service, read_card(extra / model_file.name) if kind == "onnx" or fmt == "onnx" else card)
         copy_package(extra)
         import yaml
