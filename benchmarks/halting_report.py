@@ -28,17 +28,24 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _timed(backend, stack: np.ndarray, budget: dict, batch: int, repeats: int) -> float:
-    """Best-of-`repeats` mean ms per image over the stack in batches of `batch`."""
+def _pass(backend, groups: list, budget: dict) -> float:
+    start = time.perf_counter()
+    for g in groups:
+        backend.run(g, **budget)
+    return (time.perf_counter() - start) / sum(len(g) for g in groups)
+
+
+def _race(arms: dict, stack: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
+    """Best-of-`repeats` mean ms per image of each (backend, budget) arm, the arms alternating within each
+    repeat so that a change of machine load falls on both."""
     groups = [stack[i:i + batch] for i in range(0, len(stack) - batch + 1, batch)]
-    backend.run(groups[0], **budget)  # warm-up
-    best = float("inf")
+    for backend, budget in arms.values():
+        backend.run(groups[0], **budget)  # warm-up
+    best = {name: float("inf") for name in arms}
     for _ in range(repeats):
-        start = time.perf_counter()
-        for g in groups:
-            backend.run(g, **budget)
-        best = min(best, (time.perf_counter() - start) / (len(groups) * batch))
-    return round(1e3 * best, 2)
+        for name, (backend, budget) in arms.items():
+            best[name] = min(best[name], _pass(backend, groups, budget))
+    return {name: round(1e3 * t, 2) for name, t in best.items()}
 
 
 def wall_clock(model, stack: np.ndarray, shipped: dict, fixed: int, threads: int, repeats: int) -> dict:
@@ -50,18 +57,18 @@ def wall_clock(model, stack: np.ndarray, shipped: dict, fixed: int, threads: int
         size = tuple(stack.shape[-2:])
         loop = export_onnx(model, Path(tmp) / "loop.onnx", example_size=size, **shipped)
         unrolled = export_onnx(model, Path(tmp) / "unrolled.onnx", strategy="unrolled", iters=fixed, example_size=size)
-        runs = {"torch eager": (TorchBackend(model, threads=threads), shipped, {"iters": fixed}),
-                "onnxruntime": (None, {}, {})}
-        for name, (backend, early, base) in runs.items():
+        eager = TorchBackend(model, threads=threads)
+        runtimes = {
+            "torch eager": {"policy": (eager, shipped), "fixed": (eager, {"iters": fixed})},
+            "onnxruntime": {"policy": (OrtBackend(loop.path, threads=threads), {}),
+                            "fixed": (OrtBackend(unrolled.path, threads=threads), {})},
+        }
+        for name, arms in runtimes.items():
             for b in (1, 8):
-                if name == "onnxruntime":
-                    t_policy = _timed(OrtBackend(loop.path, threads=threads), stack, {}, b, repeats)
-                    t_fixed = _timed(OrtBackend(unrolled.path, threads=threads), stack, {}, b, repeats)
-                else:
-                    t_policy = _timed(backend, stack, early, b, repeats)
-                    t_fixed = _timed(backend, stack, base, b, repeats)
-                out[f"{name} b{b}"] = {"policy_ms": t_policy, "fixed_ms": t_fixed, "speedup": round(t_fixed / t_policy, 2)}
-                print(f"{name} batch {b}: policy {t_policy} ms/image, fixed {fixed}: {t_fixed} ms/image", flush=True)
+                t = _race(arms, stack, b, repeats)
+                out[f"{name} b{b}"] = {"policy_ms": t["policy"], "fixed_ms": t["fixed"],
+                                       "speedup": round(t["fixed"] / t["policy"], 2)}
+                print(f"{name} batch {b}: policy {t['policy']} ms/image, fixed {fixed}: {t['fixed']} ms/image", flush=True)
     return out
 
 
