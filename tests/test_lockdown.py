@@ -502,6 +502,7 @@ def test_where_torchserve_answers_before_the_handler(torchserve, ray):
         ("PUT", lambda t: _request("PUT", "/predictions/tiny", image, token=t), (200, ""), (405, "method is not allowed")),
         ("PATCH", lambda t: _request("PATCH", "/predictions/tiny", image, token=t), (200, ""), (405, "method is not allowed")),
         ("DELETE", lambda t: _request("DELETE", "/predictions/tiny", token=t), (400, "empty input"), (405, "method is not allowed")),
+        ("GET", lambda t: _request("GET", "/predictions/tiny", token=t), (400, "empty input"), (405, "method is not allowed")),
         ("multipart part without a name",
          lambda t: _request("POST", "/predictions/tiny", nameless, token=t, ctype=f"multipart/form-data; boundary={BOUNDARY}"),
          (500, "NullPointerException"), (400, "no image in the request")),
