@@ -14,6 +14,13 @@ from .options import json_object
 console = Console()
 
 
+def _calibration_summary(record: dict) -> dict:
+    """The calibration as a table cell: the choice, its baseline and the oracle (`--json` prints the whole sweep)."""
+    keep = ("data", "images", "metric", "budget", "quality", "mean_iterations", "fixed_baseline", "oracle",
+            "saving_captured")
+    return {k: record[k] for k in keep if k in record} | {"sweep": f"{len(record.get('sweep', []))} budgets (--json)"}
+
+
 def print_card(card: dict) -> None:
     table = Table(title=f"model card: {card['architecture']}", show_header=False)
     table.add_column(style="bold cyan")
@@ -23,6 +30,8 @@ def print_card(card: dict) -> None:
     table.add_row("parameters", f"{card['parameters']:,}")
     table.add_row("config", json.dumps(card["config"]))
     for key, value in card["meta"].items():
+        if key == "inference" and isinstance(value, dict) and isinstance(value.get("calibration"), dict):
+            value = {**value, "calibration": _calibration_summary(value["calibration"])}
         table.add_row(f"meta.{key}", json.dumps(value) if not isinstance(value, str) else value)
     if "flops" in card:
         f = card["flops"]
