@@ -92,7 +92,7 @@ class PanopticPredictor:
             return backend.run(images.numpy(), **budget).outputs
 
         card = ModelCard.of(meta)
-        kwargs.setdefault("budget", (backend.default_budget if backend.strategy == "unrolled" else card.budget).kwargs())
+        kwargs.setdefault("budget", backend.budget_for(card.budget).kwargs())
         kwargs.setdefault("postprocess_config", card.postprocess)
         stride = getattr(backend, "size_multiple", None) or 1
         return cls(run, card.categories, stride=stride, **kwargs)

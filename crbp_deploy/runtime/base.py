@@ -92,6 +92,17 @@ class Backend(ABC):
             )
         return default.merge({"iters": iters, "max_iters": max_iters, "tol": tol, **rule})
 
+    def budget_for(self, card_budget: Budget) -> Budget:
+        """What this backend runs by default for a model whose card records `card_budget`: that budget where
+        the backend can run it; an unrolled graph's fixed count; a Loop's own defaults when it computes
+        another halting policy than the card's (a Loop exported with `--policy`)."""
+        if self.strategy == "unrolled":
+            return self.default_budget
+        budget = card_budget.early(self.default_budget)
+        if self.strategy == "loop" and budget.policy != self.default_budget.policy:
+            return self.default_budget
+        return budget
+
     def budget_feeds(self, budget: Budget) -> dict[str, np.ndarray]:
         """The Loop's budget inputs for this call (none for an unrolled graph)."""
         if not budget.early_exit:

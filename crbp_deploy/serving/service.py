@@ -205,10 +205,7 @@ class PanopticService:
 
     def _default_budget(self, card: ModelCard) -> dict[str, Any]:
         # a fixed-count card: serve early exit with the artifact's defaults (else the default budget)
-        budget = card.budget.early(self.backend.default_budget)
-        if self.backend.strategy == "loop" and budget.policy != self.backend.default_budget.policy:
-            budget = self.backend.default_budget  # the artifact computes its own policy: serve that one
-        budget = budget.kwargs()
+        budget = self.backend.budget_for(card.budget).kwargs()
         if budget["max_iters"] > self.config.max_iters_limit:
             raise ConfigError(
                 f"max_iters_limit={self.config.max_iters_limit} is below the model's default "
