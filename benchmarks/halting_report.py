@@ -125,7 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     from crbp_deploy.modelcard import ModelCard
 
     size = ModelCard.of(model).image_size
-    data = args.data or task.generate(ROOT / "runs" / f"halting_eval_{args.model}_{args.seed}", args.count, size, args.seed)
+    data = args.data or _held_out(task, ROOT / "runs" / f"halting_eval_{args.model}_{args.seed}", args.count, size,
+                                  args.seed)
     out = args.out or ROOT / "docs" / f"halting_{args.model}.json"
     if args.timing_only:
         result = json.loads(out.read_text())
@@ -140,6 +141,17 @@ def main(argv: list[str] | None = None) -> int:
     out.write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps({k: result.get(k) for k in ("shipped", "fixed_baseline", "oracle", "goals", "wall_clock")}, indent=1))
     return 0
+
+
+def _held_out(task, folder: Path, count: int, size: int, seed: int) -> Path:
+    """The generated held-out set: reused when an earlier run wrote it (same seed, same images)."""
+    from crbp_deploy.errors import InputError
+
+    try:
+        task.open(folder)
+        return folder
+    except InputError:
+        return task.generate(folder, count, size, seed)
 
 
 def _cpu() -> str:
