@@ -95,7 +95,8 @@ class PanopticHandler(BaseHandler):
             self.metrics[specs.ITERATIONS.name].add_or_update(pred.iterations, [model])
             if reply.max_iters:
                 self.metrics[specs.BUDGET_USED.name].add_or_update(pred.iterations / reply.max_iters, [model])
-            self.metrics[specs.NOT_CONVERGED.name].add_or_update(0 if pred.converged else 1, [model])
+            # the alarm is the cap: an image halted by its policy has an answer the policy judged final
+            self.metrics[specs.NOT_CONVERGED.name].add_or_update(1 if pred.stopped == "cap" else 0, [model])
             self.metrics[specs.DIVERGED.name].add_or_update(1 if pred.diverged else 0, [model])
             for stage in specs.STAGES:
                 seconds = reply.timings_ms.get(stage, 0.0) / 1000.0

@@ -31,7 +31,8 @@ ITERATIONS = MetricSpec("IterationsToConverge", "histogram", "iterations", (MODE
 BUDGET_USED = MetricSpec("BudgetUsed", "histogram", "fraction", (MODEL_DIM,),
                          "iterations / max_iters per image; 1.0 = the cap was reached")
 NOT_CONVERGED = MetricSpec("NotConverged", "counter", "images", (MODEL_DIM,),
-                           "images whose state change never fell below tol within max_iters")
+                           "images stopped by the cap: the state never fell below tol, nor did the halting "
+                           "policy fire, within max_iters")
 DIVERGED = MetricSpec("Diverged", "counter", "images", (MODEL_DIM,),
                       "images whose recurrent state turned non-finite (stopped; never counted as converged)")
 STAGE_LATENCY = MetricSpec("StageLatency", "histogram", "seconds", (MODEL_DIM, STAGE_DIM),
