@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from crbp_deploy import checkpoint
-    from crbp_deploy.calibrate import calibrate, card_meta, record, summary_lines
+    from crbp_deploy.calibrate import calibrate, card_meta, summary_lines
 
     command = "python benchmarks/adaptive_report.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     torch.set_num_threads(args.threads)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     model.meta = card_meta(model.meta, cal)
     steps = (model.meta.get("training") or {}).get("steps")
-    report = {"command": command, "model": args.model, "calibration": record(cal)}
+    report = {"command": command, "model": args.model, "calibration": dict(cal)}
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
     plot(report["calibration"], Path(args.plot), steps)
     if args.bench:

@@ -20,7 +20,6 @@ import os
 import shlex
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -29,27 +28,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def _pass(backend, groups: list, budget: dict) -> float:
-    start = time.perf_counter()
-    for g in groups:
-        backend.run(g, **budget)
-    return (time.perf_counter() - start) / sum(len(g) for g in groups)
-
-
-def _race(arms: dict, stack: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
-    """Best-of-`repeats` mean ms per image of each (backend, budget) arm, the arms alternating within each
-    repeat so that a change of machine load falls on both."""
-    groups = [stack[i:i + batch] for i in range(0, len(stack) - batch + 1, batch)]
-    for backend, budget in arms.values():
-        backend.run(groups[0], **budget)  # warm-up
-    best = {name: float("inf") for name in arms}
-    for _ in range(repeats):
-        for name, (backend, budget) in arms.items():
-            best[name] = min(best[name], _pass(backend, groups, budget))
-    return {name: round(1e3 * t, 2) for name, t in best.items()}
-
-
 def wall_clock(model, stack: np.ndarray, shipped: dict, fixed: int, threads: int, repeats: int) -> dict:
+    from crbp_deploy.calibrate import race
     from crbp_deploy.export import export_onnx
     from crbp_deploy.runtime import OrtBackend, TorchBackend
 
@@ -66,7 +46,7 @@ def wall_clock(model, stack: np.ndarray, shipped: dict, fixed: int, threads: int
         }
         for name, arms in runtimes.items():
             for b in (1, 8):
-                t = _race(arms, stack, b, repeats)
+                t = race(arms, stack, b, repeats)
                 out[f"{name} b{b}"] = {"policy_ms": t["policy"], "fixed_ms": t["fixed"],
                                        "speedup": round(t["fixed"] / t["policy"], 2)}
                 print(f"{name} batch {b}: policy {t['policy']} ms/image, fixed {fixed}: {t['fixed']} ms/image", flush=True)
@@ -89,7 +69,7 @@ def measure(model, data: Path, threads: int, repeats: int) -> dict:
     base = rec["fixed_baseline"]
     result = {
         "model": model.arch, "shipped": shipped, "data": str(data), "images": rec["images"],
-        "calibration_on_these_images": cal.record(rec),
+        "calibration_on_these_images": rec,
         "shipped_point": {"trace": point, "end_to_end": {"quality": round(q, 4), "mean_iterations": round(steps, 4)}},
         "fixed_baseline": base, "best_fixed": rec["best_quality"], "oracle": rec["oracle"],
     }

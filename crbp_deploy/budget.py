@@ -40,6 +40,13 @@ def check_budget(iters: int | None, max_iters: int | None, tol: float | None) ->
 #: The halting policies (models/halting.py says what each watches); "tol" is convergence alone.
 POLICIES = ("tol", "estimate", "stable", "learned")
 MAX_PATIENCE = 100
+FIELDS = ("iters", "max_iters", "tol", "policy", "threshold", "patience")
+
+
+def _known(values: Mapping[str, Any]) -> None:
+    unknown = sorted(set(values) - set(FIELDS))
+    if unknown:
+        raise InputError(f"unknown budget key(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
 
 
 def check_policy(policy: str, threshold: float | None, patience: int, early_exit: bool) -> None:
@@ -92,9 +99,7 @@ class Budget:
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> "Budget":
-        unknown = sorted(set(values) - set(FIELDS))
-        if unknown:
-            raise InputError(f"unknown budget key(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
+        _known(values)
         return cls(**{k: values[k] for k in FIELDS if values.get(k) is not None})
 
     def early(self, fallback: "Budget | None" = None) -> "Budget":
@@ -106,9 +111,7 @@ class Budget:
         default if this one is a fixed count). A request naming another policy brings its own threshold;
         `policy="tol"` drops the policy. None means "not given"."""
         given = {k: v for k, v in request.items() if v is not None}
-        unknown = sorted(set(given) - set(FIELDS))
-        if unknown:
-            raise InputError(f"unknown budget key(s) {', '.join(unknown)}; valid: {', '.join(FIELDS)}")
+        _known(given)
         if "iters" in given:
             extra = sorted(set(given) - {"iters"})
             if extra:
@@ -125,5 +128,4 @@ class Budget:
 
 
 Budget.DEFAULT = Budget(max_iters=DEFAULT_MAX_ITERS, tol=DEFAULT_TOL)
-FIELDS = ("iters", "max_iters", "tol", "policy", "threshold", "patience")
 

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from .models.halting import distance_left, features as halting_features
+from .models.halting import changed_fraction, distance_left, features as halting_features
 from .models.solver import relative_change
 from .tasks import TASKS, task_of
 
@@ -85,7 +85,7 @@ def trace(model, batches, decode: Callable[[dict, Any], np.ndarray], *, steps: i
             f_b.append(halting_features(h, new, r, prev_r).numpy())
             if prev_proxy is not None:
                 now = model.answer_proxy(ctx, new)
-                p_b.append((now != prev_proxy).float().flatten(1).mean(1).numpy())
+                p_b.append(changed_fraction(now, prev_proxy).numpy())
                 prev_proxy = now
             else:
                 p_b.append(np.zeros(images.shape[0], dtype=np.float32))

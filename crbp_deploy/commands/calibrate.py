@@ -57,7 +57,7 @@ def calibrate(
     if dest is not None:
         checkpoint.save(m, dest, meta=cal.card_meta(getattr(m, "meta", None), result))
     if as_json:
-        typer.echo(json.dumps({**cal.record(result), "written": str(dest) if dest else None}, indent=2))
+        typer.echo(json.dumps({**result, "written": str(dest) if dest else None}, indent=2))
         return
     console = Console(width=160)
     console.print(cal.format_table(result, title=f"calibrate {source} on {data} ({result['images']} images)"))

@@ -73,6 +73,11 @@ class HaltingHead(nn.Module):
         return {"in_features": self.in_features, "hidden": self.hidden}
 
 
+def changed_fraction(now: Tensor, before: Tensor) -> Tensor:
+    """[B] the fraction of each sample's answer-proxy entries that differ (the `stable` policy's signal)."""
+    return (now != before).float().flatten(1).mean(1)
+
+
 def distance_left(residual: Tensor, prev_residual: Tensor) -> Tensor:
     """The contraction estimate rho/(1-rho) * r_t of the relative distance to the fixed point, with
     rho = r_t / r_(t-1); inf where it means nothing: before two steps, after the first step out of the
@@ -99,8 +104,7 @@ def fires(rule: HaltRule, model, ctx, old: Tensor, new: Tensor, residual: Tensor
     if rule.policy == "estimate":
         return distance_left(residual, prev_residual) <= threshold
     if rule.policy == "stable":
-        changed = (model.answer_proxy(ctx, new) != model.answer_proxy(ctx, old)).float().flatten(1).mean(1)
-        return changed <= threshold
+        return changed_fraction(model.answer_proxy(ctx, new), model.answer_proxy(ctx, old)) <= threshold
     if rule.policy == "learned":
         return torch.sigmoid(model.halting_head(features(old, new, residual, prev_residual))) >= threshold
     return None

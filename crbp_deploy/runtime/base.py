@@ -85,6 +85,7 @@ class Backend(ABC):
             raise InputError("give either iters=N (fixed steps) or max_iters/tol (early exit), not both")
         policy = rule.get("policy")
         if self.strategy == "loop" and policy is not None and policy != default.policy:
+            # an impossible request (unknown policy, bad threshold) is reported as such first
             Budget.DEFAULT.merge({"policy": policy, "threshold": rule.get("threshold"), "patience": rule.get("patience")})
             raise InputError(
                 f"{self.describe_artifact()} computes the {default.policy} halting policy in its Loop; a request may "

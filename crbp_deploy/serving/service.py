@@ -241,9 +241,6 @@ class PanopticService:
             if text is not None:
                 requested[key] = _number(key, text)
         limit = self.config.max_iters_limit
-        if self.default_budget.get("policy", "tol") == "tol" and {"threshold", "patience"} & set(requested):
-            raise RequestError("threshold and patience set a halting policy's parameters; this model is served with "
-                               "the tol policy (relative change <= tol), which takes neither")
         try:
             budget = Budget.from_dict({**self.default_budget, **requested}).kwargs()
         except InputError as exc:  # the limit is named only where the error is about max_iters
