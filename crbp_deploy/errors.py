@@ -39,3 +39,12 @@ class ServerError(CrbpError):
         super().__init__(f"server answered {status}: {message}")
         self.status = status
         self.body = body
+
+
+class Overloaded(RequestError):
+    """The server refuses a request it cannot serve in time (503) or a client over its share (429);
+    `retry_after_s` goes into the Retry-After header."""
+
+    def __init__(self, message: str, status: int = 503, retry_after_s: float = 1.0):
+        super().__init__(message, status)
+        self.retry_after_s = retry_after_s
