@@ -117,19 +117,36 @@ class PanopticPredictor:
         ph, pw = (-h) % self.stride, (-w) % self.stride
         padded = F.pad(batch, (0, pw, 0, ph), mode="replicate") if ph or pw else batch
         t0 = time.perf_counter()
-        out = {k: torch.as_tensor(v) for k, v in self.run(padded, **budget).items()}
+        out = self.run(padded, **budget)
+        return self.decode(out, (int(h), int(w)), budget, (time.perf_counter() - t0) * 1e3)
+
+    def decode(
+        self, out: Mapping[str, Any], size: tuple[int, int], budget: Mapping[str, Any], model_ms: float
+    ) -> list[Prediction]:
+        """Heads of one model call (possibly padded) -> one Prediction per image, cropped to `size`.
+
+        The postprocess half of a prediction, public so a scheduler that runs the steps itself can
+        finish its answers the same way; `out["stopped"]` (a reason per image) overrides the reasons
+        derived from the budget (a scheduler's deadline/budget stops are not visible in the heads).
+        """
+        h, w = size
+        stopped = out.get("stopped")
+        out = {k: torch.as_tensor(v) for k, v in out.items() if k != "stopped"}
         t1 = time.perf_counter()
         heads = {k: out[k][..., :h, :w] for k in ("semantic", "center", "offset", "embedding") if k in out}
+        n = len(out["residual"])
         finite = torch.isfinite(out["residual"])  # a non-finite residual: the state diverged
-        grouped = _void(int(h), int(w), len(batch))  # a diverged state has no segmentation to group
+        grouped = _void(h, w, n)  # a diverged state has no segmentation to group
         if bool(finite.any()):
             kept = postprocess({k: v[finite] for k, v in heads.items()}, self.categories, self.post)
             for i, result in zip(finite.nonzero().flatten().tolist(), kept):
                 grouped[i] = result
         t2 = time.perf_counter()
         tol = budget.get("tol", 0.0)
-        per_image = {"model": (t1 - t0) * 1e3 / len(batch), "postprocess": (t2 - t1) * 1e3 / len(batch)}
-        reasons = stop_reasons(out["iterations"].tolist(), out["residual"].tolist(), budget)
+        per_image = {"model": model_ms / n, "postprocess": (t2 - t1) * 1e3 / n}
+        reasons = list(stopped) if stopped is not None else stop_reasons(
+            out["iterations"].tolist(), out["residual"].tolist(), dict(budget)
+        )
         preds = []
         for i, (pan_ids, segments) in enumerate(grouped):
             residual = float(out["residual"][i])

@@ -311,7 +311,7 @@ class PanopticService:
                     continue
                 sizes = Counter(parsed[i].image.shape[:2] for i in chunk)
                 for i, pred in zip(chunk, preds):
-                    replies[i] = self._reply(parsed[i], pred, batch=sizes[parsed[i].image.shape[:2]])
+                    replies[i] = self.reply_for(parsed[i], pred, batch=sizes[parsed[i].image.shape[:2]])
         return replies  # type: ignore[return-value]
 
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
@@ -330,7 +330,8 @@ class PanopticService:
             replies[i] = reply
         return replies  # type: ignore[return-value]
 
-    def _reply(self, parsed: Parsed, pred: Prediction, batch: int) -> Reply:
+    def reply_for(self, parsed: Parsed, pred: Prediction, batch: int) -> Reply:
+        """The 200 reply for one parsed request and its prediction (any engine or scheduler may call it)."""
         started = time.perf_counter()
         png = base64.b64encode(encode_png(pred.pan_ids)).decode("ascii")
         encode_ms = 1000 * (time.perf_counter() - started)
