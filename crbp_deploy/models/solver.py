@@ -181,7 +181,9 @@ def split_budget(model, budget: dict) -> tuple[dict, Halting | None]:
     return budget, Halting.of(model, **rule) if rule else None
 
 
-STOP_REASONS = ("converged", "policy", "cap", "diverged", "fixed")
+#: Why a sample stopped. The last two are anytime stops a host makes between steps (serving/scheduler.py):
+#: at the request's deadline, or when the next step would pass its cost cap (pixel-iterations).
+STOP_REASONS = ("converged", "policy", "cap", "diverged", "fixed", "deadline", "budget")
 
 
 def stop_reasons(iterations, residual, budget) -> list[str]:

@@ -1,0 +1,245 @@
+"""Iteration-level scheduling (serving/scheduler.py) over steppers (runtime/stepper.py): every answer equals
+its solo run whatever joined or left, easy requests leave early, anytime stops, bounded queue."""
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+import torch
+from conftest import tiny_model
+
+from crbp_deploy.errors import InputError, Overloaded, RequestError
+from crbp_deploy.runtime.stepper import TorchStepper, load_stepper
+from crbp_deploy.serving.scheduler import Scheduler
+
+
+@pytest.fixture(scope="module")
+def pathfinder():
+    """Tiny pathfinder: per-image iteration counts differ (14-59 at tol 1e-3)."""
+    torch.set_num_threads(1)
+    return tiny_model("hgru-pathfinder")
+
+
+@pytest.fixture(scope="module")
+def panoptic():
+    torch.set_num_threads(1)
+    return tiny_model("hgru-panoptic")
+
+
+def images(n, size=(24, 24), channels=1, seed=0):
+    rng = np.random.default_rng(seed)
+    return [rng.random((*size, channels), dtype=np.float32) for _ in range(n)]
+
+
+@torch.no_grad()
+def solo(model, image, **budget):
+    """The reference: the model's own run on this image alone (padded to the stride, cropped back)."""
+    h, w = image.shape[:2]
+    s = int(getattr(model, "stride", 1) or 1)
+    x = torch.from_numpy(np.pad(image, ((0, -h % s), (0, -w % s), (0, 0)), mode="edge")).permute(2, 0, 1)[None]
+    out = model.run(x.contiguous(), **budget)
+    return {k: v[..., :h, :w].numpy() for k, v in out.items() if v.dim() == 4}, int(out["iterations"][0])
+
+
+def assert_solo(model, outcome, image, budget):
+    heads, iterations = solo(model, image, **budget)
+    assert outcome.iterations == iterations
+    for name, value in heads.items():
+        np.testing.assert_allclose(outcome.heads[name], value, rtol=0, atol=1e-5)
+
+
+BUDGETS = [{"max_iters": 60, "tol": 1e-3}, {"max_iters": 60, "tol": 1e-2}, {"iters": 5}, {"max_iters": 9, "tol": 1e-3},
+           {"max_iters": 60, "tol": 3e-3}]
+
+
+@pytest.mark.parametrize("mode", ["iteration", "request"])
+def test_answers_equal_solo_whatever_joins_or_leaves(pathfinder, mode):
+    """Requests with different budgets join mid-run, share steps and leave at different ticks."""
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=3, mode=mode)
+    imgs = images(7)
+    budgets = [BUDGETS[i % len(BUDGETS)] for i in range(7)]
+    tickets = [scheduler.submit(imgs[i], budgets[i]) for i in range(4)]
+    for _ in range(7):
+        scheduler.tick()
+    tickets += [scheduler.submit(imgs[i], budgets[i]) for i in range(4, 7)]
+    outcomes = scheduler.run_all(tickets)
+    for image, budget, outcome in zip(imgs, budgets, outcomes):
+        assert_solo(pathfinder, outcome, image, budget)
+        assert outcome.stopped in ("converged", "cap", "fixed")
+    assert {o.stopped for o in outcomes} >= {"converged", "fixed"}
+
+
+def test_halting_policy_per_row(panoptic):
+    """Different thresholds and patience of one policy share a step; each stops as it would alone."""
+    scheduler = Scheduler(TorchStepper(panoptic), slots=4)
+    imgs = images(4, (16, 20), 3, seed=1)
+    budgets = [{"max_iters": 30, "tol": 1e-3, "policy": "stable", "threshold": t, "patience": p}
+               for t, p in [(0.0, 1), (0.0, 3), (0.05, 2), (0.01, 1)]]
+    outcomes = scheduler.run_all([scheduler.submit(i, b) for i, b in zip(imgs, budgets)])
+    for image, budget, outcome in zip(imgs, budgets, outcomes):
+        assert_solo(panoptic, outcome, image, budget)
+    assert "policy" in {o.stopped for o in outcomes}
+
+
+def _first_done(scheduler, hard, easy):
+    """Ticks until the first of two tickets is answered; which one, and whether the other is done too."""
+    while not (hard.done() or easy.done()):
+        assert scheduler.tick()
+    return easy.done(), hard.done()
+
+
+def test_easy_leaves_before_hard_only_in_iteration_mode(pathfinder):
+    image = images(1)[0]
+    for mode, expected in [("iteration", (True, False)), ("request", (True, True))]:
+        scheduler = Scheduler(TorchStepper(pathfinder), slots=2, mode=mode)
+        hard = scheduler.submit(image, {"iters": 30})
+        easy = scheduler.submit(image, {"iters": 2})
+        assert _first_done(scheduler, hard, easy) == expected, mode
+        assert easy.result().iterations == 2 and scheduler.run_all([hard])[0].iterations == 30
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_deadline_returns_the_current_answer(pathfinder):
+    clock = FakeClock()
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=2, clock=clock)
+    image = images(1)[0]
+    ticket = scheduler.submit(image, {"max_iters": 60, "tol": 0.0}, deadline=5.0)
+    other = scheduler.submit(image, {"iters": 10})
+    for _ in range(3):
+        scheduler.tick()
+    assert not ticket.done()
+    clock.now = 5.0
+    scheduler.tick()
+    outcome = ticket.result(0)
+    assert outcome.stopped == "deadline" and outcome.iterations == 3
+    assert_solo(pathfinder, outcome, image, {"iters": 3})
+    assert scheduler.run_all([other])[0].iterations == 10  # the others run on
+
+
+def test_deadline_passed_in_the_queue_answers_at_zero_steps(pathfinder):
+    clock = FakeClock()
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=1, clock=clock)
+    first = scheduler.submit(images(1)[0], {"iters": 4})
+    late = scheduler.submit(images(1)[0], deadline=1.0)
+    clock.now = 2.0
+    first_out, late_out = scheduler.run_all([first, late])
+    assert (first_out.iterations, first_out.stopped) == (4, "fixed")
+    assert (late_out.iterations, late_out.stopped) == (0, "deadline")
+
+
+def test_cost_cap_stops_with_the_current_answer(pathfinder):
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=2)
+    image = images(1, (20, 30))[0]
+    ticket = scheduler.submit(image, {"max_iters": 60, "tol": 0.0}, max_cost=20 * 30 * 3.5)
+    exact = scheduler.submit(image, {"iters": 4}, max_cost=20 * 30 * 4)  # enough for its fixed count
+    outcome, fixed = scheduler.run_all([ticket, exact])
+    assert (outcome.stopped, outcome.iterations) == ("budget", 3)
+    assert_solo(pathfinder, outcome, image, {"iters": 3})
+    assert (fixed.stopped, fixed.iterations) == ("fixed", 4)
+
+
+def test_impossible_cost_is_413(pathfinder):
+    scheduler = Scheduler(TorchStepper(pathfinder))
+    with pytest.raises(RequestError, match="below one step.*600 pixel-iterations") as info:
+        scheduler.submit(images(1, (20, 30))[0], max_cost=599)
+    assert info.value.status == 413
+    assert scheduler.pending() == 0
+
+
+def test_full_queue_is_503_not_dropped(pathfinder):
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=1, max_queue=2)
+    tickets = [scheduler.submit(image, {"iters": 2}) for image in images(2)]
+    with pytest.raises(Overloaded, match="queue is full") as info:
+        scheduler.submit(images(1)[0])
+    assert info.value.status == 503 and info.value.retry_after_s > 0
+    assert [o.iterations for o in scheduler.run_all(tickets)] == [2, 2]
+
+
+def test_sizes_never_share_a_step(panoptic):
+    stepper = TorchStepper(panoptic)
+    shapes = []
+    advance = stepper.advance
+    stepper.advance = lambda states: (shapes.append([tuple(s.h.shape) for s in states]), advance(states))
+    scheduler = Scheduler(stepper, slots=4)
+    sizes = [(16, 16), (20, 24), (16, 16), (21, 23)]  # 21x23 pads to 22x24: its own lane
+    imgs = [images(1, size, 3, seed=i)[0] for i, size in enumerate(sizes)]
+    outcomes = scheduler.run_all([scheduler.submit(image, {"iters": 6}) for image in imgs])
+    assert all(len(set(batch)) == 1 for batch in shapes)  # one size per step
+    assert len({batch[0] for batch in shapes}) == 3 and len(shapes) == 3 * 6  # three lanes, six steps each
+    assert sorted(len(batch) for batch in shapes) == [1] * 12 + [2] * 6  # the two 16x16 share theirs
+    for image, outcome in zip(imgs, outcomes):
+        assert outcome.heads["semantic"].shape[-2:] == image.shape[:2]  # cropped back from the padding
+        assert_solo(panoptic, outcome, image, {"iters": 6})
+
+
+@pytest.mark.parametrize("budget, match", [
+    ({"max_iters": 0, "tol": 1e-3}, "max_iters=0"),
+    ({"tol": -1.0}, "tol must be"),
+    ({"policy": "nope", "threshold": 0.1}, "unknown halting policy"),
+    ({"bogus": 1}, "unknown budget key"),
+    ({"iters": 3, "tol": 1e-3}, "not both"),
+    ({"policy": "learned", "threshold": 0.5}, "no halting head"),
+])
+def test_bad_budgets_refused(panoptic, budget, match):
+    scheduler = Scheduler(TorchStepper(panoptic))
+    image = images(1, (16, 16), 3)[0]
+    with pytest.raises(InputError, match=match):
+        scheduler.run_all([scheduler.submit(image, budget)])
+
+
+@pytest.mark.parametrize("image, match", [
+    (np.zeros((8, 8, 3), np.uint8), "floating point"),
+    (np.zeros((8, 8), np.float32), "H x W x 3"),
+    (np.full((8, 8, 3), 2.0, np.float32), r"in \[0, 1\]"),
+    (np.full((8, 8, 3), np.nan, np.float32), "NaN"),
+])
+def test_bad_images_refused(panoptic, image, match):
+    with pytest.raises(InputError, match=match):
+        Scheduler(TorchStepper(panoptic)).submit(image)
+
+
+def test_bad_options_refused(panoptic):
+    stepper = TorchStepper(panoptic)
+    with pytest.raises(InputError, match="mode must be"):
+        Scheduler(stepper, mode="batch")
+    with pytest.raises(InputError, match="slots must be"):
+        Scheduler(stepper, slots=0)
+    with pytest.raises(InputError, match="deadline must be"):
+        Scheduler(stepper).submit(images(1, (8, 8), 3)[0], deadline=float("nan"))
+    with pytest.raises(InputError, match="unknown stepper backend"):
+        load_stepper(panoptic, backend="tensorrt")
+
+
+def test_background_loop_threads_and_asyncio(pathfinder):
+    """Submit from many threads while the loop ticks; `await ticket`; no ticking while idle."""
+    imgs = images(6)
+    with Scheduler(TorchStepper(pathfinder), slots=3) as scheduler:
+        tickets = [None] * 6
+
+        def send(i):
+            tickets[i] = scheduler.submit(imgs[i], {"max_iters": 20, "tol": 1e-2})
+
+        threads = [threading.Thread(target=send, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        outcomes = [t.result(timeout=30) for t in tickets]
+
+        async def waited():
+            return await scheduler.submit(imgs[0], {"iters": 3})
+
+        assert asyncio.run(waited()).iterations == 3
+        ticks = scheduler.ticks
+        time.sleep(0.05)
+        assert scheduler.ticks == ticks  # asleep when idle
+    for image, outcome in zip(imgs, outcomes):
+        assert_solo(pathfinder, outcome, image, {"max_iters": 20, "tol": 1e-2})
