@@ -9,9 +9,13 @@ STAMP := $(VENV)/.installed-stamp
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml
+# The stamp follows this file too: a changed install line here reinstalls.
+$(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --disable-pip-version-check -e '.[dev,serve,openvino,ray,fp16]'
+	# Triton (`serve --engine triton`): only the server files of the wheel (tritonserver 2.51, Python backend,
+	# stubs); without its dependencies, which pin numpy<2 for the pytriton Python API this project does not use.
+	$(BIN)/pip install --quiet --disable-pip-version-check --no-deps nvidia-pytriton==0.7.0
 	touch $(STAMP)
 
 demo: $(STAMP)
