@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
@@ -21,7 +21,14 @@ from ..models.solver import stop_reasons
 from ..errors import InputError
 from ..modelcard import ModelCard
 from .encoding import id_to_rgb
-from .postprocess import PostprocessConfig, postprocess
+from .postprocess import PostprocessConfig, _bbox, postprocess
+
+#: Input-scale policies: "card" resizes to the model's trained scale (its card's image size, as the
+#: shorter side) and maps the answer back; "native" runs the image as it arrives.
+SCALES = ("card", "native")
+#: Upsampling to the trained scale never makes the longer side exceed this many times that scale
+#: (a 8 x 2048 strip is not blown up to 128 x 32768; it runs at native size instead).
+MAX_UPSCALED_SIDE = 4
 
 
 @dataclass
@@ -48,6 +55,61 @@ class Prediction:
         }
 
 
+def trained_scale(card: Any) -> int | None:
+    """The image size the model was trained and evaluated at (its card's evaluation.image_size), or None
+    when the card does not record one (then every policy runs images at their native size)."""
+    size = ModelCard.of(card).evaluation.get("image_size")
+    return int(size) if isinstance(size, (int, float)) and size >= 1 else None
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise InputError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
+    return scale
+
+
+def working_size(h: int, w: int, scale: str, trained: int | None) -> tuple[int, int]:
+    """The size an H x W image runs at under `scale`: its shorter side at the trained scale ("card"),
+    unless that would stretch the longer side past both its own length and MAX_UPSCALED_SIDE x the scale."""
+    check_scale(scale)
+    if scale == "native" or trained is None or min(h, w) == trained:
+        return h, w
+    f = trained / min(h, w)
+    if f > 1 and max(h, w) * f > max(max(h, w), MAX_UPSCALED_SIDE * trained):
+        return h, w
+    return max(1, round(h * f)), max(1, round(w * f))
+
+
+def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """H x W x 3 float32 -> size, bilinear (antialiased when shrinking, so fine detail is averaged, not aliased)."""
+    if tuple(image.shape[:2]) == tuple(size):
+        return image
+    t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
+    out = F.interpolate(t, size=size, mode="bilinear", align_corners=False, antialias=True)
+    return out[0].permute(1, 2, 0).clamp_(0, 1).contiguous().numpy()
+
+
+def restore(pred: "Prediction", size: tuple[int, int]) -> "Prediction":
+    """The prediction mapped back to the original pixels: the id map by nearest neighbour, each segment's
+    area and bbox recomputed there (a segment that vanishes is dropped). A no-op at the same size."""
+    h, w = size
+    if tuple(pred.pan_ids.shape) == (h, w):
+        return pred
+    ph, pw = pred.pan_ids.shape
+    rows = np.minimum((np.arange(h) + 0.5) * ph / h, ph - 1).astype(np.int64)
+    cols = np.minimum((np.arange(w) + 0.5) * pw / w, pw - 1).astype(np.int64)
+    pan = pred.pan_ids[rows[:, None], cols[None, :]]
+    segments = []
+    for seg in pred.segments_info:
+        mask = pan == seg["id"]
+        area = int(mask.sum())
+        if area:
+            segments.append({**seg, "area": area, "bbox": _bbox(mask)})
+        else:
+            pan[mask] = 0
+    return replace(pred, pan_ids=pan, segments_info=segments)
+
+
 def _void(h: int, w: int, n: int) -> list:
     """n all-void results (no segments), the answer for images whose state diverged."""
     return [(np.zeros((h, w), dtype=np.int64), []) for _ in range(n)]
@@ -62,7 +124,10 @@ class PanopticPredictor:
         stride: int,
         budget: Mapping[str, Any] | None = None,
         postprocess_config: PostprocessConfig | None = None,
+        trained: int | None = None,
+        scale: str = "card",
     ):
+        """`trained`: the model's trained image size (`trained_scale(card)`); `scale`: the default policy."""
         if not categories:
             raise InputError("a panoptic predictor needs the model's categories (missing from its card)")
         self.run = run
@@ -70,6 +135,8 @@ class PanopticPredictor:
         self.stride = stride
         self.budget = dict(budget or Budget.DEFAULT.kwargs())
         self.post = postprocess_config or PostprocessConfig()
+        self.trained = trained
+        self.scale = check_scale(scale)
 
     @classmethod
     def from_model(cls, model, **kwargs) -> "PanopticPredictor":
@@ -82,6 +149,7 @@ class PanopticPredictor:
 
         kwargs.setdefault("budget", card.budget.kwargs())
         kwargs.setdefault("postprocess_config", card.postprocess)
+        kwargs.setdefault("trained", trained_scale(card))
         return cls(run, card.categories, stride=getattr(model, "stride", 1), **kwargs)
 
     @classmethod
@@ -94,11 +162,17 @@ class PanopticPredictor:
         card = ModelCard.of(meta)
         kwargs.setdefault("budget", backend.budget_for(card.budget).kwargs())
         kwargs.setdefault("postprocess_config", card.postprocess)
+        kwargs.setdefault("trained", trained_scale(card))
         stride = getattr(backend, "size_multiple", None) or 1
         return cls(run, card.categories, stride=stride, **kwargs)
 
-    def predict(self, images: Sequence[np.ndarray], **budget: Any) -> list[Prediction]:
-        """Each image H x W x 3 float in [0, 1]; images of equal size are batched together."""
+    def working_size(self, h: int, w: int, scale: str | None = None) -> tuple[int, int]:
+        """The size an H x W image runs at under `scale` (default: this predictor's policy)."""
+        return working_size(h, w, scale or self.scale, self.trained)
+
+    def predict(self, images: Sequence[np.ndarray], *, scale: str | None = None, **budget: Any) -> list[Prediction]:
+        """Each image H x W x 3 float in [0, 1], run at `working_size` and answered at its own size;
+        images of equal size are batched together."""
         budget = Budget.from_dict(self.budget).merge(budget).kwargs()
         results: list[Prediction | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
@@ -107,9 +181,11 @@ class PanopticPredictor:
                 raise InputError(f"image {i}: expected H x W x 3, got shape {img.shape}")
             groups.setdefault(img.shape[:2], []).append(i)
         for (h, w), idx in groups.items():
-            batch = torch.from_numpy(np.stack([images[i] for i in idx])).permute(0, 3, 1, 2).float().contiguous()
+            size = self.working_size(h, w, scale)
+            stack = np.stack([resize_image(images[i], size) for i in idx])
+            batch = torch.from_numpy(stack).permute(0, 3, 1, 2).float().contiguous()
             for i, pred in zip(idx, self._predict_batch(batch, budget)):
-                results[i] = pred
+                results[i] = restore(pred, (h, w))
         return results  # type: ignore[return-value]
 
     def _predict_batch(self, batch: torch.Tensor, budget: dict[str, Any]) -> list[Prediction]:

@@ -33,7 +33,8 @@ from ..errors import ConfigError, CrbpError, InputError, RequestError
 from ..imageio import ImageLimits, decode_image
 from ..modelcard import ModelCard
 from ..panoptic.encoding import encode_png
-from ..panoptic.predict import PanopticPredictor, Prediction
+from ..panoptic.predict import SCALES, PanopticPredictor, Prediction, resize_image, restore, trained_scale
+from .admission import ANONYMOUS, Admission
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,12 @@ IMAGE_FIELDS = ("body", "data", "image", "file")
 #: Budget parameters: multipart fields / query parameters (where the server passes them) or headers.
 BUDGET_FIELDS = ("max_iters", "tol", "threshold", "patience")  # threshold/patience: the served halting policy's
 BUDGET_HEADERS = {"max_iters": "x-max-iters", "tol": "x-tol", "threshold": "x-threshold", "patience": "x-patience"}
+#: Per-request limits and the input scale: fields / query parameters or headers.
+REQUEST_FIELDS = ("deadline_ms", "scale")
+REQUEST_HEADERS = {"deadline_ms": "x-deadline-ms", "scale": "x-scale"}
+CLIENT_HEADER = "x-client-id"  # who is counted for the admission share (absent: "anonymous")
+#: Safety margin on the measured speed when the deadline bounds a request's iterations up front.
+DEADLINE_MARGIN = 0.8
 #: Parameters a server adds on its own (TorchServe's /invocations?model_name=...).
 IGNORED_FIELDS = ("model_name",)
 REASONS = {
@@ -49,7 +56,9 @@ REASONS = {
     400: "Bad Request",
     413: "Payload Too Large",
     415: "Unsupported Media Type",
+    429: "Too Many Requests",
     500: "Internal Server Error",
+    503: "Service Unavailable",
 }
 HOW_TO_SEND = (
     "send the image bytes as the request body with Content-Type image/png, image/jpeg or image/webp "
@@ -69,10 +78,27 @@ class ServiceConfig(StrictConfig):
     min_side: int = 8
     max_side: int = 2048
     max_pixels: int = 2048 * 2048
+    # bounded compute (docs/serving.md, "Overload and bounded compute")
+    max_cost: int = 1 << 24  # pixels x iterations one request may use (at its working size); 16.8M = 512^2 x 64
+    deadline_ms: int = 5000  # per request; a request's x-deadline-ms is clamped to it; well inside responseTimeout
+    scale: str = "card"  # card: resize to the trained scale and answer at the original size | native
+    admission: bool = True  # refuse what the worker cannot clear within the deadline (503) or a client's excess (429)
+    client_share: float = 0.5  # the part of a worker's deadline window one client (X-Client-Id) may fill
+    capacity: float = 0.0  # pixel-iterations per second per worker; 0 = measured at start, then learned
 
     def validate(self) -> None:
         if not 1 <= self.max_iters_limit <= MAX_ITERATIONS:
             raise ConfigError(f"max_iters_limit must be in 1..{MAX_ITERATIONS}, got {self.max_iters_limit}")
+        if self.max_cost < 1:
+            raise ConfigError(f"max_cost (pixels x iterations per request) must be >= 1, got {self.max_cost}")
+        if not 1 <= self.deadline_ms <= 600_000:
+            raise ConfigError(f"deadline_ms must be in 1..600000 (ms per request), got {self.deadline_ms}")
+        if self.scale not in SCALES:
+            raise ConfigError(f"scale must be one of {', '.join(SCALES)}, got {self.scale!r}")
+        if not (0 < self.client_share <= 1):
+            raise ConfigError(f"client_share must be in (0, 1], got {self.client_share}")
+        if not (math.isfinite(self.capacity) and self.capacity >= 0):
+            raise ConfigError(f"capacity must be >= 0 pixel-iterations/s (0 = measure), got {self.capacity}")
         if self.threads < 1:
             raise ConfigError(f"threads must be >= 1, got {self.threads}")
         from ..precision import PRECISIONS
@@ -102,22 +128,30 @@ class RawRequest:
 
 @dataclass
 class Parsed:
-    image: np.ndarray  # H x W x 3 float32 in [0, 1]
+    image: np.ndarray  # H x W x 3 float32 in [0, 1], at its working size (the scale policy applied)
     budget: dict[str, Any]  # {"max_iters", "tol"} as run
     requested: dict[str, Any]  # what the request asked for
     clamped: bool
     decode_ms: float
+    size: tuple[int, int] = (0, 0)  # the original H x W: the answer is mapped back to it
+    scale: str = "native"
+    deadline: float | None = None  # absolute time.monotonic() by which the answer is due
+    deadline_ms: float = 0.0
+    client: str = ANONYMOUS
+    cost: float = 0.0  # estimated pixel-iterations (admission)
+    bound: str = ""  # "budget" / "deadline" where that limit lowered max_iters (a stop at it is named so)
 
 
 @dataclass
 class Reply:
-    """HTTP status + JSON body; `prediction` and `timings_ms` are kept for metrics."""
+    """HTTP status + JSON body (+ headers such as Retry-After); `prediction`, `timings_ms` for metrics."""
 
     status: int
     body: dict[str, Any]
     prediction: Prediction | None = None
     max_iters: int | None = None
     timings_ms: dict[str, float] = field(default_factory=dict)
+    headers: dict[str, str] = field(default_factory=dict)
 
     @property
     def reason(self) -> str:
@@ -127,8 +161,17 @@ class Reply:
         return json.dumps(self.body, allow_nan=False)
 
 
-def error_reply(status: int, message: str) -> Reply:
-    return Reply(status, {"status": status, "error": REASONS.get(status, "Error"), "message": message})
+def error_reply(status: int, message: str, retry_after_s: float | None = None) -> Reply:
+    body = {"status": status, "error": REASONS.get(status, "Error"), "message": message}
+    if retry_after_s is None:
+        return Reply(status, body)
+    body["retry_after_s"] = retry_after_s
+    return Reply(status, body, headers={"Retry-After": str(int(math.ceil(retry_after_s)))})
+
+
+def refusal(exc: RequestError) -> Reply:
+    """The reply for a refused request; an Overloaded one carries Retry-After."""
+    return error_reply(exc.status, str(exc), getattr(exc, "retry_after_s", None))
 
 
 def _text(value: Any) -> str | None:
@@ -149,6 +192,17 @@ def _number(key: str, text: str) -> int | float:
     except ValueError:
         kind = "an integer" if key in ("max_iters", "patience") else "a number"
         raise RequestError(f"{key} must be {kind}, got {text!r}") from None
+
+
+def _given(fields: Mapping[str, Any], lower: Mapping[str, Any], key: str, header: str) -> str | None:
+    """A request option from its field or its header (lower-case keys); both given must agree."""
+    from_field, from_header = _text(fields.get(key)), _text(lower.get(header))
+    if from_field is not None and from_header is not None and from_field.strip() != from_header.strip():
+        raise RequestError(
+            f"{key} given twice with different values: {from_field!r} as a parameter and "
+            f"{from_header!r} as header {header}"
+        )
+    return from_field if from_field is not None else from_header
 
 
 def artifact_card(path: Path, backend) -> ModelCard:
@@ -192,7 +246,15 @@ class PanopticService:
             stride=self.backend.size_multiple,
             budget=self.default_budget,
             postprocess_config=card.postprocess,
+            trained=trained_scale(card),
+            scale=self.config.scale,
         )
+        calibration = card.inference.get("calibration") or {}
+        #: the iterations an image takes on average under the card's budget (the admission estimate)
+        self.mean_iterations = float(calibration.get("mean_iterations") or self.default_budget["max_iters"])
+        self.capacity, self.overhead = self._measure_speed()
+        self.admission = Admission(self.capacity, self.config.deadline_ms / 1000, self.config.client_share) \
+            if self.config.admission else None
         self.categories = [dict(c) for c in card.categories]
         # Only ONNX Runtime on CPU with one intra-op thread computes each sample of a batch exactly as
         # alone (measured: with 2 threads the bundled model's heads moved by ~2e-6 between batch sizes).
@@ -213,6 +275,26 @@ class PanopticService:
             )
         return budget
 
+    def _measure_speed(self) -> tuple[float, float]:
+        """(pixel-iterations per second, encoder + readout in steps) of this worker, from three short runs at
+        the trained scale (one warm-up); `capacity` in the config overrides the speed."""
+        side = self.predictor.trained or 64
+        side += (-side) % self.backend.size_multiple
+        image = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
+        times, steps = [], []
+        for n in (1, 1, 4):
+            budget = Budget.from_dict(self.default_budget).merge({"max_iters": n, "tol": 0.0}).kwargs()
+            started = time.perf_counter()
+            out = self.backend.run(image, **budget)
+            times.append(time.perf_counter() - started)
+            steps.append(int(np.asarray(out.outputs["iterations"]).reshape(-1)[0]))
+        (t1, t4), (n1, n4), pixels = times[1:], steps[1:], side * side
+        step = (t4 - t1) / (n4 - n1) if n4 > n1 and t4 > t1 else t1 / 2.5
+        overhead = min(10.0, max(0.0, t1 / step - n1))
+        speed = self.config.capacity or pixels / step
+        log.info("measured %.3g pixel-iterations/s, encoder + readout = %.2f steps", pixels / step, overhead)
+        return speed, overhead
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
@@ -223,6 +305,12 @@ class PanopticService:
             "max_iters_limit": self.config.max_iters_limit,
             "batch_invariant": self.batch_invariant,
             "limits": self.limits.to_dict(),
+            "max_cost": self.config.max_cost,
+            "deadline_ms": self.config.deadline_ms,
+            "scale": self.config.scale,
+            "trained_scale": self.predictor.trained,
+            "capacity": round(self.capacity),
+            "admission": self.config.admission,
         }
 
     # --- requests -----------------------------------------------------------------------------
@@ -231,13 +319,7 @@ class PanopticService:
         lower = {str(k).lower(): v for k, v in headers.items()}
         requested: dict[str, Any] = {}
         for key in BUDGET_FIELDS:
-            from_field, from_header = _text(fields.get(key)), _text(lower.get(BUDGET_HEADERS[key]))
-            if from_field is not None and from_header is not None and from_field.strip() != from_header.strip():
-                raise RequestError(
-                    f"{key} given twice with different values: {from_field!r} as a parameter and "
-                    f"{from_header!r} as header {BUDGET_HEADERS[key]}"
-                )
-            text = from_field if from_field is not None else from_header
+            text = _given(fields, lower, key, BUDGET_HEADERS[key])
             if text is not None:
                 requested[key] = _number(key, text)
         limit = self.config.max_iters_limit
@@ -263,13 +345,15 @@ class PanopticService:
                 f"unless told otherwise); {HOW_TO_SEND}",
                 415,
             )
-        unknown = sorted(set(fields) - {*IMAGE_FIELDS, *BUDGET_FIELDS, *IGNORED_FIELDS})
+        unknown = sorted(set(fields) - {*IMAGE_FIELDS, *BUDGET_FIELDS, *REQUEST_FIELDS, *IGNORED_FIELDS})
         if unknown:
             raise RequestError(
-                f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: max_iters, tol, threshold, patience "
-                f"(or headers X-Max-Iters, X-Tol, X-Threshold, X-Patience) and the image"
+                f"unknown parameter(s) {', '.join(map(repr, unknown))}; accepted: max_iters, tol, threshold, patience, "
+                f"deadline_ms, scale (or headers X-Max-Iters, X-Tol, X-Threshold, X-Patience, X-Deadline-Ms, X-Scale) "
+                f"and the image"
             )
         budget, requested, clamped = self.resolve_budget(fields, raw.headers)
+        deadline_ms, scale, client = self.request_options(fields, raw.headers)
         present = [name for name in IMAGE_FIELDS if name in fields]
         if not present:
             raise RequestError(f"no image in the request; {HOW_TO_SEND}")
@@ -290,8 +374,53 @@ class PanopticService:
             image = decode_image(data, name="image", limits=self.limits)
         except InputError as exc:
             raise RequestError(str(exc)) from None
+        size = image.shape[:2]
+        image = resize_image(image, self.predictor.working_size(*size, scale))
         decode_ms = 1000 * (time.perf_counter() - started)
-        return Parsed(image, budget, requested, clamped, decode_ms)
+        parsed = Parsed(image, budget, requested, clamped, decode_ms, size=size, scale=scale,
+                        deadline=time.monotonic() + deadline_ms / 1000, deadline_ms=deadline_ms, client=client)
+        return self.bound(parsed)
+
+    def request_options(self, fields: Mapping[str, Any], headers: Mapping[str, Any]) -> tuple[float, str, str]:
+        """(deadline in ms, clamped to the server's; scale policy; client key) of one request."""
+        lower = {str(k).lower(): v for k, v in headers.items()}
+        deadline_ms: float = self.config.deadline_ms
+        text = _given(fields, lower, "deadline_ms", REQUEST_HEADERS["deadline_ms"])
+        if text is not None:
+            value = _number("deadline_ms", text)
+            if not (math.isfinite(value) and value > 0):
+                raise RequestError(f"deadline_ms must be a number of milliseconds > 0, got {text.strip()!r}")
+            deadline_ms = min(value, deadline_ms)  # a longer deadline than the server's is clamped, like max_iters
+        scale = (_given(fields, lower, "scale", REQUEST_HEADERS["scale"]) or self.config.scale).strip().lower()
+        if scale not in SCALES:
+            raise RequestError(f"scale must be one of {', '.join(SCALES)} (X-Scale), got {scale!r}")
+        client = (_text(lower.get(CLIENT_HEADER)) or ANONYMOUS).strip()[:64] or ANONYMOUS
+        return deadline_ms, scale, client
+
+    def bound(self, parsed: Parsed) -> Parsed:
+        """Lower max_iters to what the cost cap and the deadline allow at the working size; 413 when not even
+        one step fits either. Sets the request's estimated cost for admission."""
+        h, w = parsed.image.shape[:2]
+        pixels = h * w
+        by_cost = self.config.max_cost // pixels
+        seconds = parsed.deadline_ms / 1000 * DEADLINE_MARGIN
+        by_deadline = math.floor(self.capacity * seconds / pixels - self.overhead)
+        if by_cost < 1 or by_deadline < 1:
+            what = (f"the cost cap of {self.config.max_cost} pixel-iterations" if by_cost < 1 else
+                    f"the {parsed.deadline_ms:g} ms deadline (one step here takes ~{1000 * pixels / self.capacity:.0f} ms "
+                    f"plus ~{self.overhead:.1f} steps of encoder and readout)")
+            hint = " at scale=card (X-Scale: card)" if parsed.scale == "native" and self.predictor.trained else " smaller"
+            raise RequestError(f"a {h}x{w} image cannot get even one solver step within {what}; send it{hint}", 413)
+        budget = dict(parsed.budget)
+        runs = budget.get("max_iters", budget.get("iters", 1))
+        limit = min(by_cost, by_deadline)
+        if limit < runs:
+            parsed.bound = "budget" if by_cost <= by_deadline else "deadline"
+            budget["max_iters" if "max_iters" in budget else "iters"] = limit
+            parsed.budget = budget
+        steps = min(limit, runs) if parsed.requested else min(limit, runs, self.mean_iterations)
+        parsed.cost = pixels * (steps + self.overhead)
+        return parsed
 
     def run(self, parsed: Sequence[Parsed]) -> list[Reply]:
         """Predict valid requests: one model call per (budget, size) group; a failing group fails alone."""
@@ -302,17 +431,25 @@ class PanopticService:
         for key, members in groups.items():
             chunks = [members] if self.batch_invariant else [[i] for i in members]
             for chunk in chunks:
+                started = time.perf_counter()
                 try:
-                    preds = self.predictor.predict([parsed[i].image for i in chunk], **dict(key))
+                    preds = self.predictor.predict([parsed[i].image for i in chunk], scale="native", **dict(key))
                 except Exception as exc:  # the runtime's own failures: answer 500 for this group only
                     log.exception("inference failed for %d request(s)", len(chunk))
                     for i in chunk:
                         replies[i] = error_reply(500, f"inference failed: {exc}")
                     continue
+                self.observe([parsed[i] for i in chunk], preds, time.perf_counter() - started)
                 sizes = Counter(parsed[i].image.shape[:2] for i in chunk)
                 for i, pred in zip(chunk, preds):
                     replies[i] = self.reply_for(parsed[i], pred, batch=sizes[parsed[i].image.shape[:2]])
         return replies  # type: ignore[return-value]
+
+    def admit(self, parsed: Parsed) -> Parsed:
+        """Charge the request's estimated cost, or raise Overloaded: 503 at capacity, 429 over the client's share."""
+        if self.admission is not None:
+            self.admission.admit(parsed.cost, parsed.client)
+        return parsed
 
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
         """Parse every request, run the valid ones together; a bad request never fails the others."""
@@ -320,9 +457,9 @@ class PanopticService:
         valid: list[tuple[int, Parsed]] = []
         for i, raw in enumerate(requests):
             try:
-                valid.append((i, self.parse(raw)))
+                valid.append((i, self.admit(self.parse(raw))))
             except RequestError as exc:
-                replies[i] = error_reply(exc.status, str(exc))
+                replies[i] = refusal(exc)
             except Exception as exc:  # a bug, not the client's fault; the others still get answers
                 log.exception("request %d could not be parsed", i)
                 replies[i] = error_reply(500, f"internal error while reading the request: {exc}")
@@ -330,8 +467,20 @@ class PanopticService:
             replies[i] = reply
         return replies  # type: ignore[return-value]
 
+    def observe(self, parsed: Sequence[Parsed], preds: Sequence[Prediction], seconds: float) -> None:
+        """Teach admission this worker's speed from one model call (its images' pixel-iterations)."""
+        if self.admission is not None and not self.config.capacity:
+            work = sum(p.image.shape[0] * p.image.shape[1] * (q.iterations + self.overhead) for p, q in zip(parsed, preds))
+            self.admission.observe(work, seconds)
+            self.capacity = self.admission.capacity
+
     def reply_for(self, parsed: Parsed, pred: Prediction, batch: int) -> Reply:
-        """The 200 reply for one parsed request and its prediction (any engine or scheduler may call it)."""
+        """The 200 reply for one parsed request and its prediction (any engine or scheduler may call it): the
+        answer mapped back to the original pixels, a stop at a lowered max_iters named by its limit."""
+        if parsed.size != (0, 0):
+            pred = restore(pred, parsed.size)
+        if parsed.bound and pred.stopped == "cap" and pred.iterations >= parsed.budget.get("max_iters", 0):
+            pred.stopped = parsed.bound
         started = time.perf_counter()
         png = base64.b64encode(encode_png(pred.pan_ids)).decode("ascii")
         encode_ms = 1000 * (time.perf_counter() - started)
@@ -354,7 +503,9 @@ class PanopticService:
             "converged": pred.converged,
             "diverged": pred.diverged,
             "stopped": pred.stopped,
-            "budget": {**parsed.budget, "clamped": parsed.clamped, "requested": parsed.requested},
+            "budget": {**parsed.budget, "clamped": parsed.clamped, "requested": parsed.requested,
+                       "deadline_ms": parsed.deadline_ms, "max_cost": self.config.max_cost},
+            "scale": {"policy": parsed.scale, "ran_at": [int(parsed.image.shape[0]), int(parsed.image.shape[1])]},
             "batch_size": batch,
             "timings_ms": timings,
         }

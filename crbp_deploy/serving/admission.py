@@ -1,0 +1,90 @@
+"""Admission control: refuse, up front and cheaply, the work a worker cannot finish within the deadline.
+
+Engine-independent: `PanopticService` asks `Admission.admit` for every parsed request, whatever server
+(TorchServe, Ray, Triton) delivered it. A request's cost is estimated from its working size and the
+card's mean iterations, in pixel-iterations (encoder and readout counted as `overhead` steps).
+
+Why a leaky bucket and not a queue length: a worker does not see the queue in front of it (TorchServe
+holds it in its Java frontend), but it does see every request it is handed and the clock. The bucket's
+level is the admitted cost not yet cleared at the worker's measured capacity (pixel-iterations per
+second); admitting a request that would lift it over what the worker clears within one deadline means
+that request, or one behind it, would miss its deadline. So it is refused with 503 and a Retry-After of
+the time the bucket needs to drain. Refusals cost a decode, so a flood drains the server's queue at
+refusal speed instead of growing it until response timeouts kill workers.
+
+Fairness: each client (the `X-Client-Id` header; requests without one share the key "anonymous") has its
+own bucket that drains at `share` of the capacity; a client whose admitted cost would pass `share` of
+one deadline's work is over its share and gets 429, so one client at 10x the sustainable rate cannot
+fill the worker's window for everyone else.
+"""
+from __future__ import annotations
+
+import math
+import threading
+import time
+from typing import Callable
+
+from ..errors import Overloaded
+
+ANONYMOUS = "anonymous"
+#: Clients remembered at most; an idle client's bucket is empty and forgotten first.
+MAX_CLIENTS = 4096
+
+
+class Admission:
+    """Leaky buckets over estimated cost: one for the worker, one per client."""
+
+    def __init__(self, capacity: float, window_s: float, share: float,
+                 clock: Callable[[], float] = time.monotonic):
+        if not (capacity > 0 and window_s > 0 and 0 < share <= 1):
+            raise ValueError(f"capacity {capacity}, window {window_s} s and share {share} must be positive")
+        self.capacity = float(capacity)  # pixel-iterations per second this worker clears
+        self.window_s = float(window_s)  # the deadline: admitted work must clear within it
+        self.share = float(share)
+        self.clock = clock
+        self.level = 0.0
+        self.clients: dict[str, float] = {}
+        self.updated = clock()
+        self.lock = threading.Lock()
+
+    @property
+    def limit(self) -> float:
+        return self.capacity * self.window_s
+
+    def _drain(self, now: float) -> None:
+        elapsed = max(0.0, now - self.updated)
+        self.updated = now
+        self.level = max(0.0, self.level - self.capacity * elapsed)
+        fall = self.capacity * self.share * elapsed
+        self.clients = {k: v - fall for k, v in self.clients.items() if v > fall}
+
+    def admit(self, cost: float, client: str = ANONYMOUS) -> None:
+        """Charge `cost` (at most one window's work) or raise Overloaded (503 busy, 429 over share)."""
+        cost = min(float(cost), self.limit)
+        with self.lock:
+            self._drain(self.clock())
+            mine = self.clients.get(client, 0.0)
+            if mine > 0 and mine + cost > self.share * self.limit:
+                wait = (mine + cost - self.share * self.limit) / (self.capacity * self.share)
+                raise Overloaded(
+                    f"client {client!r} is over its share ({self.share:.0%} of this worker's capacity); "
+                    f"retry after {_seconds(wait)} s", 429, _seconds(wait))
+            if self.level > 0 and self.level + cost > self.limit:
+                wait = (self.level + cost - self.limit) / self.capacity
+                raise Overloaded(
+                    f"the server is at capacity: the admitted work needs {self.level / self.capacity:.1f} s "
+                    f"of the {self.window_s:.1f} s deadline; retry after {_seconds(wait)} s", 503, _seconds(wait))
+            self.level += cost
+            if len(self.clients) < MAX_CLIENTS or client in self.clients:
+                self.clients[client] = mine + cost
+
+    def observe(self, cost: float, seconds: float) -> None:
+        """Learn the capacity from a finished run (`cost` pixel-iterations in `seconds`), smoothed."""
+        if cost > 0 and seconds > 0:
+            with self.lock:
+                self.capacity = 0.8 * self.capacity + 0.2 * (cost / seconds)
+
+
+def _seconds(wait: float) -> float:
+    """Retry-After is whole seconds (RFC 9110); at least one."""
+    return float(max(1, math.ceil(wait)))
