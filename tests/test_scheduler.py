@@ -243,3 +243,60 @@ def test_background_loop_threads_and_asyncio(pathfinder):
         assert scheduler.ticks == ticks  # asleep when idle
     for image, outcome in zip(imgs, outcomes):
         assert_solo(pathfinder, outcome, image, {"max_iters": 20, "tol": 1e-2})
+
+
+# --- the ONNX pieces on onnxruntime ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def pieces_artifact(tmp_path_factory, panoptic):
+    """One loop export with its pieces (the exporter's fixed cost is most of this module's time)."""
+    from crbp_deploy.export import export_onnx
+
+    path = tmp_path_factory.mktemp("pieces") / "p.onnx"
+    return export_onnx(panoptic, path, max_iters=40, tol=1e-2, example_size=(16, 16), policy="stable",
+                       threshold=0.0, patience=2, pieces=True)
+
+
+def test_ort_stepper_answers_equal_the_loop_artifact(pieces_artifact):
+    """Budgets differ (one group each), requests join mid-run; each answer equals the Loop artifact's solo run."""
+    from crbp_deploy.runtime import load_backend
+
+    stepper = load_stepper(pieces_artifact.path)
+    assert stepper.name == "onnxruntime" and sorted(p.name for p in pieces_artifact.pieces.iterdir()) == [
+        "encode.onnx", "pieces.json", "readout.onnx", "step.onnx"]
+    loop = load_backend(pieces_artifact.path, threads=1)
+    scheduler = Scheduler(stepper, slots=3)
+    imgs = images(6, (16, 20), 3, seed=2)
+    budgets = [{}, {"tol": 1e-3}, {"patience": 1}, {}, {"max_iters": 4, "policy": "tol"}, {"threshold": 0.05}]
+    tickets = [scheduler.submit(i, b) for i, b in zip(imgs[:3], budgets[:3])]
+    scheduler.tick()
+    tickets += [scheduler.submit(i, b) for i, b in zip(imgs[3:], budgets[3:])]
+    for image, budget, outcome in zip(imgs, budgets, scheduler.run_all(tickets)):
+        ref = loop.run(image.transpose(2, 0, 1)[None].copy(), **budget) if budget.get("policy") != "tol" else None
+        if ref is None:  # the Loop computes its policy always; the stepper can switch it off
+            assert (outcome.iterations, outcome.stopped) == (4, "cap")
+            continue
+        assert outcome.iterations == int(ref["iterations"][0])
+        for name in ref.heads:
+            np.testing.assert_allclose(outcome.heads[name], ref[name], rtol=0, atol=1e-5)
+    with pytest.raises(InputError, match="re-export with --policy estimate"):
+        scheduler.submit(imgs[0], {"policy": "estimate", "threshold": 0.1})
+
+
+def test_ort_stepper_needs_current_pieces(pieces_artifact, tmp_path, run_cli, one_error_line):
+    import shutil
+
+    bare = tmp_path / "bare.onnx"
+    shutil.copy(pieces_artifact.path, bare)
+    with pytest.raises(InputError, match="re-export it with --pieces"):
+        load_stepper(bare)
+    shutil.copytree(pieces_artifact.pieces, tmp_path / "bare.onnx.pieces")
+    assert load_stepper(bare).heads == ("semantic", "center", "offset")
+    bare.write_bytes(bare.read_bytes() + b"\0")  # another artifact now
+    with pytest.raises(Exception, match="written for another export"):
+        load_stepper(bare)
+    with pytest.raises(InputError, match="steps on onnxruntime, not torch"):
+        load_stepper(pieces_artifact.path, backend="torch")
+    one_error_line(*run_cli("export", "hgru-panoptic", "--iters", "3", "--pieces", "--out", tmp_path / "u.onnx")[::2],
+                   "pieces")

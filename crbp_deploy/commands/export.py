@@ -107,6 +107,8 @@ def export(
         False, "--fp16", help="fp16 graph (onnxconverter-common): math in fp16, inputs/outputs and the convergence "
         "test (residual, tol) in fp32. Needs pip install 'crbp-deploy[fp16]'."),
     opset: int = typer.Option(18, "--opset"),
+    pieces: bool = typer.Option(False, "--pieces", help="Early exit: also write encoder, one step and readout as "
+                                "standalone graphs in OUT.pieces/ (for the iteration-level scheduler)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output .onnx (default: export/<model>-<strategy>.onnx)."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip verification against PyTorch."),
     pq_data: Optional[Path] = typer.Option(None, "--pq-data", help="COCO panoptic split for PQ parity (default: generated)."),
@@ -144,10 +146,11 @@ def export(
     execution = (loop or ("masked" if fmt == "tensorrt" else "compact")) if strategy == "loop" else None
     result = export_onnx(
         m, out, strategy=strategy, opset=opset, dynamic=dynamic, fp16=fp16, example_size=_parse_size(size),
-        batch=batch, source=source, execution=execution, **budget,
+        batch=batch, source=source, execution=execution, pieces=pieces, **budget,
     )
-    body = f" ({execution})" if execution else ""
-    typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}{body}, {budget}) in {result.seconds:.1f} s")
+    body, also = f" ({execution})" if execution else "", f"; pieces in {result.pieces}/" if result.pieces else ""
+    typer.echo(f"exported {result.path} ({result.size_bytes / 1e6:.2f} MB, {result.strategy}{body}, {budget}) in "
+               f"{result.seconds:.1f} s{also}")
     if fp16:
         _fp16_conversion_lines(result)
     from ..export.trt_lint import lint_tensorrt

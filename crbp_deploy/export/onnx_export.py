@@ -37,6 +37,7 @@ from ..errors import CrbpError, InputError
 from ..models import RecurrentSegmenter, solver
 from ..models.halting import HaltRule
 from .loop import PieceNames, compose_loop
+from .pieces import check_pieces, piece_files, pieces_dir
 
 DEFAULT_OPSET = 18
 #: Steps per Loop trip. On ONNX Runtime CPU one step per trip already costs within 1.0-1.15x of
@@ -58,6 +59,7 @@ class ExportResult:
     seconds: float
     size_bytes: int
     card: dict[str, Any] = field(default_factory=dict)
+    pieces: Path | None = None  # the folder of standalone encode/step/readout graphs (export/pieces.py)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -267,6 +269,7 @@ def export_onnx(
     policy: str = "tol",
     threshold: float | None = None,
     patience: int = 1,
+    pieces: bool = False,
 ) -> ExportResult:
     """Export `model` to `path` (.onnx) plus a sidecar `path.json`; both written atomically.
 
@@ -283,6 +286,8 @@ def export_onnx(
     `precision: fp16`, so backends and `verify` hold it to the fp16 tolerances.
     `policy` / `threshold` / `patience`: the halting policy the Loop body computes (models/halting.py);
     threshold and patience become graph inputs beside max_iters and tol.
+    `pieces` (loop, substeps=1): also write the encoder, one step and the readout as standalone graphs in
+    `path.pieces/` (export/pieces.py), for hosts that step requests themselves (runtime/stepper.py).
     """
     if strategy == "loop":
         max_iters = Budget.DEFAULT.max_iters if max_iters is None else max_iters
@@ -292,13 +297,14 @@ def export_onnx(
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     execution = _check_execution(execution, substeps)
+    check_pieces(pieces, strategy, substeps)
     path = Path(path)
     check_writable(path)
     started = time.perf_counter()
     was_training = model.training
     model.eval()
     try:
-        proto, meta, inputs, outputs, converted = _build(
+        proto, meta, inputs, outputs, converted, traced = _build(
             model, strategy, iters, max_iters, tol, opset, dynamic, (height, width), batch, substeps, execution, fp16,
             rule,
         )
@@ -313,19 +319,11 @@ def export_onnx(
 
     card = model_card(model, source or "in-memory model", check=False)
     sidecar = _sidecar(path, data, proto, card, meta, opset, dynamic, fp16, converted, inputs, outputs)
-    write_atomic([(path, data), (sidecar_path(path), sidecar_bytes(sidecar))])
-    return ExportResult(
-        path=path,
-        sidecar=sidecar_path(path),
-        strategy=strategy,
-        opset=opset,
-        meta=meta,
-        inputs=inputs,
-        outputs=outputs,
-        seconds=time.perf_counter() - started,
-        size_bytes=len(data),
-        card=card,
-    )
+    extra = piece_files(path, data, *traced, meta) if pieces else []
+    write_atomic([(path, data), (sidecar_path(path), sidecar_bytes(sidecar)), *extra])
+    return ExportResult(path=path, sidecar=sidecar_path(path), strategy=strategy, opset=opset, meta=meta, inputs=inputs,
+                        outputs=outputs, seconds=time.perf_counter() - started, size_bytes=len(data), card=card,
+                        pieces=pieces_dir(path) if pieces else None)
 
 
 def _converter_version() -> str:
@@ -482,7 +480,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
         patience=rule.patience,
     )
     images_dyn = _dynamic(ex_a, ex_b, dynamic)
-    converted = None
+    converted, traced = None, None
     if strategy == "unrolled":
         proto = _dynamo(
             "unrolled model", _Unrolled(model, iters, heads), (ex_a.clone(),), ["images"],
@@ -498,7 +496,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
             proto, converted = convert(proto, ["residual"])
         inputs = [images_spec]
     else:
-        proto, converted = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
+        proto, converted, traced = _export_loop(model, spec, heads, ctx_names, (ex_a, ex_b), (leaves_a, leaves_b), (h_a, h_b),
                                         dynamic, opset, substeps, execution, max_iters, tol, images_spec, outputs, fp16,
                                         rule)
         inputs = _loop_inputs(images_spec, max_iters, tol, rule)
@@ -506,7 +504,7 @@ def _build(model, strategy, iters, max_iters, tol, opset, dynamic, size, batch, 
     for key, value in meta.to_props().items():
         proto.metadata_props.add(key=key, value=value)
     proto.producer_name = "crbp-deploy"
-    return proto, meta, inputs, outputs, converted
+    return proto, meta, inputs, outputs, converted, traced
 
 
 def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, substeps, execution, max_iters, tol,
@@ -542,6 +540,6 @@ def _export_loop(model, spec, heads, ctx_names, ex, leaves, hs, dynamic, opset, 
     try:
         return compose_loop(pieces, names, max_iters=max_iters, tol=float(tol), threshold=rule.threshold,
                             patience=rule.patience, images=_value_info(images_spec),
-                            outputs=[_value_info(o) for o in outputs]), converted
+                            outputs=[_value_info(o) for o in outputs]), converted, (pieces, names)
     except ValueError as exc:
         raise CrbpError(f"composing the ONNX Loop failed: {exc}") from exc

@@ -224,21 +224,97 @@ def load_stepper(artifact: Any, backend: str = "auto", threads: int | None = 1) 
 
 
 class OrtStepper(Stepper):
-    """Placeholder until the ONNX pieces are written by the exporter (export/pieces.py)."""
+    """The pieces of a loop artifact (export/pieces.py) on ONNX Runtime: one session per piece.
+
+    The step graph takes tol / threshold / patience as scalars, so only requests with the same budget
+    share a step (`group`); the halting policy is the one the artifact was exported with."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = 1):
-        raise CrbpError(f"{Path(path)}: the onnxruntime stepper is not available yet")
+    def __init__(self, path: str | os.PathLike, *, threads: int | None = 1, providers: list[str] | None = None):
+        from ..export.pieces import FILES, read_spec
 
-    def group(self, budget):  # pragma: no cover
-        raise NotImplementedError
+        if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+            raise InputError(f"threads must be a positive integer, got {threads!r}")
+        self.path = Path(path)
+        folder, spec, self.meta = read_spec(self.path)
+        if self.meta.strategy != "loop" or self.meta.substeps != 1:
+            raise CrbpError(f"{folder}: pieces of a {self.meta.strategy} export with {self.meta.substeps} steps per "
+                            "trip; the stepper needs a loop export with one")
+        self.ctx_names, self.heads = tuple(spec["ctx"]), tuple(spec["heads"])
+        self.in_channels, self.size_multiple = self.meta.in_channels, self.meta.size_multiple
+        self.default_budget = self.meta.budget
+        self.policy, self.precision = self.meta.policy, self.meta.precision
+        self.sessions = {piece: self._session(folder / name, threads, providers) for piece, name in FILES.items()}
 
-    def encode(self, images, budget):  # pragma: no cover
-        raise NotImplementedError
+    @staticmethod
+    def _session(path: Path, threads: int | None, providers: list[str] | None):
+        import onnxruntime as ort
 
-    def advance(self, states):  # pragma: no cover
-        raise NotImplementedError
+        from .ort_backend import default_providers
 
-    def readout(self, state):  # pragma: no cover
-        raise NotImplementedError
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if threads is not None:
+            options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+        try:
+            return ort.InferenceSession(str(path), options, providers=providers or default_providers())
+        except Exception as exc:  # onnxruntime's own exception types
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CrbpError(f"{path}: onnxruntime cannot load it ({first})") from None
+
+    def budget(self, request: Mapping[str, Any] | None = None) -> Budget:
+        """As the Loop artifact: a request may set tol, max_iters, threshold and patience, a fixed count, or the
+        tol policy (the step's policy then never stops a sample), but not another policy than the step computes."""
+        request = dict(request or {})
+        policy = request.get("policy")
+        if policy not in (None, "tol", self.policy):
+            Budget.DEFAULT.merge({k: request.get(k) for k in ("policy", "threshold", "patience")})
+            raise InputError(f"{self.path.name}'s step computes the {self.policy} halting policy; a request may set "
+                             f"its threshold and patience, not another policy ({policy}): re-export with --policy {policy}")
+        return super().budget(request)
+
+    def group(self, budget: Budget) -> Hashable:
+        return budget
+
+    def _run(self, piece: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        try:
+            return self.sessions[piece].run(None, feeds)
+        except Exception as exc:  # onnxruntime's own exception types; keep its first line
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+            raise CrbpError(f"{self.path.name}: onnxruntime failed in the {piece} piece ({first})") from exc
+
+    def encode(self, images: np.ndarray, budget: Budget) -> State:
+        if images.shape[-2] % self.size_multiple or images.shape[-1] % self.size_multiple:
+            raise InputError(f"image size {images.shape[-2]}x{images.shape[-1]} must be a multiple of the model "
+                             f"stride {self.size_multiple}")
+        *ctx, h = self._run("encode", {"images": np.ascontiguousarray(images, dtype=np.float32)})
+        return State(ctx=ctx, h=h, budget=budget)
+
+    def advance(self, states: list[State]) -> None:
+        _check_batch(states)
+        budget = states[0].budget
+        if any(s.budget != budget for s in states):
+            raise InputError("advance takes states of one group (the same budget)")
+        n = len(states)
+        cat = (lambda xs: xs[0]) if n == 1 else np.concatenate
+        feeds = {name: cat([s.ctx[i] for s in states]) for i, name in enumerate(self.ctx_names)}
+        feeds.update(h=cat([s.h for s in states]), active=np.ones(n, dtype=bool),
+                     iterations=np.array([s.iterations for s in states], dtype=np.int64),
+                     residual=np.array([s.residual for s in states], dtype=np.float32),
+                     streak=np.array([s.streak for s in states], dtype=np.int64),
+                     tol=np.array(solver_tol(budget), dtype=np.float32))
+        if self.policy != "tol":  # a fixed count on a policy graph: a patience that never runs out
+            fixed = not budget.early_exit or budget.policy == "tol"
+            feeds["threshold"] = np.array(0.0 if fixed else budget.threshold, dtype=np.float32)
+            feeds["patience"] = np.array(NEVER if fixed else budget.patience, dtype=np.int64)
+        _, h, active, iterations, residual, streak = self._run("step", feeds)
+        for i, s in enumerate(states):
+            s.h = h[i : i + 1]
+            s.active, s.iterations = bool(active[i]), int(iterations[i])
+            s.residual, s.streak = float(residual[i]), int(streak[i])
+
+    def readout(self, state: State) -> dict[str, np.ndarray]:
+        feeds = {name: state.ctx[i] for i, name in enumerate(self.ctx_names)}
+        values = self._run("readout", {**feeds, "h": state.h})
+        return {name: np.asarray(v, dtype=np.float32) for name, v in zip(self.heads, values)}
