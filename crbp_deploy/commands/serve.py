@@ -1,4 +1,4 @@
-"""`crbp-deploy serve`: start / stop a real TorchServe, or a local Ray Serve cluster, on 127.0.0.1."""
+"""`crbp-deploy serve`: start / stop a real TorchServe, a local Ray Serve cluster, or Triton, on 127.0.0.1."""
 from __future__ import annotations
 
 import time
@@ -12,9 +12,9 @@ from ..serving.engine import DEFAULT_ENGINE, ENGINES, get_engine
 
 
 def serve(
-    model_store: Path = typer.Option(Path("model_store"), "--model-store", help="Folder with .mar archives (all are served)."),
-    port: int = typer.Option(8080, "--port", help="Inference port P; TorchServe: management P+1, metrics P+2 (gRPC P+3, P+4); Ray: P+1..P+8 for the cluster."),
-    engine: str = typer.Option(DEFAULT_ENGINE, "--engine", help="torchserve (one machine) or ray (Ray Serve: replicas, scale-out)."),
+    model_store: Optional[Path] = typer.Option(None, "--model-store", help="Folder with .mar archives, all served (default model_store); Triton: the model repository (default model_repository)."),
+    port: int = typer.Option(8080, "--port", help="Inference port P; TorchServe: management P+1, metrics P+2 (gRPC P+3, P+4); Ray: P+1..P+8 for the cluster; Triton: gRPC P+1, metrics P+2."),
+    engine: str = typer.Option(DEFAULT_ENGINE, "--engine", help="torchserve (one machine), ray (Ray Serve: replicas, scale-out) or triton (Triton Inference Server)."),
     replicas: Optional[int] = typer.Option(None, "--replicas", help="Ray Serve replicas (--engine ray; default 1)."),
     no_auth: bool = typer.Option(False, "--no-auth", help="Turn token authorization off."),
     stop: bool = typer.Option(False, "--stop", help="Stop the server on --port (either engine) and wait until it has exited."),
@@ -28,7 +28,8 @@ def serve(
         return
     config = chosen.configure(port, auth=not no_auth, replicas=replicas)
     run = run_dir or chosen.default_run_dir(port)
-    server = chosen.start(model_store, config, run_dir=run, progress=typer.echo)
+    store = model_store or Path("model_repository" if engine == "triton" else "model_store")
+    server = chosen.start(store, config, run_dir=run, progress=typer.echo)
     for line in server.summary():
         typer.echo(line)
     _usage(server, port)
@@ -44,8 +45,11 @@ def _usage(server, port: int) -> None:
         typer.echo("  token auth OFF (--no-auth)")
         auth = ""
     first = server.models[0]
-    typer.echo(f"try: curl{auth} -H 'Content-Type: image/png' --data-binary @IMAGE.png {server.predictions_url(first)}")
-    typer.echo(f"  or: crbp-deploy predict IMAGE.png --url {server.predictions_url(first)}")
+    if server.engine != "triton":  # Triton takes KServe v2 requests (the image as a UINT8 tensor), not a raw body
+        typer.echo(f"try: curl{auth} -H 'Content-Type: image/png' --data-binary @IMAGE.png {server.predictions_url(first)}")
+        typer.echo(f"  or: crbp-deploy predict IMAGE.png --url {server.predictions_url(first)}")
+    else:
+        typer.echo(f"try: crbp-deploy predict IMAGE.png --url {server.predictions_url(first)}")
     typer.echo(f"stop: crbp-deploy serve --stop --port {port}")
 
 

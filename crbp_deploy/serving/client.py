@@ -1,6 +1,9 @@
 """A small HTTP client for a served panoptic model: standard library only, keep-alive per client.
 
-Used by `crbp-deploy predict --url`, the demo, the tests and the serving benchmark.
+Used by `crbp-deploy predict --url`, the demo, the tests and the serving benchmark. A URL ending in
+`/v2/models/NAME/infer` is a Triton model (package --format triton): the image goes as its UINT8 input
+`IMAGE` in KServe v2's binary form, the budget as request parameters, and the answer is read back from
+the `ANSWER` output (an error from Triton's `{"error": ...}`), so callers see the same `Answer`.
 """
 from __future__ import annotations
 
@@ -9,6 +12,7 @@ import http.client
 import json
 import math
 import os
+import re
 import socket
 import time
 import urllib.parse
@@ -21,6 +25,8 @@ from ..panoptic.predict import Prediction
 
 TOKEN_ENV = "CRBP_DEPLOY_TOKEN"
 DEFAULT_MODEL = "crbp-panoptic"
+V2_PATH = re.compile(r"^/v2/models/[^/]+(/versions/[^/]+)?/infer$")
+V2_HEADER = "Inference-Header-Content-Length"  # KServe v2 binary extension: JSON header, then raw tensor bytes
 
 
 def sniff_content_type(data: bytes) -> str:
@@ -145,6 +151,9 @@ class Client:
         if tol is not None:
             sent["X-Tol"] = repr(float(tol)) if isinstance(tol, float) and math.isfinite(tol) else str(tol)
         sent.update(headers or {})
+        v2 = bool(V2_PATH.match(self._path.split("?")[0]))
+        if v2:
+            data, sent = v2_binary(data, sent)
         started = time.perf_counter()
         for attempt in (0, 1):  # a kept-alive connection the server closed is retried once, fresh
             try:
@@ -160,6 +169,8 @@ class Client:
                 if attempt or not isinstance(exc, (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError)):
                     raise CrbpError(f"cannot reach {self.url}: {exc}") from None
         seconds = time.perf_counter() - started
+        if v2:
+            return Answer(response.status, v2_body(response.status, raw, response.getheader(V2_HEADER)), seconds)
         try:
             body = json.loads(raw.decode("utf-8"))
             if not isinstance(body, dict):
@@ -167,3 +178,36 @@ class Client:
         except (UnicodeDecodeError, ValueError):
             body = {"message": raw[:300].decode("utf-8", "replace")}
         return Answer(response.status, body, seconds)
+
+
+def v2_binary(image: bytes, headers: dict[str, str]) -> tuple[bytes, dict[str, str]]:
+    """A KServe v2 binary request carrying `image` as the UINT8 input IMAGE and asking for ANSWER in binary;
+    budget headers stay headers (the Triton engine forwards them to the model as parameters)."""
+    doc = {"inputs": [{"name": "IMAGE", "shape": [len(image)], "datatype": "UINT8",
+                       "parameters": {"binary_data_size": len(image)}}],
+           "outputs": [{"name": "ANSWER", "parameters": {"binary_data": True}}]}
+    head = json.dumps(doc).encode("utf-8")
+    sent = {k: v for k, v in headers.items() if k.lower() != "content-type"}
+    sent.update({"Content-Type": "application/octet-stream", V2_HEADER: str(len(head))})
+    return head + image, sent
+
+
+def v2_body(status: int, raw: bytes, header_length: str | None) -> dict[str, Any]:
+    """The service's JSON body from a KServe v2 response: the ANSWER output's bytes, or for an error the
+    JSON inside Triton's `{"error": ...}` (Triton's own errors become {"status", "message"})."""
+    try:
+        if header_length is not None:  # binary: JSON header, then the output bytes
+            return json.loads(raw[int(header_length):].decode("utf-8"))
+        doc = json.loads(raw.decode("utf-8"))
+        if "outputs" in doc:
+            return json.loads(bytes(doc["outputs"][0]["data"]).decode("utf-8"))
+        message = str(doc.get("error", doc))
+    except (UnicodeDecodeError, ValueError, KeyError, IndexError, TypeError):
+        return {"status": status, "message": raw[:300].decode("utf-8", "replace")}
+    try:
+        inner = json.loads(message)
+        if isinstance(inner, dict) and "message" in inner:
+            return inner
+    except ValueError:
+        pass
+    return {"status": status, "message": message}

@@ -1,10 +1,11 @@
-"""One `Engine` interface over the servers this project starts (TorchServe, Ray Serve; Triton next), so
+"""One `Engine` interface over the servers this project starts (TorchServe, Ray Serve, Triton), so
 `serve`, `demo` and the tests start, find and stop a server without knowing which engine runs it.
 
 A base class rather than a bare Protocol because the engines share more than names: the `.mar` store, a run
 folder per engine and port, TorchServe's key file layout (`predict --url` finds either token), the refusals
 before starting, the /ping probe, and how a server's processes are found and ended. A new engine adds
-`configure`, `start`, `stop`, `running`, `log_dir`, and one line in `ENGINES`.
+`configure`, `start`, `stop`, `running`, `log_dir`, and one line in `ENGINES`; an engine that serves
+something else than a folder of `.mar` archives (Triton: a model repository) also `models_in`.
 
 Every process a server starts carries `CRBP_DEPLOY_RUN=<run folder>` in its environment (children inherit
 it, a daemon reparented to pid 1 keeps it), so `processes(run)` finds all of them and `stop` ends all of
@@ -27,7 +28,8 @@ from typing import Any, ClassVar
 from ..errors import CrbpError, InputError
 
 #: --engine name -> "module:class"; imported on use, so the CLI loads only the engine it runs.
-ENGINES = {"torchserve": "crbp_deploy.serving.server:TorchServe", "ray": "crbp_deploy.serving.ray_engine:RayServe"}
+ENGINES = {"torchserve": "crbp_deploy.serving.server:TorchServe", "ray": "crbp_deploy.serving.ray_engine:RayServe",
+           "triton": "crbp_deploy.serving.triton_engine:Triton"}
 DEFAULT_ENGINE = "torchserve"
 STATE_ENV = "CRBP_DEPLOY_STATE"
 KEY_FILE = "key_file.json"
@@ -224,6 +226,12 @@ class Engine(ABC):
     gone: ClassVar[str]  # what `serve --foreground` says when the server dies; {logs} is log_dir(run)
     requires: ClassVar[tuple[tuple[str, str], ...]]  # (module to import, pip package)
     install: ClassVar[str]  # the error when one is missing; {missing} lists the packages
+    store_noun: ClassVar[str] = "model store"  # what --model-store names for this engine
+    build_hint: ClassVar[str] = "crbp-deploy package"  # how to build one
+
+    def models_in(self, store: Path) -> list[str]:
+        """The model names `store` offers (default: its .mar archives)."""
+        return store_models(store)
 
     def default_run_dir(self, port: int) -> Path:
         """Where `crbp-deploy serve --port P` keeps its files: $CRBP_DEPLOY_STATE or ~/.cache/crbp-deploy."""
@@ -246,15 +254,16 @@ class Engine(ABC):
         self.check_installed()
         store = Path(model_store).resolve()
         if not store.is_dir():
-            raise CrbpError(f"model store {store} does not exist; build an archive first: crbp-deploy package")
-        available = store_models(store)
+            raise CrbpError(f"{self.store_noun} {store} does not exist; build one first: {self.build_hint}")
+        available = self.models_in(store)
         models = list(models) if models is not None else available
         if not models:
-            raise CrbpError(f"no .mar archives in {store}; build one first: crbp-deploy package")
+            what = ".mar archives" if self.store_noun == "model store" else "models"
+            raise CrbpError(f"no {what} in {store}; build one first: {self.build_hint}")
         missing = sorted(set(models) - set(available))
         if missing:
             found = ", ".join(available) or "none"
-            raise CrbpError(f"not in {store}: {', '.join(m + '.mar' for m in missing)} (found: {found})")
+            raise CrbpError(f"not in {store}: {', '.join(missing)} (found: {found})")
         run = private_dir(Path(run_dir or self.default_run_dir(config.port)).resolve())
         live = self.running(run)
         if live:

@@ -21,9 +21,13 @@ client cannot tell the two engines apart:
   docs/deploy.md lists the difference (methods other than POST: 405 here; a malformed multipart body:
   400 here).
 
-Batching: `serve.batch` collects up to the archive's `batchSize` requests within `maxBatchDelay` ms
-per replica; `PanopticService.handle` then groups them by model, budget and image size (only same-size,
-same-budget images share a model call), exactly as in the TorchServe handler.
+Scheduling: each replica runs every model under the iteration-level `Scheduler` (scheduled.py): the
+deployment is async, a request is parsed off the event loop, joins the scheduler's slots between two
+solver steps and leaves as soon as its halting fires, while the scheduler's background thread ticks.
+`scheduler: {"mode": "request"}` in the args gives request-level batching through the same path (for
+comparison), `scheduler: null` the whole-request batching of TorchServe: `serve.batch` collects up to
+the archive's `batchSize` requests within `maxBatchDelay` ms and `PanopticService.handle` groups them by
+budget and size. An artifact no stepper can run step by step (logged at start) is served that way too.
 """
 from __future__ import annotations
 
@@ -43,6 +47,8 @@ from ray import serve
 from starlette.requests import Request
 from starlette.responses import Response
 
+from ..errors import CrbpError
+from .scheduled import ScheduledService, SchedulerConfig
 from .service import PanopticService, RawRequest, Reply, ServiceConfig, error_reply
 
 log = logging.getLogger(__name__)
@@ -170,7 +176,8 @@ async def to_raw_request(request: Request, query_fields: bool, limit: int = 21 *
 class PanopticIngress:
     """One replica: every model of the store loaded once, requests batched per replica."""
 
-    def __init__(self, models: list[dict], key: str | None = None, max_request_bytes: int = 21 * 1024 * 1024):
+    def __init__(self, models: list[dict], key: str | None = None, max_request_bytes: int = 21 * 1024 * 1024,
+                 scheduler: dict | None = None):
         import torch
 
         threads = max(int(m["service"].get("threads", 1)) for m in models)
@@ -179,6 +186,8 @@ class PanopticIngress:
             m["name"]: PanopticService(m["model_file"], ServiceConfig.from_dict(m["service"]), name=m["name"])
             for m in models
         }
+        self.scheduled = _scheduled(self.services, scheduler)
+        self.parse_pool = ThreadPoolExecutor(1)  # image decoding off the event loop
         self.versions = {m["name"]: m.get("version", "") for m in models}
         self.key = key
         self.max_request_bytes = max_request_bytes
@@ -260,8 +269,28 @@ class PanopticIngress:
         except BodyTooLarge as exc:
             return _ts_error(413, "RequestEntityTooLarge",
                              f"request body passed {self.max_request_bytes} bytes ({exc.args[0]} received); refused before reading the rest")
-        reply = await self.predict((name, raw))
-        return Response(reply.json(), reply.status, media_type="application/json")
+        if name in self.scheduled:
+            loop = asyncio.get_running_loop()
+            pending = await loop.run_in_executor(self.parse_pool, self.scheduled[name].submit, raw)
+            reply = await asyncio.wrap_future(pending)
+        else:
+            reply = await self.predict((name, raw))
+        return Response(reply.json(), reply.status, media_type="application/json", headers=reply.headers or None)
+
+
+def _scheduled(services: dict[str, PanopticService], scheduler: dict | None) -> dict[str, ScheduledService]:
+    """A started ScheduledService per model (none with `scheduler=None`); a model whose artifact no stepper
+    runs keeps whole-request batching, and the log says so."""
+    if scheduler is None:
+        return {}
+    config = SchedulerConfig.from_dict(scheduler)
+    out = {}
+    for name, service in services.items():
+        try:
+            out[name] = ScheduledService(service, config).start()
+        except CrbpError as exc:
+            log.warning("%s: no iteration-level scheduling (%s); batching whole requests", name, exc)
+    return out
 
 
 def build_app(args: dict[str, Any]):
@@ -269,7 +298,8 @@ def build_app(args: dict[str, Any]):
 
     args: model_store (folder of .mar), unpack_dir (where to unpack them; default model_store/.ray),
     key_file (TorchServe-style key_file.json; none = no auth), num_replicas or autoscaling_config,
-    threads (CPUs per replica), max_ongoing_requests.
+    threads (CPUs per replica), max_ongoing_requests, scheduler (SchedulerConfig keys; default
+    iteration-level with 8 slots; null = whole-request batching).
     """
     from .engine import read_keys
 
@@ -288,4 +318,5 @@ def build_app(args: dict[str, Any]):
     else:
         options["num_replicas"] = int(args.get("num_replicas", 1))
     deployment = serve.deployment(PanopticIngress, name="PanopticIngress").options(**options)
-    return deployment.bind(models, key)
+    scheduler = args.get("scheduler", {})  # an absent key: the default scheduler; null: none
+    return deployment.bind(models, key, 21 * 1024 * 1024, scheduler)
