@@ -124,6 +124,18 @@ def test_deadline_returns_the_current_answer(pathfinder):
     assert scheduler.run_all([other])[0].iterations == 10  # the others run on
 
 
+def test_deadline_is_kept_in_request_mode_too(pathfinder):
+    clock = FakeClock()
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=2, mode="request", clock=clock)
+    hard = scheduler.submit(images(1)[0], {"iters": 30})
+    urgent = scheduler.submit(images(1)[0], {"iters": 30}, deadline=1.0)
+    scheduler.tick()
+    clock.now = 1.0
+    scheduler.tick()
+    assert (urgent.result(0).stopped, urgent.result(0).iterations) == ("deadline", 1) and not hard.done()
+    assert scheduler.run_all([hard])[0].iterations == 30
+
+
 def test_deadline_passed_in_the_queue_answers_at_zero_steps(pathfinder):
     clock = FakeClock()
     scheduler = Scheduler(TorchStepper(pathfinder), slots=1, clock=clock)

@@ -22,7 +22,7 @@ Choices, and why:
   is refused at submit (413).
 - `mode="request"` emulates request-level batching for comparison: a batch (up to `slots` waiting
   requests) is admitted only when every slot is free, and its answers are released together when its
-  slowest member is done.
+  slowest member is done; only a deadline (a promise about time) releases an answer before that.
 - The waiting queue is bounded: a submit past `max_queue` raises Overloaded (503, Retry-After);
   nothing is dropped silently, and every admitted request ends with an answer or its error.
 
@@ -132,7 +132,7 @@ class Scheduler:
             raise InputError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
         self.stepper, self.mode, self.clock = stepper, mode, clock
         self.slots = _count("slots", slots, 1, MAX_SLOTS)
-        self.max_queue = _count("max_queue", max_queue, 0, 1_000_000)
+        self.max_queue = _count("max_queue", max_queue, 1, 1_000_000)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []  # at most `slots`
         self._held: list[tuple[_Request, Outcome]] = []  # request mode: answers waiting for their batch
@@ -264,6 +264,8 @@ class Scheduler:
             with self._cond:
                 self._running.remove(request)
                 self._held.append((request, outcome))
+            if why == "deadline":  # at once in both modes (held in request mode, it is answered already)
+                self._answer(request, outcome)
         return bool(done)
 
     def _readout(self, request: _Request, why: str) -> Outcome:
@@ -280,13 +282,17 @@ class Scheduler:
             if not self._held or (self.mode == "request" and self._running and not force):
                 return
             held, self._held = self._held, []
-        now = time.perf_counter()
         for request, outcome in held:
-            outcome.timings["total_ms"] = 1000 * (now - request.submitted)
-            in_slot = now - (request.admitted or request.submitted)
-            self._service_s = in_slot if not self._service_s else 0.9 * self._service_s + 0.1 * in_slot
-            if not request.ticket.future.done():
-                request.ticket.future.set_result(outcome)
+            self._answer(request, outcome)
+
+    def _answer(self, request: _Request, outcome: Outcome) -> None:
+        if request.ticket.future.done():
+            return
+        now = time.perf_counter()
+        outcome.timings["total_ms"] = 1000 * (now - request.submitted)
+        in_slot = now - (request.admitted or request.submitted)
+        self._service_s = in_slot if not self._service_s else 0.9 * self._service_s + 0.1 * in_slot
+        request.ticket.future.set_result(outcome)
 
     def _fail(self, requests: list[_Request], exc: BaseException) -> None:
         if not isinstance(exc, CrbpError):
@@ -345,9 +351,13 @@ class Scheduler:
                 if self._stopping:
                     return
             try:
-                self.tick()
+                idle = not self.tick()
             except Exception:  # noqa: BLE001  (tick fails requests, not itself; never let the loop die)
                 log.exception("scheduler: tick failed")
+                idle = True
+            if idle:  # work that cannot move this instant: never a busy spin
+                with self._cond:
+                    self._cond.wait(0.01)
 
     def stop(self, timeout: float | None = 30.0) -> None:
         """Finish the work in hand (up to `timeout` s), stop the thread; what is left is refused (503)."""
