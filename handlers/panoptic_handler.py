@@ -10,7 +10,9 @@ crbp_deploy/serving/metrics.py.
 package`; TorchServe puts the archive folder first on sys.path), falling back to an installed copy.
 Request formats: raw body (`/predictions/NAME`, budget in headers X-Max-Iters / X-Tol), multipart
 (field `data`, budget fields `max_iters` / `tol`), `/invocations?model_name=NAME&max_iters=..` and
-KServe's Open Inference Protocol v2 envelope (a BYTES input holding the base64 image).
+KServe's Open Inference Protocol v2 envelope (a BYTES input holding the base64 image). Per request also
+X-Deadline-Ms, X-Scale (card | native) and X-Client-Id (admission share); refusals for overload carry
+Retry-After (`context.set_response_header`).
 """
 from __future__ import annotations
 
@@ -84,6 +86,8 @@ class PanopticHandler(BaseHandler):
                 context.set_response_content_type(i, "application/json")
                 if reply.status != 200:
                     context.set_response_status(reply.status, reply.reason, idx=i)
+                for key, value in reply.headers.items():  # Retry-After on 429 / 503
+                    context.set_response_header(i, key, value)
             self._record(reply, context.model_name)
         return [reply.json() for reply in replies]
 

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import time
-from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -29,7 +28,7 @@ import numpy as np
 from ..artifact import read_card
 from ..budget import MAX_ITERATIONS, Budget
 from ..config import StrictConfig
-from ..errors import ConfigError, CrbpError, InputError, RequestError
+from ..errors import ConfigError, CrbpError, InputError, Overloaded, RequestError
 from ..imageio import ImageLimits, decode_image
 from ..modelcard import ModelCard
 from ..panoptic.encoding import encode_png
@@ -252,7 +251,7 @@ class PanopticService:
         calibration = card.inference.get("calibration") or {}
         #: the iterations an image takes on average under the card's budget (the admission estimate)
         self.mean_iterations = float(calibration.get("mean_iterations") or self.default_budget["max_iters"])
-        self.capacity, self.overhead = self._measure_speed()
+        self.capacity, self.overhead, self.post_s_per_pixel = self._measure_speed()
         self.admission = Admission(self.capacity, self.config.deadline_ms / 1000, self.config.client_share) \
             if self.config.admission else None
         self.categories = [dict(c) for c in card.categories]
@@ -264,6 +263,7 @@ class PanopticService:
             and self.backend.providers == ["CPUExecutionProvider"]
         )
         self.limits = self.config.limits()
+        self.scheduler = self._scheduler()
 
     def _default_budget(self, card: ModelCard) -> dict[str, Any]:
         # a fixed-count card: serve early exit with the artifact's defaults (else the default budget)
@@ -275,25 +275,46 @@ class PanopticService:
             )
         return budget
 
-    def _measure_speed(self) -> tuple[float, float]:
-        """(pixel-iterations per second, encoder + readout in steps) of this worker, from three short runs at
-        the trained scale (one warm-up); `capacity` in the config overrides the speed."""
+    def _scheduler(self):
+        """S's iteration-level scheduler where this artifact can be stepped (a checkpoint today), else None."""
+        from ..runtime.stepper import load_stepper
+        from .scheduler import Scheduler
+
+        if self.backend.name != "torch" or self.config.precision != "fp32":
+            return None
+        try:
+            stepper = load_stepper(getattr(self.backend, "model", None) or self.path, "torch", self.config.threads)
+        except CrbpError as exc:
+            log.info("no stepper for %s (%s): the deadline bounds iterations up front", self.path.name, exc)
+            return None
+        # one slot: PyTorch's last bits depend on the batch (see the module docstring), and an answer must not
+        # depend on who else was asking; the scheduler still gives the wall-clock stop at each deadline
+        return Scheduler(stepper, slots=1, mode="iteration", max_queue=64)
+
+    def _measure_speed(self) -> tuple[float, float, float]:
+        """(pixel-iterations per second, encoder + readout in steps, postprocess seconds per pixel) of this
+        worker, from short runs of a noise image at the trained scale (after a warm-up). Noise after one step
+        is the postprocess's worst case (many fragments). `capacity` in the config overrides the speed."""
         side = self.predictor.trained or 64
         side += (-side) % self.backend.size_multiple
         image = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
-        times, steps = [], []
+        times, steps, pixels = [], [], side * side
         for n in (1, 1, 4):
             budget = Budget.from_dict(self.default_budget).merge({"max_iters": n, "tol": 0.0}).kwargs()
             started = time.perf_counter()
-            out = self.backend.run(image, **budget)
+            out = self.backend.run(image, **budget).outputs
             times.append(time.perf_counter() - started)
-            steps.append(int(np.asarray(out.outputs["iterations"]).reshape(-1)[0]))
-        (t1, t4), (n1, n4), pixels = times[1:], steps[1:], side * side
+            steps.append(int(np.asarray(out["iterations"]).reshape(-1)[0]))
+            if n == 1:
+                started = time.perf_counter()
+                self.predictor.decode(out, (side, side), budget, 0.0)
+                post = (time.perf_counter() - started) / pixels
+        (t1, t4), (n1, n4) = times[1:], steps[1:]
         step = (t4 - t1) / (n4 - n1) if n4 > n1 and t4 > t1 else t1 / 2.5
         overhead = min(10.0, max(0.0, t1 / step - n1))
-        speed = self.config.capacity or pixels / step
-        log.info("measured %.3g pixel-iterations/s, encoder + readout = %.2f steps", pixels / step, overhead)
-        return speed, overhead
+        log.info("measured %.3g pixel-iterations/s, encoder + readout = %.2f steps, postprocess %.3g us/pixel",
+                 pixels / step, overhead, post * 1e6)
+        return self.config.capacity or pixels / step, overhead, post
 
     def describe(self) -> dict[str, Any]:
         return {
@@ -403,12 +424,12 @@ class PanopticService:
         h, w = parsed.image.shape[:2]
         pixels = h * w
         by_cost = self.config.max_cost // pixels
-        seconds = parsed.deadline_ms / 1000 * DEADLINE_MARGIN
+        seconds = parsed.deadline_ms / 1000 * DEADLINE_MARGIN - self.post_s_per_pixel * pixels
         by_deadline = math.floor(self.capacity * seconds / pixels - self.overhead)
         if by_cost < 1 or by_deadline < 1:
             what = (f"the cost cap of {self.config.max_cost} pixel-iterations" if by_cost < 1 else
-                    f"the {parsed.deadline_ms:g} ms deadline (one step here takes ~{1000 * pixels / self.capacity:.0f} ms "
-                    f"plus ~{self.overhead:.1f} steps of encoder and readout)")
+                    f"the {parsed.deadline_ms:g} ms deadline (one step here takes ~{1000 * pixels / self.capacity:.0f} ms, "
+                    f"encoder and readout ~{self.overhead:.1f} steps, grouping ~{1000 * self.post_s_per_pixel * pixels:.0f} ms)")
             hint = " at scale=card (X-Scale: card)" if parsed.scale == "native" and self.predictor.trained else " smaller"
             raise RequestError(f"a {h}x{w} image cannot get even one solver step within {what}; send it{hint}", 413)
         budget = dict(parsed.budget)
@@ -423,27 +444,55 @@ class PanopticService:
         return parsed
 
     def run(self, parsed: Sequence[Parsed]) -> list[Reply]:
-        """Predict valid requests: one model call per (budget, size) group; a failing group fails alone."""
+        """Predict valid requests: one model call per (budget, size) group; a failing group fails alone.
+        Where the artifact steps (a checkpoint: runtime.stepper), the scheduler runs them instead, and the
+        deadline is a wall-clock stop rather than the iterations estimated to fit it."""
+        if self.scheduler is not None:
+            return self._run_scheduled(parsed)
         replies: list[Reply | None] = [None] * len(parsed)
+        for chunk in self._chunks(parsed):
+            started = time.perf_counter()
+            try:
+                budget = self._fit([parsed[i] for i in chunk])
+                preds = self.predictor.predict([parsed[i].image for i in chunk], scale="native", **budget)
+            except RequestError as exc:  # out of time before its turn came: refused, not late
+                for i in chunk:
+                    replies[i] = refusal(exc)
+                continue
+            except Exception as exc:  # the runtime's own failures: answer 500 for this group only
+                log.exception("inference failed for %d request(s)", len(chunk))
+                for i in chunk:
+                    replies[i] = error_reply(500, f"inference failed: {exc}")
+                continue
+            self.observe([parsed[i] for i in chunk], preds, time.perf_counter() - started)
+            for i, pred in zip(chunk, preds):
+                replies[i] = self.reply_for(parsed[i], pred, batch=len(chunk))
+        return replies  # type: ignore[return-value]
+
+    def _chunks(self, parsed: Sequence[Parsed]) -> list[list[int]]:
+        """Model calls: requests of one budget and working size together (where batching is exact), cheapest first."""
         groups: dict[tuple, list[int]] = {}
         for i, p in enumerate(parsed):
-            groups.setdefault(tuple(sorted(p.budget.items())), []).append(i)
-        for key, members in groups.items():
-            chunks = [members] if self.batch_invariant else [[i] for i in members]
-            for chunk in chunks:
-                started = time.perf_counter()
-                try:
-                    preds = self.predictor.predict([parsed[i].image for i in chunk], scale="native", **dict(key))
-                except Exception as exc:  # the runtime's own failures: answer 500 for this group only
-                    log.exception("inference failed for %d request(s)", len(chunk))
-                    for i in chunk:
-                        replies[i] = error_reply(500, f"inference failed: {exc}")
-                    continue
-                self.observe([parsed[i] for i in chunk], preds, time.perf_counter() - started)
-                sizes = Counter(parsed[i].image.shape[:2] for i in chunk)
-                for i, pred in zip(chunk, preds):
-                    replies[i] = self.reply_for(parsed[i], pred, batch=sizes[parsed[i].image.shape[:2]])
-        return replies  # type: ignore[return-value]
+            groups.setdefault((tuple(sorted(p.budget.items())), p.image.shape[:2]), []).append(i)
+        chunks = [g for members in groups.values() for g in ([members] if self.batch_invariant else [[i] for i in members])]
+        return sorted(chunks, key=lambda c: sum(parsed[i].cost for i in c))
+
+    def _fit(self, chunk: Sequence[Parsed]) -> dict[str, Any]:
+        """The chunk's budget, its max_iters lowered to what fits before its earliest deadline now (a request
+        that waited behind others in its batch has less time); 503 when not one step fits any more."""
+        budget = dict(chunk[0].budget)
+        pixels = sum(p.image.shape[0] * p.image.shape[1] for p in chunk)
+        remaining = min(p.deadline for p in chunk) - time.monotonic() if chunk[0].deadline else math.inf
+        seconds = remaining * DEADLINE_MARGIN - self.post_s_per_pixel * pixels
+        allowed = math.floor(self.capacity * seconds / pixels - self.overhead) if math.isfinite(remaining) else None
+        if allowed is not None and allowed < 1:
+            raise Overloaded(f"this request waited past its {chunk[0].deadline_ms:g} ms deadline behind others in its "
+                             "batch; retry", 503, retry_after_s=1.0)
+        if allowed is not None and allowed < budget.get("max_iters", 0):
+            budget["max_iters"] = allowed
+            for p in chunk:
+                p.bound, p.budget = "deadline", budget
+        return budget
 
     def admit(self, parsed: Parsed) -> Parsed:
         """Charge the request's estimated cost, or raise Overloaded: 503 at capacity, 429 over the client's share."""
@@ -452,7 +501,7 @@ class PanopticService:
         return parsed
 
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
-        """Parse every request, run the valid ones together; a bad request never fails the others."""
+        """Parse and admit every request, run the admitted ones together; a bad request never fails the others."""
         replies: list[Reply | None] = [None] * len(requests)
         valid: list[tuple[int, Parsed]] = []
         for i, raw in enumerate(requests):
@@ -466,6 +515,29 @@ class PanopticService:
         for (i, _), reply in zip(valid, self.run([p for _, p in valid])):
             replies[i] = reply
         return replies  # type: ignore[return-value]
+
+    def _run_scheduled(self, parsed: Sequence[Parsed]) -> list[Reply]:
+        """Every request in the scheduler's slots at once; each stops at its deadline or cost cap at the latest."""
+        replies: list[Reply] = []
+        # the scheduler's stop leaves room for the readout and the grouping after it
+        tickets = [self.scheduler.submit(p.image, p.budget, max_cost=self.config.max_cost, deadline=p.deadline - (
+            self.post_s_per_pixel * p.image.shape[0] * p.image.shape[1] + self.overhead * p.image.shape[0]
+            * p.image.shape[1] / self.capacity)) for p in parsed]
+        for p, ticket in zip(parsed, tickets):
+            self.scheduler.run_all([ticket])
+            try:
+                outcome = ticket.result()
+                out = {**outcome.heads, "iterations": np.array([outcome.iterations]),
+                       "residual": np.array([outcome.residual]), "stopped": [outcome.stopped]}
+                model_ms = sum(v for k, v in outcome.timings.items() if k in ("encode_ms", "step_ms", "readout_ms"))
+                pred = self.predictor.decode(out, p.image.shape[:2], p.budget, model_ms)[0]
+            except Exception as exc:  # this request's failure alone
+                log.exception("inference failed for one request")
+                replies.append(error_reply(500, f"inference failed: {exc}"))
+                continue
+            self.observe([p], [pred], model_ms / 1000)
+            replies.append(self.reply_for(p, pred, batch=1))  # each row steps as it would alone
+        return replies
 
     def observe(self, parsed: Sequence[Parsed], preds: Sequence[Prediction], seconds: float) -> None:
         """Teach admission this worker's speed from one model call (its images' pixel-iterations)."""
