@@ -257,6 +257,40 @@ def test_background_loop_threads_and_asyncio(pathfinder):
         assert_solo(pathfinder, outcome, image, {"max_iters": 20, "tol": 1e-2})
 
 
+
+def test_a_failing_step_fails_its_requests_not_the_loop(pathfinder):
+    """A model error reaches the tickets in that step as one error; the loop goes on serving."""
+    from crbp_deploy.errors import CrbpError
+
+    stepper = TorchStepper(pathfinder)
+    advance, calls = stepper.advance, []
+
+    def flaky(states):
+        calls.append(len(states))
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        advance(states)
+
+    stepper.advance = flaky
+    with Scheduler(stepper, slots=2) as scheduler:
+        broken = [scheduler.submit(image, {"iters": 5}) for image in images(2)]
+        for ticket in broken:
+            with pytest.raises(CrbpError, match="model failed on this request: RuntimeError: boom"):
+                ticket.result(timeout=30)
+        assert scheduler.submit(images(1)[0], {"iters": 3}).result(timeout=30).iterations == 3
+
+
+def test_stop_answers_or_refuses_everything(pathfinder):
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=1)
+    quick = scheduler.submit(images(1)[0], {"iters": 2})
+    scheduler.stop(timeout=0)  # no time to drain: what is left is refused, never lost
+    with pytest.raises(Overloaded, match="stopped before this request was answered"):
+        quick.result(0)
+    assert scheduler.pending() == 0
+    done = scheduler.submit(images(1)[0], {"iters": 2})
+    scheduler.stop()  # drains first
+    assert done.result(0).iterations == 2
+
 # --- the ONNX pieces on onnxruntime ---------------------------------------------------------------
 
 
