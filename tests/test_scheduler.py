@@ -204,7 +204,8 @@ def test_bad_budgets_refused(panoptic, budget, match):
     scheduler = Scheduler(TorchStepper(panoptic))
     image = images(1, (16, 16), 3)[0]
     with pytest.raises(InputError, match=match):
-        scheduler.run_all([scheduler.submit(image, budget)])
+        scheduler.submit(image, budget)  # refused up front, not in a tick
+    assert scheduler.pending() == 0
 
 
 @pytest.mark.parametrize("image, match", [

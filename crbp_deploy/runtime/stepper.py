@@ -74,8 +74,11 @@ class Stepper(ABC):
     heads: tuple[str, ...] = ()
     default_budget: Budget
 
-    def budget(self, request: Mapping[str, Any] | None = None) -> Budget:
-        """The request's budget over this stepper's default (Budget's rules; InputError naming the problem)."""
+    def budget(self, request: Mapping[str, Any] | Budget | None = None) -> Budget:
+        """The request's budget keys over this stepper's default, or a Budget as it is; InputError naming the
+        problem (Budget's rules, or a policy this model cannot run)."""
+        if isinstance(request, Budget):
+            return request
         return self.default_budget.merge(dict(request or {}))
 
     def check_image(self, image: np.ndarray) -> np.ndarray:
@@ -139,15 +142,19 @@ class TorchStepper(Stepper):
         self.size_multiple = int(getattr(model, "stride", 1) or 1)
         self.default_budget = ModelCard.of(model).budget
 
+    def budget(self, request: Mapping[str, Any] | Budget | None = None) -> Budget:
+        from ..models.solver import Halting
+
+        budget = super().budget(request)
+        if budget.early_exit and budget.policy != "tol":
+            Halting.of(self.model, budget.policy, budget.threshold, budget.patience)  # e.g. learned without a head
+        return budget
+
     def group(self, budget: Budget) -> Hashable:
         return budget.policy if budget.early_exit else "tol"
 
     @torch.no_grad()
     def encode(self, images: np.ndarray, budget: Budget) -> State:
-        from ..models.solver import Halting
-
-        if budget.early_exit and budget.policy != "tol":
-            Halting.of(self.model, budget.policy, budget.threshold, budget.patience)  # e.g. learned without a head
         x = torch.as_tensor(images, dtype=torch.float32, device=self.device)
         self.model.check_images(x)
         ctx = self.model.encode(x)
@@ -263,13 +270,13 @@ class OrtStepper(Stepper):
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CrbpError(f"{path}: onnxruntime cannot load it ({first})") from None
 
-    def budget(self, request: Mapping[str, Any] | None = None) -> Budget:
+    def budget(self, request: Mapping[str, Any] | Budget | None = None) -> Budget:
         """As the Loop artifact: a request may set tol, max_iters, threshold and patience, a fixed count, or the
         tol policy (the step's policy then never stops a sample), but not another policy than the step computes."""
-        request = dict(request or {})
-        policy = request.get("policy")
+        given = request.kwargs() if isinstance(request, Budget) else dict(request or {})
+        policy = given.get("policy", "tol")
         if policy not in (None, "tol", self.policy):
-            Budget.DEFAULT.merge({k: request.get(k) for k in ("policy", "threshold", "patience")})
+            Budget.DEFAULT.merge({k: given.get(k) for k in ("policy", "threshold", "patience")})
             raise InputError(f"{self.path.name}'s step computes the {self.policy} halting policy; a request may set "
                              f"its threshold and patience, not another policy ({policy}): re-export with --policy {policy}")
         return super().budget(request)

@@ -161,7 +161,7 @@ class Scheduler:
 
     def _request(self, image, budget, deadline, max_cost, key) -> _Request:
         image = self.stepper.check_image(image)
-        budget = budget if isinstance(budget, Budget) else self.stepper.budget(budget)
+        budget = self.stepper.budget(budget)
         deadline, max_cost = _number("deadline", deadline), _number("max_cost", max_cost)
         h, w = image.shape[:2]
         if max_cost is not None and max_cost < h * w:
