@@ -292,6 +292,28 @@ def test_stop_answers_or_refuses_everything(pathfinder):
     scheduler.stop()  # drains first
     assert done.result(0).iterations == 2
 
+
+def test_a_cancelled_request_frees_its_slot(pathfinder):
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=1)
+    running = scheduler.submit(images(1)[0], {"iters": 50})
+    queued = scheduler.submit(images(1)[0], {"iters": 50})
+    after = scheduler.submit(images(1)[0], {"iters": 2})
+    scheduler.tick()
+    assert running.cancel() and queued.cancel()
+    assert scheduler.run_all([after])[0].iterations == 2 and scheduler.ticks <= 4
+    assert scheduler.pending() == 0
+
+
+def test_a_small_lane_is_not_stalled_by_a_large_one(panoptic):
+    """Lanes share ticks by compute per request: small images keep moving while a large one runs."""
+    scheduler = Scheduler(TorchStepper(panoptic), slots=4)
+    large = scheduler.submit(images(1, (96, 96), 3)[0], {"iters": 40})
+    scheduler.tick()
+    small = [scheduler.submit(image, {"iters": 4}) for image in images(2, (16, 16), 3)]
+    scheduler.run_all(small)
+    assert not large.done()  # the small ones ran their 4 steps beside it, not after its 40
+    assert scheduler.run_all([large])[0].iterations == 40
+
 # --- the ONNX pieces on onnxruntime ---------------------------------------------------------------
 
 

@@ -68,7 +68,8 @@ class Outcome:
 
 class Ticket:
     """A submitted request's handle: `result(timeout)` blocks, `await ticket` suspends, `future` is the
-    underlying concurrent.futures.Future (its exception is the request's error)."""
+    underlying concurrent.futures.Future (its exception is the request's error). Cancelling it (or the
+    asyncio task awaiting it) frees its slot."""
 
     def __init__(self, key: str | None = None):
         self.key = key
@@ -76,6 +77,10 @@ class Ticket:
 
     def done(self) -> bool:
         return self.future.done()
+
+    def cancel(self) -> bool:
+        """Give up on this request: it leaves the queue or its slot at the next tick (False if answered)."""
+        return self.future.cancel()
 
     def result(self, timeout: float | None = None) -> Outcome:
         return self.future.result(timeout)
@@ -196,11 +201,15 @@ class Scheduler:
             return worked
 
     def _admit(self) -> list[_Request]:
-        with self._cond:
+        with self._cond:  # a cancelled ticket leaves its slot first, unanswered (nobody waits for it)
+            self._running = [r for r in self._running if not r.ticket.future.cancelled()]
             if self.mode == "request" and (self._running or self._held):
                 return []
-            free = self.slots - len(self._running)
-            admitted = [self._waiting.popleft() for _ in range(min(free, len(self._waiting)))]
+            admitted = []
+            while self._waiting and len(self._running) + len(admitted) < self.slots:
+                request = self._waiting.popleft()
+                if not request.ticket.future.cancelled():  # a client that gave up takes no slot
+                    admitted.append(request)
             self._running.extend(admitted)
             return admitted
 
