@@ -132,10 +132,23 @@ def _check_limit(service: ServiceConfig, card: ModelCard) -> None:
         )
 
 
+def check_deadline(service: ServiceConfig, config: ArchiveConfig) -> None:
+    """The per-request deadline must sit well inside TorchServe's response timeout: a batch waits behind at
+    most one batch in its worker and every request of a batch ends by its deadline, so a deadline of a
+    quarter of the timeout leaves the timeout (which kills the worker) unreachable with room to spare."""
+    if service.deadline_ms > config.response_timeout_s * 1000 / 4:
+        raise ConfigError(
+            f"deadline_ms={service.deadline_ms} is not well inside response_timeout_s={config.response_timeout_s} "
+            f"(at most a quarter of it, {config.response_timeout_s * 250} ms): lower the deadline or raise the timeout"
+        )
+
+
 def _stage_model(file: Path, kind: str, fmt: str, name: str, source: str, stage: Path, extra: Path,
                  say: Callable[[str], None]) -> tuple[Path, ModelCard, dict[str, Any] | None]:
     """Put the model file in `stage` (and its sidecar in `extra`): an ONNX export as it is, a checkpoint
     exported to ONNX (`fmt` onnx) or copied. Returns (model file, card, export info or None)."""
+    from ..export.pieces import pieces_dir
+
     if kind == "onnx":
         sidecar = read_sidecar(file)
         card = read_card(file)
@@ -146,6 +159,8 @@ def _stage_model(file: Path, kind: str, fmt: str, name: str, source: str, stage:
         model_file = stage / f"{name}.onnx"
         shutil.copy2(file, model_file)
         shutil.copy2(sidecar_path(file), extra / f"{model_file.name}.json")
+        if pieces_dir(file).is_dir():  # what the Ray engine's iteration-level scheduler steps
+            shutil.copytree(pieces_dir(file), extra / pieces_dir(model_file).name)
         return model_file, card, None
     from .. import checkpoint
     from ..export import export_onnx
@@ -161,8 +176,9 @@ def _stage_model(file: Path, kind: str, fmt: str, name: str, source: str, stage:
     budget = card.budget.early()
     say(f"exporting {source} to ONNX (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
     model_file = stage / f"{name}.onnx"
-    result = export_onnx(obj, model_file, strategy="loop", source=source, **budget.kwargs())
+    result = export_onnx(obj, model_file, strategy="loop", pieces=True, source=source, **budget.kwargs())
     shutil.move(str(result.sidecar), extra / f"{model_file.name}.json")
+    shutil.move(str(pieces_dir(model_file)), extra / pieces_dir(model_file).name)
     return model_file, card, result.to_dict()
 
 
@@ -184,6 +200,7 @@ def package(
     say = progress or (lambda msg: None)
     config = config or ArchiveConfig()
     service = service or ServiceConfig()
+    check_deadline(service, config)
     if fmt not in FORMATS:
         raise InputError(f"format must be one of {', '.join(FORMATS)}, got {fmt!r}")
     handler_path = Path(handler) if handler else default_handler()

@@ -118,14 +118,48 @@ def config_pbtxt(name: str, model_file: str, service: ServiceConfig, scheduler: 
     return "\n".join(lines + [",\n".join(entries), "]"]) + "\n"
 
 
+def _stage(file: Path, kind: str, fmt: str, name: str, source: str, stage: Path, say) -> Path:
+    """The model file in `stage`: an ONNX export with its sidecar and pieces (what the scheduler steps), a
+    checkpoint exported so, or (`fmt` checkpoint) the checkpoint itself."""
+    from ..artifact import read_sidecar, sidecar_path
+    from ..export.pieces import pieces_dir, read_spec
+
+    if kind == "onnx":
+        if read_sidecar(file).get("strategy") != "loop":
+            raise CrbpError(f"{file} is not an early-exit (loop) export; serve one exported with --strategy loop --pieces")
+        read_spec(file)  # the pieces the scheduler steps: present and of this export
+        target = stage / f"{name}.onnx"
+        shutil.copy2(file, target)
+        shutil.copy2(sidecar_path(file), stage / f"{target.name}.json")
+        shutil.copytree(pieces_dir(file), pieces_dir(target))
+        return target
+    if fmt == "checkpoint":
+        target = stage / f"{name}.pt"
+        shutil.copy2(file, target)
+        return target
+    from .. import checkpoint
+    from ..export import export_onnx
+    from ..modelcard import ModelCard
+
+    obj = checkpoint.load(file)
+    if not ModelCard.of(obj).categories:
+        raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
+    budget = ModelCard.of(obj).budget.early()
+    say(f"exporting {source} to ONNX with its pieces (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
+    target = stage / f"{name}.onnx"
+    export_onnx(obj, target, strategy="loop", pieces=True, source=source, **budget.kwargs())
+    return target
+
+
 def package_triton(model=None, *, name: str | None = None, out="model_repository", fmt: str = "onnx",
                    service: ServiceConfig | None = None, scheduler: dict[str, Any] | None = None,
                    progress: Callable[[str], None] | None = None) -> TritonRepo:
-    """Write `out/NAME/` (a Triton model repository entry) from an early-exit .onnx export, a checkpoint
-    (exported to ONNX with `fmt` onnx, kept with `fmt` checkpoint) or a bundled model."""
+    """Write `out/NAME/` (a Triton model repository entry) from an early-exit .onnx export with its pieces,
+    a checkpoint (exported so with `fmt` onnx, kept with `fmt` checkpoint) or a bundled model."""
     from ..artifact import read_card
+    from ..modelcard import ModelCard
     from ..sources import resolve
-    from .archive import DEFAULT_NAME, FORMATS, NAME_RE, _check_limit, _stage_model, copy_package
+    from .archive import DEFAULT_NAME, FORMATS, NAME_RE, _check_limit, copy_package
     from .scheduled import SchedulerConfig
 
     say = progress or (lambda msg: None)
@@ -142,13 +176,15 @@ def package_triton(model=None, *, name: str | None = None, out="model_repository
         raise InputError(f"model name {name!r} must start with a letter or digit and use only letters, digits, _ . -")
     if kind == "onnx" and fmt == "checkpoint":
         raise InputError(f"{src.label} is already an ONNX export; --format checkpoint needs a .pt checkpoint")
-    repo = Path(out)
-    entry = repo / name
+    entry = Path(out) / name
     with tempfile.TemporaryDirectory(prefix="crbp-triton-") as tmp:
         stage = Path(tmp) / "1"
         stage.mkdir()
-        model_file, card, _ = _stage_model(src.path, kind, fmt, name, src.label, stage, stage, say)
-        _check_limit(service, read_card(model_file) if model_file.suffix == ".onnx" else card)
+        model_file = _stage(src.path, kind, fmt, name, src.label, stage, say)
+        from .. import checkpoint
+
+        card = read_card(model_file) if model_file.suffix == ".onnx" else ModelCard.of(checkpoint.load(model_file))
+        _check_limit(service, card)
         copy_package(stage)
         (stage / "model.py").write_text(MODEL_PY)
         shutil.rmtree(entry, ignore_errors=True)
@@ -158,7 +194,7 @@ def package_triton(model=None, *, name: str | None = None, out="model_repository
     (entry / "config.pbtxt").write_text(config_pbtxt(name, model_file.name, service, scheduler, sites))
     say(f"wrote the Triton model {entry}")
     files = sorted(str(p.relative_to(entry)) for p in entry.rglob("*") if p.is_file() and "crbp_deploy" not in p.parts)
-    return TritonRepo(repo, name, model_file.name, src.label, files)
+    return TritonRepo(Path(out), name, model_file.name, src.label, files)
 
 
 # --- inside Triton's Python-backend stub ----------------------------------------------------------------
