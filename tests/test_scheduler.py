@@ -70,16 +70,26 @@ def test_answers_equal_solo_whatever_joins_or_leaves(pathfinder, mode):
     assert {o.stopped for o in outcomes} >= {"converged", "fixed"}
 
 
-def test_halting_policy_per_row(panoptic):
+@pytest.mark.parametrize("policy, rules", [
+    ("stable", [(0.0, 1), (0.0, 3), (0.05, 2), (0.01, 1)]),
+    ("learned", [(0.3, 1), (0.5, 2), (0.6, 1), (0.9, 3)]),
+])
+def test_halting_policy_per_row(panoptic, policy, rules):
     """Different thresholds and patience of one policy share a step; each stops as it would alone."""
-    scheduler = Scheduler(TorchStepper(panoptic), slots=4)
-    imgs = images(4, (16, 20), 3, seed=1)
-    budgets = [{"max_iters": 30, "tol": 1e-3, "policy": "stable", "threshold": t, "patience": p}
-               for t, p in [(0.0, 1), (0.0, 3), (0.05, 2), (0.01, 1)]]
-    outcomes = scheduler.run_all([scheduler.submit(i, b) for i, b in zip(imgs, budgets)])
-    for image, budget, outcome in zip(imgs, budgets, outcomes):
-        assert_solo(panoptic, outcome, image, budget)
-    assert "policy" in {o.stopped for o in outcomes}
+    from crbp_deploy.models.halting import HaltingHead, feature_count
+
+    torch.manual_seed(0)
+    panoptic.halting_head = HaltingHead(feature_count(panoptic.config.channels)).eval()  # untrained: any head
+    try:
+        scheduler = Scheduler(TorchStepper(panoptic), slots=4)
+        imgs = images(4, (16, 20), 3, seed=1)
+        budgets = [{"max_iters": 30, "tol": 1e-3, "policy": policy, "threshold": t, "patience": p} for t, p in rules]
+        outcomes = scheduler.run_all([scheduler.submit(i, b) for i, b in zip(imgs, budgets)])
+        for image, budget, outcome in zip(imgs, budgets, outcomes):
+            assert_solo(panoptic, outcome, image, budget)
+        assert "policy" in {o.stopped for o in outcomes} and len({o.iterations for o in outcomes}) > 1
+    finally:
+        del panoptic.halting_head
 
 
 def _first_done(scheduler, hard, easy):
@@ -323,8 +333,10 @@ def pieces_artifact(tmp_path_factory, panoptic):
     from crbp_deploy.export import export_onnx
 
     path = tmp_path_factory.mktemp("pieces") / "p.onnx"
-    return export_onnx(panoptic, path, max_iters=40, tol=1e-2, example_size=(16, 16), policy="stable",
+    result = export_onnx(panoptic, path, max_iters=40, tol=1e-2, example_size=(16, 16), policy="stable",
                        threshold=0.0, patience=2, pieces=True)
+    result.model = panoptic  # the torch reference
+    return result
 
 
 def test_ort_stepper_answers_equal_the_loop_artifact(pieces_artifact):
@@ -337,15 +349,18 @@ def test_ort_stepper_answers_equal_the_loop_artifact(pieces_artifact):
     loop = load_backend(pieces_artifact.path, threads=1)
     scheduler = Scheduler(stepper, slots=3)
     imgs = images(6, (16, 20), 3, seed=2)
-    budgets = [{}, {"tol": 1e-3}, {"patience": 1}, {}, {"max_iters": 4, "policy": "tol"}, {"threshold": 0.05}]
+    budgets = [{}, {"tol": 1e-3}, {"patience": 1}, {"iters": 3}, {"max_iters": 4, "policy": "tol"}, {"threshold": 0.05}]
     tickets = [scheduler.submit(i, b) for i, b in zip(imgs[:3], budgets[:3])]
     scheduler.tick()
     tickets += [scheduler.submit(i, b) for i, b in zip(imgs[3:], budgets[3:])]
     for image, budget, outcome in zip(imgs, budgets, scheduler.run_all(tickets)):
-        ref = loop.run(image.transpose(2, 0, 1)[None].copy(), **budget) if budget.get("policy") != "tol" else None
-        if ref is None:  # the Loop computes its policy always; the stepper can switch it off
-            assert (outcome.iterations, outcome.stopped) == (4, "cap")
+        if "iters" in budget or budget.get("policy") == "tol":  # the Loop cannot switch its policy off; pieces can
+            heads, iterations = solo(pieces_artifact.model, image, **stepper.budget(budget).kwargs())
+            assert (outcome.iterations, outcome.stopped) == (iterations, "fixed" if "iters" in budget else "cap")
+            for name, value in heads.items():
+                np.testing.assert_allclose(outcome.heads[name], value, rtol=0, atol=1e-4)  # onnx vs torch
             continue
+        ref = loop.run(image.transpose(2, 0, 1)[None].copy(), **budget)
         assert outcome.iterations == int(ref["iterations"][0])
         for name in ref.heads:
             np.testing.assert_allclose(outcome.heads[name], ref[name], rtol=0, atol=1e-5)

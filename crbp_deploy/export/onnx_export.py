@@ -297,7 +297,7 @@ def export_onnx(
     if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
         raise InputError(f"batch must be a positive integer, got {batch!r}")
     execution = _check_execution(execution, substeps)
-    check_pieces(pieces, strategy, substeps)
+    check_pieces(pieces, strategy, substeps, dynamic)
     path = Path(path)
     check_writable(path)
     started = time.perf_counter()

@@ -43,10 +43,13 @@ def pieces_dir(artifact: str | os.PathLike) -> Path:
     return artifact.with_name(artifact.name + SUFFIX)
 
 
-def check_pieces(wanted: bool, strategy: str, substeps: int) -> None:
-    """Pieces step one solver step at a time: a loop artifact with one step per trip."""
+def check_pieces(wanted: bool, strategy: str, substeps: int, dynamic: bool = True) -> None:
+    """Pieces step one solver step at a time (a loop artifact with one step per trip) over however many
+    requests share a tick, at any size (a dynamic export)."""
     if not wanted:
         return
+    if not dynamic:
+        raise InputError("pieces need a dynamic export: a scheduler steps any number of requests of any size")
     if strategy != "loop":
         raise InputError("pieces (one solver step per call) come from an early-exit export: use strategy loop")
     if substeps != 1:
