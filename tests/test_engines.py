@@ -37,8 +37,8 @@ def test_registry_names_every_engine(tmp_path, monkeypatch):
         assert isinstance(engine, Engine) and engine.name == name
         assert engine.default_run_dir(8123) == tmp_path / f"{name}-8123"
         assert engine.running(tmp_path) is None and engine.stop(tmp_path) is False  # nothing started there
-    with pytest.raises(InputError, match="must be one of torchserve, ray, got 'triton'"):
-        get_engine("triton")
+    with pytest.raises(InputError, match="must be one of torchserve, ray, triton, got 'tgi'"):
+        get_engine("tgi")
 
 
 def test_check_installed_names_the_missing_package():
@@ -64,6 +64,8 @@ def test_every_engine_refuses_before_starting_anything(tmp_path):
     empty.mkdir()
     store.mkdir()
     (store / "tiny.mar").write_bytes(b"")  # only the name is looked at before the ports are checked
+    (store / "tiny").mkdir()
+    (store / "tiny" / "config.pbtxt").write_text("")  # the same for a Triton repository
     port = free_ports(10)
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", port))
@@ -73,7 +75,7 @@ def test_every_engine_refuses_before_starting_anything(tmp_path):
             config = engine.configure(port)
             first = next(iter(config.ports()))  # the inference port's name
             for model_store, models, words in [(tmp_path / "none", None, "does not exist"),
-                                               (empty, None, "no .mar archives"),
+                                               (empty, None, "no .mar archives" if name != "triton" else "no models"),
                                                (store, ["other"], "not in"),
                                                (store, None, f"port(s) in use on 127.0.0.1: {first} {port}")]:
                 with pytest.raises(CrbpError) as err:
@@ -83,7 +85,7 @@ def test_every_engine_refuses_before_starting_anything(tmp_path):
 
 
 def test_serve_engine_options_are_checked():
-    _one_line(cli("serve", "--engine", "triton", "--port", free_ports(10)), "--engine must be one of torchserve, ray")
+    _one_line(cli("serve", "--engine", "tgi", "--port", free_ports(10)), "--engine must be one of torchserve, ray, triton")
     _one_line(cli("serve", "--replicas", "2", "--port", free_ports(10)), "--replicas is for --engine ray")
 
 
