@@ -31,8 +31,16 @@ def train(
         4.0, "--neumann-growth-limit", help="A term above this many times the first stops the series at once."
     ),
     forward_tol: float = typer.Option(
-        0.0, "--forward-tol", help="rbp/crbp: run the forward per sample until its relative change <= this "
+        3e-3, "--forward-tol", help="rbp/crbp: run the forward per sample until its relative change <= this "
         "(--steps at most), so RBP differentiates a fixed point it has reached (0 = exactly --steps)."
+    ),
+    forward_solver: str = typer.Option(
+        "anderson", "--forward-solver", help="rbp/crbp forward: anderson (accelerated, about 1/3 of the steps) | picard."
+    ),
+    layout: str = typer.Option("channels_last", "--layout", help="Memory format: channels_last | contiguous."),
+    curriculum: str = typer.Option(
+        "", "--curriculum", help="Pathfinder contour lengths per epoch: auto (shortest first, one length added per "
+        "stage) or stages EPOCH:LENGTHS such as '1:6,9;3:6,9,14' (default: every length every epoch)."
     ),
     lcp_lambda: float = typer.Option(0.9, "--lcp-lambda", help="LCP threshold lambda (cbptt/crbp)."),
     lcp_reduction: str = typer.Option("mean", "--lcp-reduction", help="LCP reduction: mean | batch | sum."),
@@ -49,14 +57,20 @@ def train(
     ),
     keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Also keep OUT/epochN.pt after every epoch."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (the data stays on the host)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt (same --model and --model-config)."
+    ),
     threads: int = typer.Option(0, "--threads", help="torch intra-op threads (0 = PyTorch default)."),
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Train a recurrent segmenter; a checkpoint each epoch, readable by `crbp-deploy info`.
 
-    Distributed: `torchrun --nproc-per-node 2 -m crbp_deploy.cli train ...` (gloo on CPU).
+    Prints one line per epoch (loss, validation, images/s, GFLOP/s) on stderr; OUT/command.txt keeps
+    the command. Distributed: `torchrun --nproc-per-node 2 -m crbp_deploy.cli train ...` (gloo on CPU).
     """
+    import shlex
+    import sys
+
     import torch
 
     from ..training.trainer import TrainConfig, train as run_training
@@ -67,10 +81,25 @@ def train(
     cfg = TrainConfig.from_dict(
         task=task, data=str(data), model=model, model_config=overrides, grad=grad, steps=steps,
         neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
-        neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction, penalty_weight=penalty_weight, loss=loss, lr=lr,
-        batch_size=batch_size, epochs=epochs, clip_grad=clip_grad, seed=seed, max_train=max_train,
-        report_every=report_every, keep_epochs=keep_epochs, device=device,
+        neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, forward_solver=forward_solver,
+        layout=layout, curriculum=curriculum, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction,
+        penalty_weight=penalty_weight, loss=loss, lr=lr, batch_size=batch_size, epochs=epochs, clip_grad=clip_grad,
+        seed=seed, max_train=max_train, report_every=report_every, keep_epochs=keep_epochs, device=device,
     )
-    record = run_training(cfg, out, resume=resume, progress=not quiet)
-    if os.environ.get("RANK", "0") == "0":
+    main = os.environ.get("RANK", "0") == "0"
+
+    logged = []
+
+    def epoch_line(record: dict) -> None:
+        if not logged:  # after the first checkpoint: a refused run writes nothing; --resume appends its command
+            with open(out / "command.txt", "a") as log:
+                log.write(shlex.join(["crbp-deploy", *sys.argv[1:]]) + "\n")
+            logged.append(True)
+        keys = ("train_loss", "val_iou", "val_miou", "forward_steps", "neumann_terms")
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), float))
+        typer.echo(f"epoch {record['epoch']}/{epochs}: {shown} images/s={record['images_per_s']:.1f} "
+                   f"GFLOP/s={record['gflop_per_s']:.1f} ({record['seconds']:.0f} s)", err=True)
+
+    record = run_training(cfg, out, resume=resume, progress=not quiet, on_epoch=epoch_line)
+    if main:
         typer.echo(json.dumps({"checkpoint": str(out / "last.pt"), **record}))

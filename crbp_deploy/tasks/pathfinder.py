@@ -79,9 +79,11 @@ def score_images(counts: np.ndarray, lengths: Sequence[int], iterations: Sequenc
 
 
 def as_tensors(folder) -> dict[str, torch.Tensor]:
-    """A Pathfinder folder (as `open` gives it) in memory: images N x 1 x H x W, mask N x H x W."""
+    """A Pathfinder folder (as `open` gives it) in memory: images N x 1 x H x W, mask N x H x W, and
+    each image's contour length (for the curriculum and per-length validation)."""
     pairs = [folder[i] for i in range(len(folder))]
-    return {"images": torch.stack([p[0] for p in pairs]), "mask": torch.stack([p[1] for p in pairs])}
+    return {"images": torch.stack([p[0] for p in pairs]), "mask": torch.stack([p[1] for p in pairs]),
+            "length": torch.tensor(folder.lengths, dtype=torch.int64)}
 
 
 class PathfinderTask(TaskBase):
@@ -197,14 +199,19 @@ class PathfinderTask(TaskBase):
 
     @torch.no_grad()
     def train_eval(self, model, data: dict, steps: int) -> dict[str, float]:
-        """IoU over the whole split at `steps` iterations, and the iterations used."""
+        """IoU over the whole split at `steps` iterations (and per contour length: iou_pfN), the iterations used."""
         device = next(model.parameters()).device
         counts, iterations = [], []
         for i in range(0, len(data["images"]), EVAL_BATCH):
             out = model(data["images"][i : i + EVAL_BATCH].to(device), iters=steps)
             counts.append(pixel_counts(out["logits"].argmax(1) == 1, data["mask"][i : i + EVAL_BATCH]))
             iterations.append(out["iterations"].float().cpu())
-        return {"iou": scores(np.concatenate(counts))["iou"], "mean_iterations": float(torch.cat(iterations).mean())}
+        counts = np.concatenate(counts)
+        result = {"iou": scores(counts)["iou"], "mean_iterations": float(torch.cat(iterations).mean())}
+        lengths = data["length"].numpy() if "length" in data else np.zeros(0)
+        for n in sorted(set(lengths.tolist())) if len(set(lengths.tolist())) > 1 else []:
+            result[f"iou_pf{n}"] = scores(counts[lengths == n])["iou"]
+        return result
 
 
 PATHFINDER = register(PathfinderTask())

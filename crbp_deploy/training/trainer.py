@@ -16,7 +16,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -25,12 +25,15 @@ from .. import checkpoint
 from ..contraction import contraction_report
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
+from ..flops import step_gflop
 from ..models import create_model
 from ..tasks import TASKS
 from .distributed import World, all_sum, average_gradients, barrier, init_world, shutdown
 from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT, LCP_REDUCTIONS
 from .rbp import DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
-from .solve import GRAD_MODES, solve
+from .solve import FORWARD_SOLVERS, GRAD_MODES, solve
+from .throughput import Meter, step_equivalents
+from . import curriculum as schedule
 
 #: An epoch warns when more than this share of its batches stop on growth within EARLY_TERMS terms.
 EARLY_GROWTH_SHARE = 0.1
@@ -38,6 +41,11 @@ EARLY_TERMS = 3
 #: The share of batches with at least this many terms is reported (the target of the LCP defaults).
 GOOD_TERMS = 10
 REPORT_IMAGES = 4  # training images the checkpoint's contraction report is measured on
+#: The training forward's defaults (benchmarks/train_throughput.py measured them against plain
+#: fixed-count steps): Anderson to a relative change of 3e-3, --steps at most.
+DEFAULT_FORWARD_SOLVER = "anderson"
+DEFAULT_FORWARD_TOL = 3e-3
+LAYOUTS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
 
 
 class NeumannWarning(UserWarning):
@@ -56,7 +64,10 @@ class TrainConfig(StrictConfig):
     neumann_rule: str = DEFAULT_RULE  # "patient" | "public" (the paper's code: stop at the first growing term)
     neumann_patience: int = DEFAULT_PATIENCE
     neumann_growth_limit: float = DEFAULT_GROWTH_LIMIT
-    forward_tol: float = 0.0  # rbp/crbp: > 0 runs the forward per sample to this relative change (steps at most)
+    forward_tol: float = DEFAULT_FORWARD_TOL  # rbp/crbp: > 0 runs the forward per sample to this relative change (steps at most)
+    forward_solver: str = DEFAULT_FORWARD_SOLVER  # rbp/crbp: picard | anderson (anderson.py)
+    layout: str = "channels_last"  # memory format of images and weights: channels_last | contiguous
+    curriculum: str = ""  # pathfinder: contour lengths per epoch ("auto" or "E:L,L;E:L", curriculum.py); "" = all
     lcp_lambda: float = DEFAULT_LAMBDA
     lcp_reduction: str = DEFAULT_REDUCTION  # per element: one weight fits every model and image size (lcp.py)
     penalty_weight: float = DEFAULT_WEIGHT  # measured so the series runs >= 10 terms (docs/contraction.md)
@@ -92,6 +103,10 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"neumann_rule must be one of {', '.join(NEUMANN_RULES)}, got {self.neumann_rule!r}")
         if not self.forward_tol >= 0:
             raise ConfigError(f"forward_tol must be >= 0, got {self.forward_tol}")
+        if self.forward_solver not in FORWARD_SOLVERS:
+            raise ConfigError(f"forward_solver must be one of {', '.join(FORWARD_SOLVERS)}, got {self.forward_solver!r}")
+        if self.layout not in LAYOUTS:
+            raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.neumann_patience < 1 or not self.neumann_growth_limit >= 1:
             raise ConfigError("neumann_patience and neumann_growth_limit must be >= 1")
         if self.lcp_reduction not in LCP_REDUCTIONS:
@@ -167,26 +182,57 @@ def _state_path(out: Path) -> Path:
 
 
 def _resume(model, optimizer, out: Path) -> tuple[int, list[dict]]:
+    """Load OUT/last.pt and its optimizer state into this run's model; refuses another architecture."""
     ckpt, state_file = out / "last.pt", _state_path(out)
     if not ckpt.exists() or not state_file.exists():
         raise CrbpError(f"--resume: {out} has no last.pt / last.state.pt to resume from")
     loaded = checkpoint.load(ckpt)
+    theirs, ours = loaded.config.to_dict(), model.config.to_dict()
+    if loaded.arch != model.arch or theirs != ours:
+        diff = ", ".join(f"{k} {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v)
+        raise CrbpError(f"--resume: {ckpt} holds a {loaded.arch} model, this run builds a {model.arch} model"
+                        f"{f' ({diff})' if diff else ''}: give the same --model and --model-config, or another --out")
     model.load_state_dict(loaded.state_dict())
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     return int(state["epoch"]), list(loaded.meta.get("history", []))
 
 
-def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Train and return the last epoch's record (also stored in the checkpoint's metadata)."""
+def train(cfg: TrainConfig, out: str | Path, *, resume: bool = False, progress: bool = True,
+          on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Train and return the last epoch's record (also stored in the checkpoint's metadata).
+    `on_epoch(record)` is called on the main process after each epoch's checkpoint is written."""
     world = init_world()
     try:
-        return _train(cfg, Path(out), world, resume, progress)
+        return _train(cfg, Path(out), world, resume, progress, on_epoch)
     finally:
         shutdown(world)
 
 
-def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bool) -> dict[str, Any]:
+def _subset(data: dict, lengths: tuple[int, ...] | None) -> dict:
+    """The samples whose contour length is in `lengths` (all for None)."""
+    if lengths is None:
+        return data
+    keep = torch.isin(data["length"], torch.tensor(lengths))
+    return {k: v[keep] for k, v in data.items()}
+
+
+def _plan(cfg: TrainConfig, train_set: dict):
+    """The curriculum (None without one), checked against the data before anything is written."""
+    if not cfg.curriculum:
+        return None
+    if "length" not in train_set:
+        raise ConfigError(f"--curriculum needs data with contour lengths (pathfinder); {cfg.task} data has none")
+    plan = schedule.parse(cfg.curriculum, train_set["length"].tolist(), cfg.epochs)
+    for first, lengths in plan.stages:
+        n = len(_subset(train_set, lengths)["images"])
+        if n < cfg.batch_size:
+            raise ConfigError(f"--curriculum stage {first}:{','.join(map(str, lengths))} has {n} training images, "
+                              f"fewer than one batch of {cfg.batch_size}")
+    return plan
+
+
+def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bool, on_epoch) -> dict[str, Any]:
     if cfg.batch_size % world.size:
         raise ConfigError(f"batch_size {cfg.batch_size} must divide evenly over {world.size} processes")
     task = TASKS[cfg.task]
@@ -195,38 +241,72 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
     n = len(train_set["images"])
     if n < cfg.batch_size:
         raise ConfigError(f"the training set has {n} samples, fewer than one batch of {cfg.batch_size}")
+    plan = _plan(cfg, train_set)
     torch.manual_seed(cfg.seed)
     device = cfg.torch_device()
     model = create_model(cfg.model or task.default_model, data.model_config).train()
-    # channels-last is the fast convolution layout on CPU (measured ~1.1-1.6x on hGRU steps)
-    model = model.to(device, memory_format=torch.channels_last)
+    model = model.to(device, memory_format=LAYOUTS[cfg.layout])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     start, history = (0, [])
     if resume:
         start, history = _resume(model, optimizer, out)
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = history[-1] if history else {}
+    images = train_set["images"][:REPORT_IMAGES].to(device)
     with _progress(progress and world.is_main) as bar:
         for epoch in range(start, cfg.epochs):
-            record = _epoch(cfg, task, model, optimizer, train_set, epoch, world, bar)
+            lengths = plan.lengths(epoch + 1) if plan else None
+            record = _epoch(cfg, task, model, optimizer, _subset(train_set, lengths), epoch, world, bar)
+            if lengths is not None:
+                record["lengths"] = list(lengths)
             record.update({f"val_{k}": v for k, v in task.train_eval(model.eval(), data.val, cfg.steps).items()})
-            neumann = record.pop("_neumann")
-            if neumann.terms:
-                summary = neumann.summary(world)
-                record["neumann_terms"] = summary["terms_mean"]
-                record[f"neumann_ge_{GOOD_TERMS}"] = summary[f"share_terms_ge_{GOOD_TERMS}"]
-                record["neumann"] = summary
-                message = _neumann_warning(epoch + 1, summary, cfg.neumann_rule)
-                if message:
-                    record["warnings"] = [message]
-                    if world.is_main:
-                        warnings.warn(message, NeumannWarning, stacklevel=2)
+            _neumann_record(record, cfg, world)
             history.append(record)
             if world.is_main:
                 bar.update(bar.task_ids[-1], stats=" ".join(f"{k}={v:.4g}" for k, v in record.items() if isinstance(v, float)))
-                _save(cfg, model, optimizer, out, world, history, data.meta, train_set["images"][:REPORT_IMAGES].to(device))
+                _save(cfg, model, optimizer, out, world, history, data.meta, images)
+                if on_epoch is not None:
+                    on_epoch(record)
             barrier(world)
     return record
+
+
+def _neumann_record(record: dict, cfg: TrainConfig, world: World) -> None:
+    neumann = record.pop("_neumann")
+    if not neumann.terms:
+        return
+    summary = neumann.summary(world)
+    record["neumann_terms"] = summary["terms_mean"]
+    record[f"neumann_ge_{GOOD_TERMS}"] = summary[f"share_terms_ge_{GOOD_TERMS}"]
+    record["neumann"] = summary
+    message = _neumann_warning(record["epoch"], summary, cfg.neumann_rule)
+    if message:
+        record["warnings"] = [message]
+        if world.is_main:
+            warnings.warn(message, NeumannWarning, stacklevel=3)
+
+
+def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: World = World()):
+    """One optimizer update on `batch` (already on the device): (stats, Solution, step equivalents per image).
+    The benchmark (benchmarks/train_throughput.py) times exactly this."""
+    batch = {**batch, "images": batch["images"].contiguous(memory_format=LAYOUTS[cfg.layout])}
+    sol = solve(
+        model, batch["images"], steps=cfg.steps, grad=cfg.grad,
+        neumann_steps=cfg.neumann_steps, lcp_lambda=cfg.lcp_lambda, lcp_reduction=cfg.lcp_reduction,
+        neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
+        neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol, forward_solver=cfg.forward_solver,
+    )
+    loss, stats = task.loss(sol.outputs, batch, cfg)
+    optimizer.zero_grad(set_to_none=True)
+    (loss + cfg.penalty_weight * sol.penalty).backward()
+    average_gradients(model.parameters(), world)
+    if cfg.clip_grad:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    optimizer.step()
+    stats = {"loss": loss.item(), **stats, "penalty": sol.penalty.item()}
+    vjps = len(sol.neumann.v_norms) - 1 if sol.neumann is not None else 0
+    work = step_equivalents(cfg.grad, float(sol.forward_steps.float().mean()), vjps)
+    return stats, sol, work
 
 
 def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar) -> dict[str, Any]:
@@ -236,40 +316,32 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
     device = cfg.torch_device()
     job = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, stats="")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    sums = {"loss": 0.0, "penalty": 0.0}
-    neumann = _NeumannLog()
+    sums = {"loss": 0.0, "penalty": 0.0, "forward_steps": 0.0}
+    neumann, meter = _NeumannLog(), Meter()
     t0 = time.perf_counter()
     model.train()
     for b in range(batches):
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size][world.rank * local : (world.rank + 1) * local]
         batch = {k: v[idx].to(device, non_blocking=True) for k, v in train_set.items()}
-        batch["images"] = batch["images"].contiguous(memory_format=torch.channels_last)
-        sol = solve(
-            model, batch["images"], steps=cfg.steps, grad=cfg.grad,
-            neumann_steps=cfg.neumann_steps, lcp_lambda=cfg.lcp_lambda, lcp_reduction=cfg.lcp_reduction,
-            neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
-            neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol,
-        )
-        loss, stats = task.loss(sol.outputs, batch, cfg)
-        optimizer.zero_grad(set_to_none=True)
-        (loss + cfg.penalty_weight * sol.penalty).backward()
-        average_gradients(model.parameters(), world)
-        if cfg.clip_grad:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
-        optimizer.step()
-        stats = {"loss": loss.item(), **stats, "penalty": sol.penalty.item()}
+        t = time.perf_counter()
+        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world)
+        meter.add(local, time.perf_counter() - t, work)
         sums["loss"] += stats["loss"]
         sums["penalty"] += stats["penalty"]
+        sums["forward_steps"] += float(sol.forward_steps.float().mean())
         text = " ".join(f"{k}={v:.3g}" for k, v in stats.items())
         if sol.neumann is not None:
             text += " " + neumann.add(sol.neumann)
         bar.update(job, advance=1, stats=text)
-    totals = all_sum([sums["loss"], sums["penalty"]], world)
+    totals = all_sum([sums["loss"], sums["penalty"], sums["forward_steps"]], world)
+    height, width = train_set["images"].shape[-2:]
     return {
         "epoch": epoch + 1,
         "train_loss": totals[0] / (batches * world.size),
         "train_penalty": totals[1] / (batches * world.size),
+        "forward_steps": totals[2] / (batches * world.size),
         "seconds": round(time.perf_counter() - t0, 2),
+        **meter.summary(step_gflop(model, height, width), world.size),
         "_neumann": neumann,
     }
 
@@ -282,6 +354,8 @@ def _save(cfg: TrainConfig, model, optimizer, out: Path, world: World, history: 
         "training": {**cfg.to_dict(), "world_size": world.size, "epochs_done": record["epoch"]},
         "data": {"task": cfg.task, "folder": cfg.data},
         "metrics": {k: v for k, v in record.items() if k.startswith("val_")},
+        "throughput": {k: record[k] for k in ("images_per_s", "gflop_per_s", "gflop_per_image")}
+        | {"threads": torch.get_num_threads(), "processes": world.size, "device": cfg.device},
         "history": history,
         **data_meta,
     }
