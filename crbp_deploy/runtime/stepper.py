@@ -191,10 +191,9 @@ class TorchStepper(Stepper):
             torch.tensor([s.streak for s in states], dtype=torch.int64, device=dev),
             tol, halting=self._halting(states),
         )
-        for i, s in enumerate(states):
-            s.h = h[i : i + 1]
-            s.active, s.iterations = bool(active[i]), int(iterations[i])
-            s.residual, s.streak = float(residual[i]), int(streak[i])
+        rows = zip(*(t.cpu().tolist() for t in (active, iterations, residual, streak)))  # one sync, not one per row
+        for i, (s, (a, n, r, k)) in enumerate(zip(states, rows)):
+            s.h, s.active, s.iterations, s.residual, s.streak = h[i : i + 1], a, n, r, k
 
     @torch.no_grad()
     def readout(self, state: State) -> dict[str, np.ndarray]:
