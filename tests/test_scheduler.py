@@ -278,13 +278,14 @@ def test_a_failing_step_fails_its_requests_not_the_loop(pathfinder):
 
     def flaky(states):
         calls.append(len(states))
-        if len(calls) == 2:
+        if len(calls) == 1:
             raise RuntimeError("boom")
         advance(states)
 
     stepper.advance = flaky
-    with Scheduler(stepper, slots=2) as scheduler:
-        broken = [scheduler.submit(image, {"iters": 5}) for image in images(2)]
+    scheduler = Scheduler(stepper, slots=2)
+    broken = [scheduler.submit(image, {"iters": 5}) for image in images(2)]  # both in the first step
+    with scheduler:
         for ticket in broken:
             with pytest.raises(CrbpError, match="model failed on this request: RuntimeError: boom"):
                 ticket.result(timeout=30)
