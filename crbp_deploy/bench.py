@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from .errors import CrbpError
+from .errors import CrbpError, InputError
 from .export import export_onnx
 from .flops import measure_peak, step_gflop, step_profile
 from .modelcard import ModelCard, resolve_budget
@@ -71,6 +71,16 @@ def _latency(backend, batches: list[np.ndarray], budget: dict, repeats: int,
                 residuals += [float(v) for v in out["residual"]]
     gflops = gflop_per_step * steps / (sum(times) / 1e3) if times else 0.0
     return statistics.median(times), float(np.percentile(times, 90)), gflops, residuals
+
+
+def latency_batches(stack: np.ndarray) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """The batch-1 and batch-8 latency inputs from the held-out stack. With fewer than 8 images (a small
+    `--limit`), one batch of 8 repeats them: latency needs the batch size, not 8 distinct images."""
+    n = len(stack)
+    if n == 0:
+        raise InputError("no held-out images to time: give --limit >= 1 (and --data with images in it)")
+    eights = [stack[i : i + 8] for i in range(0, n - 7, 8)] or [stack[np.arange(8) % n]]
+    return [stack[i : i + 1] for i in range(n)], eights
 
 
 def _quality(model, backend, data: Path, budget: dict, limit: int) -> tuple[float, float]:
@@ -216,8 +226,9 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
     early = resolve_budget(model).kwargs()
     peak = measure_peak(threads)  # first, before anything else warms the caches
     progress(f"measured matmul peak ({threads} threads): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peak.items()))
-    s = _Setup(model, task.metric, data, limit, [stack[i : i + 1] for i in range(len(stack))],
-               [stack[i : i + 8] for i in range(0, len(stack) - 7, 8)], repeats, step_gflop(model, *stack.shape[-2:]),
+    if len(stack) < 8:
+        progress(f"{len(stack)} held-out image(s): the batch-8 latency repeats them to fill the batch")
+    s = _Setup(model, task.metric, data, limit, *latency_batches(stack), repeats, step_gflop(model, *stack.shape[-2:]),
                peak, progress)
     torch_backend = TorchBackend(model, threads=threads)
 

@@ -29,6 +29,8 @@ def bench(
     from ..bench import run_bench, to_csv
     from ..sources import resolve_model
 
+    if limit < 1:
+        raise CrbpError(f"--limit must be >= 1 (images scored and timed), got {limit}")
     m, source = resolve_model(model)
     console = Console(stderr=True)
     result = run_bench(m, data=data, threads=threads, repeats=repeats, limit=limit, progress=lambda s: console.log(s),

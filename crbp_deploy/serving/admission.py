@@ -12,10 +12,14 @@ that request, or one behind it, would miss its deadline. So it is refused with 5
 the time the bucket needs to drain. Refusals cost a decode, so a flood drains the server's queue at
 refusal speed instead of growing it until response timeouts kill workers.
 
-Fairness: each client (the `X-Client-Id` header; requests without one share the key "anonymous") has its
-own bucket that drains at `share` of the capacity; a client whose admitted cost would pass `share` of
-one deadline's work is over its share and gets 429, so one client at 10x the sustainable rate cannot
-fill the worker's window for everyone else.
+Fairness: each client named by the `X-Client-Id` header (set it in the proxy in front, from the caller's
+API key or address) has its own bucket that drains at `share` of the capacity; a client whose admitted
+cost would pass `share` of one deadline's work is over its share and gets 429, so one client at 10x the
+sustainable rate cannot fill the worker for everyone else. The share binds only while the worker is busy
+(its own bucket past `share` of the window): a lone heavy client may use capacity nobody else wants.
+Requests without a client id are not one
+client (a server without a proxy would otherwise cap all its callers together at `share`): they meet
+the worker's bucket only.
 """
 from __future__ import annotations
 
@@ -64,7 +68,8 @@ class Admission:
         with self.lock:
             self._drain(self.clock())
             mine = self.clients.get(client, 0.0)
-            if mine > 0 and mine + cost > self.share * self.limit:
+            busy = self.level + cost > self.share * self.limit  # spare capacity is anyone's (work-conserving)
+            if client != ANONYMOUS and busy and mine > 0 and mine + cost > self.share * self.limit:
                 wait = (mine + cost - self.share * self.limit) / (self.capacity * self.share)
                 raise Overloaded(
                     f"client {client!r} is over its share ({self.share:.0%} of this worker's capacity); "
@@ -75,11 +80,12 @@ class Admission:
                     f"the server is at capacity: the admitted work needs {self.level / self.capacity:.1f} s "
                     f"of the {self.window_s:.1f} s deadline; retry after {_seconds(wait)} s", 503, _seconds(wait))
             self.level += cost
-            if len(self.clients) < MAX_CLIENTS or client in self.clients:
+            if client != ANONYMOUS and (len(self.clients) < MAX_CLIENTS or client in self.clients):
                 self.clients[client] = mine + cost
 
     def observe(self, cost: float, seconds: float) -> None:
-        """Learn the capacity from a finished run (`cost` pixel-iterations in `seconds`), smoothed."""
+        """Learn the capacity from the worker's own wall time for `cost` pixel-iterations (decode, model,
+        grouping, encode: everything a request costs it), smoothed."""
         if cost > 0 and seconds > 0:
             with self.lock:
                 self.capacity = 0.8 * self.capacity + 0.2 * (cost / seconds)

@@ -82,7 +82,7 @@ class ServiceConfig(StrictConfig):
     deadline_ms: int = 5000  # per request; a request's x-deadline-ms is clamped to it; well inside responseTimeout
     scale: str = "card"  # card: resize to the trained scale and answer at the original size | native
     admission: bool = True  # refuse what the worker cannot clear within the deadline (503) or a client's excess (429)
-    client_share: float = 0.5  # the part of a worker's deadline window one client (X-Client-Id) may fill
+    client_share: float = 0.25  # the part of a worker's deadline window one client (X-Client-Id) may fill
     capacity: float = 0.0  # pixel-iterations per second per worker; 0 = measured at start, then learned
 
     def validate(self) -> None:
@@ -502,6 +502,7 @@ class PanopticService:
 
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
         """Parse and admit every request, run the admitted ones together; a bad request never fails the others."""
+        started = time.perf_counter()
         replies: list[Reply | None] = [None] * len(requests)
         valid: list[tuple[int, Parsed]] = []
         for i, raw in enumerate(requests):
@@ -514,6 +515,9 @@ class PanopticService:
                 replies[i] = error_reply(500, f"internal error while reading the request: {exc}")
         for (i, _), reply in zip(valid, self.run([p for _, p in valid])):
             replies[i] = reply
+        if self.admission is not None:  # what this worker really clears per second, decoding to encoding
+            done = [(p, r.prediction) for (_, p), r in zip(valid, (replies[i] for i, _ in valid)) if r.prediction]
+            self.admission.observe(self.work([p for p, _ in done], [q for _, q in done]), time.perf_counter() - started)
         return replies  # type: ignore[return-value]
 
     def _run_scheduled(self, parsed: Sequence[Parsed]) -> list[Reply]:
@@ -539,12 +543,15 @@ class PanopticService:
             replies.append(self.reply_for(p, pred, batch=1))  # each row steps as it would alone
         return replies
 
+    def work(self, parsed: Sequence[Parsed], preds: Sequence[Prediction]) -> float:
+        """Pixel-iterations the model spent on these answers (encoder and readout as `overhead` steps)."""
+        return sum(p.image.shape[0] * p.image.shape[1] * (q.iterations + self.overhead) for p, q in zip(parsed, preds))
+
     def observe(self, parsed: Sequence[Parsed], preds: Sequence[Prediction], seconds: float) -> None:
-        """Teach admission this worker's speed from one model call (its images' pixel-iterations)."""
-        if self.admission is not None and not self.config.capacity:
-            work = sum(p.image.shape[0] * p.image.shape[1] * (q.iterations + self.overhead) for p, q in zip(parsed, preds))
-            self.admission.observe(work, seconds)
-            self.capacity = self.admission.capacity
+        """Learn the model's speed (what the deadline fits iterations to) from one model call, smoothed."""
+        work = self.work(parsed, preds)
+        if work > 0 and seconds > 0 and not self.config.capacity:
+            self.capacity = 0.8 * self.capacity + 0.2 * work / seconds
 
     def reply_for(self, parsed: Parsed, pred: Prediction, batch: int) -> Reply:
         """The 200 reply for one parsed request and its prediction (any engine or scheduler may call it): the
