@@ -31,10 +31,10 @@ from torch.utils import _pytree as pytree
 from ..budget import Budget
 from ..errors import CrbpError, InputError
 from ..models.solver import stop_reasons
+from .base import RANGE_SLACK
 
 #: patience that never runs out: a fixed count on a graph that computes a halting policy
 NEVER = 2**62
-RANGE_SLACK = 1e-3
 
 
 @dataclass
