@@ -261,6 +261,18 @@ def test_background_loop_threads_and_asyncio(pathfinder):
             return await scheduler.submit(imgs[0], {"iters": 3})
 
         assert asyncio.run(waited()).iterations == 3
+        slow = scheduler.submit(imgs[1], {"iters": 10_000})
+
+        async def impatient():
+            with pytest.raises(asyncio.TimeoutError):
+                await asyncio.wait_for(slow, timeout=0.05)  # the awaiting task is cancelled: so is the ticket
+
+        asyncio.run(impatient())
+        assert slow.future.cancelled()
+        deadline = time.monotonic() + 10
+        while scheduler.pending() and time.monotonic() < deadline:
+            time.sleep(0.005)
+        assert scheduler.pending() == 0  # its slot is free again
         ticks = scheduler.ticks
         time.sleep(0.05)
         assert scheduler.ticks == ticks  # asleep when idle
