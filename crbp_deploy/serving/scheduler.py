@@ -279,8 +279,9 @@ class Scheduler:
 
     def _readout(self, request: _Request, why: str) -> Outcome:
         started = time.perf_counter()
-        h, w = request.size
-        heads = {k: v[..., :h, :w] for k, v in self.stepper.readout(request.state).items()}
+        (h, w), padded = request.size, tuple(request.image.shape[-2:])
+        heads = {k: v[..., :h, :w] if tuple(v.shape[-2:]) == padded else v  # a head at another resolution: as is
+                 for k, v in self.stepper.readout(request.state).items()}
         request.timings["readout_ms"] = 1000 * (time.perf_counter() - started)
         state = request.state
         return Outcome(heads, state.iterations, state.residual, why, request.timings, request.ticket.key)
