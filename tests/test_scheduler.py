@@ -146,15 +146,19 @@ def test_deadline_is_kept_in_request_mode_too(pathfinder):
     assert scheduler.run_all([hard])[0].iterations == 30
 
 
-def test_deadline_passed_in_the_queue_answers_at_zero_steps(pathfinder):
+def test_deadline_passed_in_the_queue_is_refused_then(pathfinder):
+    """A request that never got a slot has no state to answer from: 503 at its deadline, not later."""
     clock = FakeClock()
     scheduler = Scheduler(TorchStepper(pathfinder), slots=1, clock=clock)
-    first = scheduler.submit(images(1)[0], {"iters": 4})
+    first = scheduler.submit(images(1)[0], {"iters": 40})
     late = scheduler.submit(images(1)[0], deadline=1.0)
-    clock.now = 2.0
-    first_out, late_out = scheduler.run_all([first, late])
-    assert (first_out.iterations, first_out.stopped) == (4, "fixed")
-    assert (late_out.iterations, late_out.stopped) == (0, "deadline")
+    scheduler.tick()
+    clock.now = 1.0
+    scheduler.tick()
+    with pytest.raises(Overloaded, match="no slot was free before this request's deadline") as info:
+        late.result(0)
+    assert info.value.status == 503 and not first.done()
+    assert scheduler.run_all([first])[0].iterations == 40
 
 
 def test_cost_cap_stops_with_the_current_answer(pathfinder):

@@ -23,8 +23,9 @@ Choices, and why:
 - `mode="request"` emulates request-level batching for comparison: a batch (up to `slots` waiting
   requests) is admitted only when every slot is free, and its answers are released together when its
   slowest member is done; only a deadline (a promise about time) releases an answer before that.
-- The waiting queue is bounded: a submit past `max_queue` raises Overloaded (503, Retry-After);
-  nothing is dropped silently, and every admitted request ends with an answer or its error.
+- The waiting queue is bounded: a submit past `max_queue` raises Overloaded (503, Retry-After), and a
+  request whose deadline passes before a slot is free is refused then (503: it has no state to answer
+  from). Nothing is dropped silently: every submitted request ends with an answer or its error.
 
 Drivers: `start()` / `stop()` run a background thread that ticks while there is work (it sleeps on a
 condition when idle); `run_all(tickets)` ticks in the caller's thread (a handler with no thread of its
@@ -187,10 +188,11 @@ class Scheduler:
     def tick(self) -> bool:
         """Admit, step one lane once, finish what is done; False when there was nothing to do."""
         with self._tick_lock:
+            expired = self._expire()
             admitted = self._admit()
             for request in admitted:
                 self._encode(request)
-            worked = bool(admitted) | self._sweep()
+            worked = expired | bool(admitted) | self._sweep()
             lane = self._pick_lane()
             if lane is not None:
                 self._step(lane)
@@ -199,6 +201,18 @@ class Scheduler:
             self.ticks += worked
             self._release()
             return worked
+
+    def _expire(self) -> bool:
+        """Refuse (503) the waiting requests whose deadline passed before a slot was free: they have no state
+        to answer from, and waiting on would answer them late."""
+        now = self.clock()
+        with self._cond:
+            late = [r for r in self._waiting if r.deadline is not None and now >= r.deadline]
+            if late:
+                self._waiting = deque(r for r in self._waiting if r not in late)
+        self._fail(late, Overloaded("no slot was free before this request's deadline; retry later",
+                                    retry_after_s=self._retry_after()))
+        return bool(late)
 
     def _admit(self) -> list[_Request]:
         with self._cond:  # a cancelled ticket leaves its slot first, unanswered (nobody waits for it)
