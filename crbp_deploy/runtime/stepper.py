@@ -5,7 +5,7 @@ three apart: encode a request once, step the requests currently in its slots tog
 one as it finishes. A `Stepper` is that split, one per runtime:
 
 - `TorchStepper(model)`: the checkpoint's own `encode` / `solver.advance` / `readout`;
-- `OrtStepper(path)`: the encoder, one-step body and readout graphs that `export --strategy loop` writes
+- `OrtStepper(path)`: the encoder, one-step body and readout graphs that `export --pieces` writes
   next to the Loop artifact (`model.onnx.pieces/`, see export/pieces.py), run with ONNX Runtime.
 
 A request's state (`State`) is its batch-of-one ctx and h plus the solver's per-sample bookkeeping.
