@@ -186,6 +186,8 @@ def test_full_queue_is_503_not_dropped(pathfinder):
     with pytest.raises(Overloaded, match="queue is full") as info:
         scheduler.submit(images(1)[0])
     assert info.value.status == 503 and info.value.retry_after_s > 0
+    load = scheduler.snapshot()
+    assert (load["waiting"], load["running"], load["waiting_pixels"]) == (2, 0, 2 * 24 * 24)
     assert [o.iterations for o in scheduler.run_all(tickets)] == [2, 2]
 
 

@@ -341,7 +341,9 @@ class Scheduler:
         with self._cond:
             return {"mode": self.mode, "slots": self.slots, "running": len(self._running),
                     "waiting": len(self._waiting), "max_queue": self.max_queue, "ticks": self.ticks,
-                    "lanes": len({r.lane for r in self._running if r.lane is not None})}
+                    "lanes": len({r.lane for r in self._running if r.lane is not None}),
+                    "waiting_pixels": sum(r.pixels for r in self._waiting),
+                    "running_pixels": sum(r.pixels for r in self._running)}
 
     def run_all(self, tickets: Iterable[Ticket], timeout: float | None = None) -> list[Outcome]:
         """Tick in this thread (or wait on the background loop) until `tickets` are answered; their
