@@ -203,6 +203,7 @@ def test_sizes_never_share_a_step(panoptic):
     assert all(len(set(batch)) == 1 for batch in shapes)  # one size per step
     assert len({batch[0] for batch in shapes}) == 3 and len(shapes) == 3 * 6  # three lanes, six steps each
     assert sorted(len(batch) for batch in shapes) == [1] * 12 + [2] * 6  # the two 16x16 share theirs
+    assert scheduler.snapshot()["steps"] == 18 and scheduler.snapshot()["rows_per_step"] == 24 / 18
     for image, outcome in zip(imgs, outcomes):
         assert outcome.heads["semantic"].shape[-2:] == image.shape[:2]  # cropped back from the padding
         assert_solo(panoptic, outcome, image, {"iters": 6})

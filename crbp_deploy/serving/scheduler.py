@@ -149,6 +149,7 @@ class Scheduler:
         self._stopping = False
         self._service_s = 0.0  # running mean of a request's time in a slot (for Retry-After)
         self.ticks = 0
+        self.steps = self.row_steps = 0  # advances run, and the rows they stepped (their ratio: slot occupancy)
 
     # --- submitting ----------------------------------------------------------------------------
     def submit(self, image: np.ndarray, budget: Mapping[str, Any] | Budget | None = None, *,
@@ -260,6 +261,7 @@ class Scheduler:
             self._fail(batch, exc)
             return
         seconds = time.perf_counter() - started
+        self.steps, self.row_steps = self.steps + 1, self.row_steps + len(batch)
         self._served[lane] += seconds / len(batch)
         for r in batch:
             r.timings["step_ms"] += 1000 * seconds
@@ -341,6 +343,7 @@ class Scheduler:
         with self._cond:
             return {"mode": self.mode, "slots": self.slots, "running": len(self._running),
                     "waiting": len(self._waiting), "max_queue": self.max_queue, "ticks": self.ticks,
+                    "steps": self.steps, "rows_per_step": self.row_steps / self.steps if self.steps else 0.0,
                     "lanes": len({r.lane for r in self._running if r.lane is not None}),
                     "waiting_pixels": sum(r.pixels for r in self._waiting),
                     "running_pixels": sum(r.pixels for r in self._running)}
