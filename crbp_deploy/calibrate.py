@@ -41,6 +41,8 @@ POLICY_GRID = {
 }
 POLICY_TOL = 1e-4  # with a policy, convergence stops a sample only when its state has truly settled
 LATENCY_IMAGES = 16
+HELD_OUT_IMAGES = 96  # generated when no data is given: as many as the bundled cards were calibrated on
+HELD_OUT_SEED = 4242  # bench's held-out seed (the training data is generated with seed 0)
 _EPS = 1e-9  # float slack in "within max_drop"
 
 
@@ -269,6 +271,14 @@ def calibrate(model, data: str | os.PathLike, *, max_drop: float = MAX_DROP, fix
     if check:
         record["check"] = _check(model, data, split, limit, choice)
     return record
+
+
+def held_out(model, folder: str | os.PathLike, count: int = HELD_OUT_IMAGES) -> Path:
+    """Held-out data generated at the card's image size (the scale the model was trained and evaluated
+    at, so the calibration measures the model the card describes): the folder to calibrate on."""
+    from .tasks import task_of
+
+    return task_of(model).generate(Path(folder), count, ModelCard.of(model).image_size, seed=HELD_OUT_SEED)
 
 
 def _saving(choice: Mapping[str, Any], oracle_steps: float) -> float | None:

@@ -209,3 +209,22 @@ def test_bench_latency_batches_with_fewer_images_than_eight():
     assert len(singles) == 4 and len(eights) == 1 and eights[0].shape[0] == 8
     with pytest.raises(InputError, match="no held-out images"):
         latency_batches(stack[:0])
+
+
+# --- the Ray engine's ports -----------------------------------------------------------------------------
+def test_ray_worker_ports_stay_clear_of_the_cluster_ports():
+    from crbp_deploy.serving.ray_engine import PORT_NAMES, WORKER_PORTS, RayConfig, worker_ports
+
+    assert worker_ports(RayConfig(port=8000)) == WORKER_PORTS  # P..P+8 below Ray's range: left as is
+    for port in (10000, 15000, 18490, 19995):  # the issue's --port 18490, and blocks across either edge
+        low, high = worker_ports(RayConfig(port=port))
+        assert high - low > 4000 and not (low <= port + len(PORT_NAMES) - 1 and port <= high)
+
+
+def test_a_taken_ray_port_names_itself_and_an_alternative():
+    from crbp_deploy.errors import CrbpError
+    from crbp_deploy.serving.ray_engine import RayConfig, check_ports
+
+    check_ports(RayConfig(port=18490), lambda host, port: True)
+    with pytest.raises(CrbpError, match=r"port 18492 \(Ray node manager, P\+2\) is in use .* try --port 18499$"):
+        check_ports(RayConfig(port=18490), lambda host, port: port != 18492)

@@ -11,8 +11,9 @@ import typer
 
 def calibrate(
     model: str = typer.Argument(..., help="Checkpoint file, bundled model or registered architecture."),
-    data: Path = typer.Option(..., "--data", help="Held-out data: a COCO panoptic folder (panoptic models) or a "
-                              "`crbp-deploy data pathfinder` folder (Pathfinder models), or a root with SPLIT/."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Held-out data: a COCO panoptic folder (panoptic models) or a "
+                                        "`crbp-deploy data pathfinder` folder (Pathfinder models), or a root with SPLIT/ "
+                                        "(default: generated at the card's image size, --limit images or 96)."),
     split: str = typer.Option("val", "--split", help="Subfolder used when --data is a dataset root."),
     max_drop: float = typer.Option(0.5, "--max-drop", help="Quality points (PQ, or IoU x 100) the chosen tolerance may lose against the best of the sweep."),
     fixed: Optional[str] = typer.Option(None, "--fixed", help="Fixed counts listed in the table, e.g. 1,2,5,10,20 (every count up to the cap is swept)."),
@@ -45,7 +46,17 @@ def calibrate(
         raise InputError("--fit-head fits the learned policy's head: include learned in --policies")
     if fit_head and head_split == split:
         raise InputError(f"--head-split {head_split} is the calibration split: fit the head on other images")
+    if fit_head and data is None:
+        raise InputError("--fit-head needs --data with a training split (generated held-out data has none)")
     m, source = resolve_model(model)
+    if data is None:
+        import tempfile
+
+        tmp = tempfile.TemporaryDirectory(prefix="crbp-calibrate-")
+        data = cal.held_out(m, Path(tmp.name) / "held-out", limit or cal.HELD_OUT_IMAGES)
+        if not as_json:
+            Console(stderr=True).print(f"no --data: calibrating on {limit or cal.HELD_OUT_IMAGES} generated held-out "
+                                       f"images at the card's image size")
     dest = None if dry_run else cal.check_destination(out, source)
     log = Console(stderr=True)
     result = cal.calibrate(m, data, max_drop=max_drop, fixed=fixed_counts, tols=tolerances, max_iters=max_iters,

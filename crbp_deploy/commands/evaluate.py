@@ -23,6 +23,7 @@ def evaluate(
     limit: int = typer.Option(0, "--limit", help="Evaluate the first N images only (0 = all)."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print the per-class table."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="Panoptic models: card (default: images run at the card's image size, scored at their own) | native."),
 ) -> None:
     """Panoptic models: PQ / SQ / RQ (all, things, stuff, per class). Pathfinder models: IoU and F1 overall
     and per contour length, mean iterations per length, Spearman(length, iterations). Both: iterations stats."""
@@ -36,7 +37,14 @@ def evaluate(
     m, source = resolve_model(model)
     budget = resolve_budget(m, given).kwargs()
     scorer = scorer_for(m, data, split=split, limit=limit, progress=not as_json, source=source)
-    result = scorer.evaluate(**budget)
+    if scale is not None:
+        from ..errors import InputError
+        from ..panoptic.predict import check_scale
+
+        if task_of(m).name != "panoptic":
+            raise InputError("--scale applies to panoptic models (Pathfinder models run at their own size)")
+        check_scale(scale)
+    result = scorer.evaluate(**budget, **({"scale": scale} if scale else {}))
     result["model"], result["data"] = source, str(data)
     result.setdefault("budget", budget)
     if as_json:

@@ -25,13 +25,18 @@ def predict(
     backend: str = typer.Option("torch", "--backend", help="torch | onnxruntime | openvino (a checkpoint is exported to an early-exit ONNX first)."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (torch autocast or OpenVINO; refused where this machine lacks it)."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Runtime threads (default: the runtime's)."),
+    scale: Optional[str] = typer.Option(None, "--scale", help="card: run at the model's trained scale (its card's image size, as the shorter side) and answer at the original size (the default) | native: run the image as it is."),
 ) -> None:
     """Write <stem>_panoptic.png (COCO ids), <stem>_panoptic.json and <stem>_overlay.png per image."""
     from ..imageio import read_image
     from ..panoptic.predict import write_prediction
 
+    if scale is not None:
+        from ..panoptic.predict import check_scale
+
+        check_scale(scale)
     if url:
-        _predict_url(images, url, model, token, out, iters, max_iters, tol)
+        _predict_url(images, url, model, token, out, iters, max_iters, tol, scale)
         return
     if backend == "torch" and precision == "fp32" and threads is None:
         from ..sources import resolve_model
@@ -43,7 +48,7 @@ def predict(
         predictor = _backend_predictor(model, backend, precision, threads)
     budget = budget_options(iters, max_iters, tol, policy, threshold, patience)
     arrays = [read_image(p) for p in images]  # all validated before any work starts
-    for path, image, pred in zip(images, arrays, predictor.predict(arrays, **budget)):
+    for path, image, pred in zip(images, arrays, predictor.predict(arrays, scale=scale, **budget)):
         write_prediction(out, path.stem, image, pred, predictor.categories)
         typer.echo(
             f"{path}: {len(pred.segments_info)} segments, {pred.iterations} iterations, "
@@ -94,7 +99,7 @@ def _backend_predictor(spec: Optional[str], kind: str, precision: str, threads: 
     return PanopticPredictor.from_backend(load_backend(artifact.path, kind, **options), model.meta)
 
 
-def _predict_url(images, url, model, token, out, iters, max_iters, tol) -> None:
+def _predict_url(images, url, model, token, out, iters, max_iters, tol, scale=None) -> None:
     """The same files as a local predict, computed by a running server (one request per image)."""
     from ..imageio import read_image
     from ..panoptic.predict import write_prediction
@@ -106,7 +111,8 @@ def _predict_url(images, url, model, token, out, iters, max_iters, tol) -> None:
     arrays = [read_image(p) for p in images]  # the same checks as a local run, before anything is sent
     with Client(endpoint, token=token or find_token(endpoint)) as client:
         for path, image in zip(images, arrays):
-            answer = client.post(path.read_bytes(), max_iters=max_iters, tol=tol)
+            answer = client.post(path.read_bytes(), max_iters=max_iters, tol=tol,
+                                 headers={"X-Scale": scale} if scale else None)
             pred = answer.prediction()  # raises with the server's message on an error status
             write_prediction(out, path.stem, image, pred, answer.body["categories"])
             typer.echo(

@@ -11,7 +11,10 @@ Why it is built this way:
   on the machine (`ray stop` would end every Ray process of the user);
 - ports: P (HTTP), P+1 (GCS), P+2, P+3 (node manager, object manager), P+5..P+8 (dashboard agent,
   runtime env agent, metrics), so two clusters on different P do not collide; P+4 stays reserved (it
-  was Ray's client server, which is not started).
+  was Ray's client server, which is not started). Ray's worker processes take ports from 10002..19999,
+  and Ray refuses to start when a component port lies in that range ("...the same port is not used by
+  multiple components"): where P..P+8 falls inside it, the worker range is narrowed to the larger side
+  of the block (`worker_ports`), so any P in 1024..65526 works.
 
 Locked down (issue 21; measured on Ray 2.60 with `ss -ltnp`):
 - `ray start --node-ip-address=127.0.0.1` alone is not enough: Ray replaces a loopback node address by
@@ -47,8 +50,8 @@ from typing import Any, ClassVar
 
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError
-from .engine import (KEY_FILE, Engine, Running, end_processes, http_get, marked_processes, private_dir, private_log,
-                     store_models, with_children, write_private)
+from .engine import (KEY_FILE, Engine, Running, end_processes, http_get, marked_processes, port_free, private_dir,
+                     private_log, store_models, with_children, write_private)
 
 STATE_FILE = "ray-state.json"
 TOKEN_FILE = "ray_token"  # Ray's cluster token (RAY_AUTH_TOKEN_PATH), mode 600
@@ -67,6 +70,7 @@ PORT_NAMES = ("http", "gcs", "node_manager", "object_manager", "client_server", 
               "dashboard_agent_grpc", "runtime_env_agent", "metrics_export")
 UNUSED_PORTS = ("client_server",)  # P+4: reserved, so the other ports keep their places; nothing listens there
 CLIENT_SERVER = "ray.util.client.server"  # the module Ray's client server runs as
+WORKER_PORTS = (10002, 19999)  # Ray's default --min-worker-port / --max-worker-port
 
 
 @dataclass(frozen=True)
@@ -93,6 +97,31 @@ class RayConfig(StrictConfig):
     def ports(self) -> dict[str, int]:
         """The ports the cluster listens on (P+4 is reserved and unused)."""
         return {name: self.port + i for i, name in enumerate(PORT_NAMES) if name not in UNUSED_PORTS}
+
+
+def worker_ports(config: RayConfig) -> tuple[int, int]:
+    """Ray's worker port range, kept clear of the cluster's own ports P..P+8: the default range, or the
+    larger part of it below or above that block."""
+    lo, hi = WORKER_PORTS
+    first, last = config.port, config.port + len(PORT_NAMES) - 1
+    if last < lo or first > hi:
+        return lo, hi
+    below, above = (lo, first - 1), (last + 1, hi)
+    return max(below, above, key=lambda r: r[1] - r[0])
+
+
+def check_ports(config: RayConfig, free) -> None:
+    """One line naming the first port of P..P+8 that is taken, and a --port whose whole block is free."""
+    busy = [(name, p) for name, p in config.ports().items() if not free(config.host, p)]
+    if not busy:
+        return
+    name, port = busy[0]
+    width = len(PORT_NAMES)
+    alternative = next((p for p in range(config.port + width, 65535 - width, width)
+                        if all(free(config.host, q) for q in range(p, p + width))), None)
+    hint = f"try --port {alternative}" if alternative else "choose another --port"
+    raise CrbpError(f"port {port} (Ray {name.replace('_', ' ')}, P+{port - config.port}) is in use on {config.host}; "
+                    f"the Ray engine needs P..P+{width - 1} free: {hint}")
 
 
 def temp_dir(run: Path) -> Path:
@@ -348,6 +377,7 @@ def _ray_start(run: Path, config: RayConfig, env: dict, say) -> None:
     """`ray start --head` with every port pinned to P+1..P+8 on 127.0.0.1 and Ray's temp dir in the run folder;
     fails if a client server started anyway."""
     ports = config.ports()
+    low, high = worker_ports(config)
     cpus = max(os.cpu_count() or 1, config.replicas * config.threads)
     say(f"starting a local Ray cluster on {config.host} (run folder {run})")
     args = [
@@ -358,7 +388,8 @@ def _ray_start(run: Path, config: RayConfig, env: dict, say) -> None:
         f"--dashboard-agent-grpc-port={ports['dashboard_agent_grpc']}",
         f"--runtime-env-agent-port={ports['runtime_env_agent']}", f"--metrics-export-port={ports['metrics_export']}",
         "--include-dashboard=false", "--no-monitor", "--disable-usage-stats", f"--temp-dir={temp_dir(run)}",
-        f"--num-cpus={cpus}", "--object-store-memory=100000000",
+        f"--num-cpus={cpus}", "--object-store-memory=100000000", f"--min-worker-port={low}",
+        f"--max-worker-port={high}",
     ]
     with private_log(run / "ray-start.log") as log:
         done = subprocess.run(args, cwd=run, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=180, umask=0o077)
@@ -451,6 +482,8 @@ class RayServe(Engine):
         replicas, wait until /ping answers. On failure the cluster is stopped and the error names the log folder."""
         config = config or RayConfig()
         say = progress or (lambda msg: None)
+        if not self.running(run_dir or self.default_run_dir(config.port)):  # a live one: prepare says "stop it"
+            check_ports(config, port_free)
         store, served, run = self.prepare(model_store, config, run_dir, models)
         if set(served) != set(store_models(store)):  # ray_app deploys the whole store
             raise CrbpError("the Ray engine serves every archive in the model store; give it a store with only those")
