@@ -46,7 +46,8 @@ def main() -> None:
         report[name] = {
             "seconds": round(time.perf_counter() - started, 2),
             "iterations_equal": sum(o.iterations == int(r["iterations"][0]) for o, r in zip(outcomes, solo)),
-            "max_head_diff": max(float(np.abs(o.heads[k] - r[k]).max()) for o, r in zip(outcomes, solo) for k in r.heads),
+            "max_head_diff": max(float(np.abs(o.heads[k] - r[k]).max())
+                                 for o, r in zip(outcomes, solo) for k in r.heads),
         }
     print(json.dumps(report, indent=2))
 

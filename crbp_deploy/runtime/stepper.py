@@ -277,7 +277,8 @@ class OrtStepper(Stepper):
         if policy not in (None, "tol", self.policy):
             Budget.DEFAULT.merge({k: given.get(k) for k in ("policy", "threshold", "patience")})
             raise InputError(f"{self.path.name}'s step computes the {self.policy} halting policy; a request may set "
-                             f"its threshold and patience, not another policy ({policy}): re-export with --policy {policy}")
+                             f"its threshold and patience, not another policy ({policy}): "
+                             f"re-export with --policy {policy}")
         return super().budget(request)
 
     def group(self, budget: Budget) -> Hashable:

@@ -272,7 +272,8 @@ class Scheduler:
         reason = state.stopped()
         if reason is None and request.deadline is not None and now >= request.deadline:
             reason = "deadline"
-        if reason is None and request.max_cost is not None and (state.iterations + 1) * request.pixels > request.max_cost:
+        next_cost = (state.iterations + 1) * request.pixels
+        if reason is None and request.max_cost is not None and next_cost > request.max_cost:
             reason = "budget"
         return reason
 
