@@ -201,8 +201,8 @@ class TorchStepper(Stepper):
         return {k: v.detach().float().cpu().numpy() for k, v in out.items()}
 
 
-def load_stepper(artifact: Any, backend: str = "auto", threads: int | None = 1) -> Stepper:
-    """A stepper for `artifact`: a model object, a checkpoint / bundled model / registered architecture
+def load_stepper(artifact_path: Any, backend: str = "auto", threads: int | None = 1) -> Stepper:
+    """A stepper for `artifact_path`: a model object, a checkpoint / bundled model / registered architecture
     (torch), or a loop `.onnx` exported with its pieces (onnxruntime). `backend` forces one ("torch",
     "onnxruntime"/"ort"); `threads` is the runtime's intra-op thread count."""
     from ..models import RecurrentSegmenter
@@ -211,13 +211,14 @@ def load_stepper(artifact: Any, backend: str = "auto", threads: int | None = 1) 
     kind = {"ort": "onnxruntime"}.get(backend, backend)
     if kind not in ("auto", "torch", "onnxruntime"):
         raise InputError(f"unknown stepper backend {backend!r}; use auto, torch or onnxruntime")
-    if isinstance(artifact, RecurrentSegmenter):
+    if isinstance(artifact_path, RecurrentSegmenter):
         if kind == "onnxruntime":
-            raise InputError("a model object steps on torch; export it (strategy loop) for onnxruntime")
-        return TorchStepper(artifact, threads=threads)
-    if not isinstance(artifact, (str, os.PathLike)):
-        raise InputError(f"cannot make a stepper from {type(artifact).__name__}; give a model, a .pt or an .onnx path")
-    source = resolve(artifact)
+            raise InputError("a model object steps on torch; export it with --pieces to step it on onnxruntime")
+        return TorchStepper(artifact_path, threads=threads)
+    if not isinstance(artifact_path, (str, os.PathLike)):
+        raise InputError(f"cannot make a stepper from {type(artifact_path).__name__}; "
+                         "give a model, a .pt or an .onnx path")
+    source = resolve(artifact_path)
     if source.kind == "onnx":
         if kind == "torch":
             raise InputError(f"{source.path} is an ONNX artifact; it steps on onnxruntime, not torch")
@@ -225,7 +226,7 @@ def load_stepper(artifact: Any, backend: str = "auto", threads: int | None = 1) 
     if source.kind == "engine":
         raise InputError(f"{source.path} is a TensorRT engine: no stepper runs it; use its .onnx or checkpoint")
     if kind == "onnxruntime":
-        raise InputError(f"{source.label} is a checkpoint; export it (strategy loop) to step it on onnxruntime")
+        raise InputError(f"{source.label} is a checkpoint; export it with --pieces to step it on onnxruntime")
     return TorchStepper(source.load_model(), threads=threads)
 
 
