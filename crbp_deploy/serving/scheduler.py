@@ -127,6 +127,12 @@ def _count(name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def _settled(future: concurrent.futures.Future) -> Outcome | BaseException:
+    if future.cancelled():
+        return concurrent.futures.CancelledError()
+    return future.exception() or future.result()
+
+
 class Scheduler:
     """Holds requests in `slots` and steps them one solver step per `tick()` (see the module docstring)."""
 
@@ -349,19 +355,23 @@ class Scheduler:
                     "waiting_pixels": sum(r.pixels for r in self._waiting),
                     "running_pixels": sum(r.pixels for r in self._running)}
 
-    def run_all(self, tickets: Iterable[Ticket], timeout: float | None = None) -> list[Outcome]:
-        """Tick in this thread (or wait on the background loop) until `tickets` are answered; their
-        outcomes in order (the first failed ticket's error is raised; `ticket.result()` reads each)."""
+    def run_all(self, tickets: Iterable[Ticket], timeout: float | None = None) -> list[Outcome | BaseException]:
+        """Tick in this thread (or wait on the background loop) until `tickets` are answered. Like
+        `asyncio.gather(return_exceptions=True)`: each ticket's Outcome, or its error in its place (a
+        request's failure is never raised here, so it cannot fail the others of a handler's batch).
+        TimeoutError when not all are answered within `timeout` s."""
         tickets = list(tickets)
         if self._thread is not None and self._thread.is_alive():
-            return [t.result(timeout) for t in tickets]
-        end = None if timeout is None else time.perf_counter() + timeout
-        while not all(t.done() for t in tickets):
-            if not self.tick() and not all(t.done() for t in tickets):
-                raise CrbpError("run_all: tickets that this scheduler does not hold")
-            if end is not None and time.perf_counter() > end:
+            if concurrent.futures.wait([t.future for t in tickets], timeout).not_done:
                 raise TimeoutError(f"run_all: not done within {timeout} s")
-        return [t.result() for t in tickets]
+        else:
+            end = None if timeout is None else time.perf_counter() + timeout
+            while not all(t.done() for t in tickets):
+                if not self.tick() and not all(t.done() for t in tickets):
+                    raise CrbpError("run_all: tickets that this scheduler does not hold")
+                if end is not None and time.perf_counter() > end:
+                    raise TimeoutError(f"run_all: not done within {timeout} s")
+        return [_settled(t.future) for t in tickets]
 
     def start(self) -> "Scheduler":
         """Tick in a background thread while there is work (idle: asleep on a condition)."""
