@@ -405,3 +405,14 @@ def test_ort_stepper_needs_current_pieces(pieces_artifact, tmp_path, run_cli, on
         load_stepper(pieces_artifact.path, backend="torch")
     one_error_line(*run_cli("export", "hgru-panoptic", "--iters", "3", "--pieces", "--out", tmp_path / "u.onnx")[::2],
                    "pieces")
+
+
+def test_every_registered_model_steps_as_it_runs_alone(model_name):
+    """The registry-wide contract: scheduled answers equal solo runs, for every architecture."""
+    model = tiny_model(model_name)
+    scheduler = Scheduler(TorchStepper(model), slots=2)
+    imgs = images(3, (16, 16), model.in_channels, seed=3)
+    budgets = [{"max_iters": 12, "tol": 1e-2}, {"iters": 4}, {"max_iters": 12, "tol": 1e-3}]
+    outcomes = scheduler.run_all([scheduler.submit(i, b) for i, b in zip(imgs, budgets)])
+    for image, budget, outcome in zip(imgs, budgets, outcomes):
+        assert_solo(model, outcome, image, budget)
