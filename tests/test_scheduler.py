@@ -385,6 +385,11 @@ def test_ort_stepper_answers_equal_the_loop_artifact(pieces_artifact):
         assert outcome.iterations == int(ref["iterations"][0])
         for name in ref.heads:
             np.testing.assert_allclose(outcome.heads[name], ref[name], rtol=0, atol=1e-5)
+    capped = scheduler.run_all([scheduler.submit(imgs[1], {"tol": 0.0}, max_cost=16 * 20 * 2.5)])[0]  # anytime
+    heads, _ = solo(pieces_artifact.model, imgs[1], iters=2)
+    assert (capped.stopped, capped.iterations) == ("budget", 2)
+    for name, value in heads.items():
+        np.testing.assert_allclose(capped.heads[name], value, rtol=0, atol=1e-4)
     with pytest.raises(InputError, match="re-export with --policy estimate"):
         scheduler.submit(imgs[0], {"policy": "estimate", "threshold": 0.1})
 
