@@ -16,6 +16,7 @@ batching (a burst of requests, completed per second), then open-loop Poisson arr
 100% of it, the same arrival times and scenes for both modes, the modes alternating within each load so
 drift in the machine's speed falls on both. Latency runs from a request's planned arrival to its answer
 (no coordinated omission); throughput is answers per second from the first arrival to the last answer.
+Each (load, mode) runs `--repeats` times (ABBA order); percentiles pool the repeats' requests.
 
     python benchmarks/iteration_load.py                  # table + docs/iteration_load.json
     python benchmarks/iteration_load.py --quick          # a smoke run (fewer requests)
@@ -114,8 +115,8 @@ def drive(scheduled, jobs: list[tuple[float, str, bytes]]) -> dict:
     if failed:
         raise RuntimeError(f"{len(failed)} requests were not answered 200: {sorted(set(failed))}")
     out = {"throughput_rps": len(jobs) / (max(t for *_, t in finished) - start)}
-    for kind in ("easy", "hard"):
-        ms = np.array([1000 * lat for k, lat, _, _ in finished if k == kind])
+    out["latencies"] = {kind: np.array([1000 * lat for k, lat, _, _ in finished if k == kind]) for kind in ("easy", "hard")}
+    for kind, ms in out["latencies"].items():
         out[kind] = {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
     return out
 
@@ -151,22 +152,34 @@ def run(args) -> dict:
         return ScheduledService(service, SchedulerConfig(mode=mode, slots=args.slots, max_queue=100_000)).start()
 
     sat = saturation(make, pool, args.burst, rng)
-    rows = []
+    rows, runs = [], []
     for load in LOADS:
         jobs = poisson(load * sat, args.requests, pool, rng)
-        order = MODES if len(rows) % 2 == 0 else MODES[::-1]
-        for mode in order:
-            scheduled = make(mode)
-            try:
-                result = drive(scheduled, jobs)
-            finally:
-                scheduled.stop()
-            rows.append({"load": load, "rate_rps": load * sat, "mode": mode, **result})
-            print(f"load {load:.0%} {mode:9s} {result['throughput_rps']:.2f} req/s  easy p50 {result['easy']['p50_ms']:.0f} "
-                  f"p99 {result['easy']['p99_ms']:.0f}  hard p50 {result['hard']['p50_ms']:.0f} p99 {result['hard']['p99_ms']:.0f} ms",
-                  flush=True)
+        results: dict[str, list] = {mode: [] for mode in MODES}
+        for repeat in range(args.repeats):  # A B, then B A: drift in the machine's speed falls on both
+            for mode in (MODES if repeat % 2 == 0 else MODES[::-1]):
+                scheduled = make(mode)
+                try:
+                    results[mode].append(drive(scheduled, jobs))
+                finally:
+                    scheduled.stop()
+                r = results[mode][-1]
+                runs.append({"load": load, "mode": mode, "repeat": repeat, **{k: v for k, v in r.items() if k != "latencies"}})
+                print(f"load {load:.0%} {mode:9s} {r['throughput_rps']:.2f} req/s  easy p50 {r['easy']['p50_ms']:.0f} "
+                      f"p99 {r['easy']['p99_ms']:.0f}  hard p50 {r['hard']['p50_ms']:.0f} p99 {r['hard']['p99_ms']:.0f} ms", flush=True)
+        rows += [{"load": load, "rate_rps": load * sat, "mode": mode, **pooled(results[mode])} for mode in MODES]
     return {"cpu": cpu_model(), "artifact": str(path), "slots": args.slots, "requests_per_run": args.requests,
-            "saturation_rps": sat, "scene_iterations": pool["iterations"], "rows": rows, "command": " ".join(sys.argv)}
+            "repeats": args.repeats, "saturation_rps": sat, "scene_iterations": pool["iterations"], "rows": rows,
+            "runs": runs, "command": " ".join(sys.argv)}
+
+
+def pooled(results: list[dict]) -> dict:
+    """Repeats of one (load, mode): latency percentiles over all their requests, the mean throughput."""
+    out = {"throughput_rps": float(np.mean([r["throughput_rps"] for r in results]))}
+    for kind in ("easy", "hard"):
+        ms = np.concatenate([r["latencies"][kind] for r in results])
+        out[kind] = {"n": int(ms.size), "p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99))}
+    return out
 
 
 def table(doc: dict) -> str:
@@ -191,14 +204,15 @@ def main() -> None:
     parser.add_argument("--artifact", default=str(ROOT / "runs" / "iteration_load" / "crbp-panoptic.onnx"))
     parser.add_argument("--slots", type=int, default=8)
     parser.add_argument("--scenes", type=int, default=48, help="scenes generated (a third easy, a third hard)")
-    parser.add_argument("--requests", type=int, default=160, help="Poisson arrivals per load and mode")
+    parser.add_argument("--requests", type=int, default=120, help="Poisson arrivals per run")
+    parser.add_argument("--repeats", type=int, default=2, help="runs per load and mode (alternating order)")
     parser.add_argument("--burst", type=int, default=64, help="requests in the saturation burst")
     parser.add_argument("--seed", type=int, default=19)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 24 scenes, 32 requests per run")
     parser.add_argument("--out", default=str(ROOT / "docs" / "iteration_load.json"))
     args = parser.parse_args()
     if args.quick:
-        args.scenes, args.requests, args.burst = 24, 32, 24
+        args.scenes, args.requests, args.burst, args.repeats = 24, 24, 24, 1
     doc = run(args)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nCPU: {doc['cpu']}; saturation of request-level batching: {doc['saturation_rps']:.2f} req/s\n")

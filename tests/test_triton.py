@@ -36,22 +36,23 @@ def repo(tmp_path_factory):
 
     from crbp_deploy import checkpoint
     from crbp_deploy.models import create_model
-    from crbp_deploy.serving.triton_model import package_triton
 
     folder, out = tmp_path_factory.mktemp("models"), tmp_path_factory.mktemp("repo")
     torch.manual_seed(1)
     model = create_model("hgru-panoptic", num_classes=4, thing_classes=[0, 1], **TINY)
     meta = {"categories": CATS, "inference": {"budget": BUDGET, "postprocess": {"min_area": 4}}}
     pt = checkpoint.save(model, folder / "tiny.pt", meta=meta)
-    result = package_triton(pt, name="tiny", out=out)
-    return {"path": out, "result": result, "onnx": out / "tiny" / "1" / "tiny.onnx", "folder": folder}
+    r = cli("package", pt, "--format", "triton", "--name", "tiny", "--out", out, "--json")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return {"path": out, "result": json.loads(r.stdout), "onnx": out / "tiny" / "1" / "tiny.onnx", "folder": folder}
 
 
 def test_repository_layout(repo):
     from crbp_deploy.serving.scheduled import SchedulerConfig
     from crbp_deploy.serving.service import ServiceConfig
 
-    files = set(repo["result"].files)
+    assert repo["result"]["format"] == "triton" and repo["result"]["model_file"] == "tiny.onnx"
+    files = set(repo["result"]["files"])
     assert {"config.pbtxt", "1/model.py", "1/tiny.onnx", "1/tiny.onnx.json", "1/tiny.onnx.pieces/pieces.json"} <= files
     assert (repo["path"] / "tiny" / "1" / "crbp_deploy" / "serving" / "triton_model.py").is_file()  # the packaged code
     text = (repo["path"] / "tiny" / "config.pbtxt").read_text()
@@ -207,6 +208,18 @@ def test_plain_tritonclient_knowing_only_the_metadata(triton):
     with Client(triton["infer"], token=triton["token"]) as ours:
         same = ours.post(sample(80, 32), max_iters=5).body
     _close({k: v for k, v in answer.items() if k not in VARYING}, {k: v for k, v in same.items() if k not in VARYING}, "tritonclient")
+
+
+@pytest.mark.serve
+def test_predict_url_against_triton(triton, tmp_path):
+    """`crbp-deploy predict --url` on the v2 endpoint writes the usual files (the key through --token: the
+    server's run folder is not the default one, where predict would find it)."""
+    (tmp_path / "scene.png").write_bytes(sample(80, 32))
+    r = cli("predict", tmp_path / "scene.png", "--url", triton["infer"], "--token", triton["token"], "--max-iters", "6",
+            "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stdout + r.stderr
+    doc = json.loads((tmp_path / "out" / "scene_panoptic.json").read_text())
+    assert doc["iterations"] <= 6 and (tmp_path / "out" / "scene_panoptic.png").is_file()
 
 
 @pytest.mark.serve

@@ -43,8 +43,8 @@ class SchedulerConfig(StrictConfig):
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"scheduler mode must be one of {', '.join(MODES)}, got {self.mode!r}")
-        if not 1 <= self.slots <= 1024 or self.max_queue < 0 or self.postprocess_threads < 1:
-            raise ConfigError(f"slots must be in 1..1024, max_queue >= 0, postprocess_threads >= 1: {self.to_dict()}")
+        if not 1 <= self.slots <= 1024 or self.max_queue < 1 or self.postprocess_threads < 1:
+            raise ConfigError(f"slots must be in 1..1024, max_queue >= 1, postprocess_threads >= 1: {self.to_dict()}")
 
 
 def _done(reply: Reply) -> concurrent.futures.Future:
