@@ -127,6 +127,17 @@ def _count(name: str, value: Any, low: int, high: int) -> int:
     return value
 
 
+def _settle(future: concurrent.futures.Future, value: Outcome | BaseException) -> None:
+    """Answer a ticket unless its client cancelled it (which may happen in another thread at any time)."""
+    try:
+        if isinstance(value, BaseException):
+            future.set_exception(value)
+        else:
+            future.set_result(value)
+    except concurrent.futures.InvalidStateError:  # cancelled (or answered) meanwhile: nobody waits for it
+        pass
+
+
 def _settled(future: concurrent.futures.Future) -> Outcome | BaseException:
     if future.cancelled():
         return concurrent.futures.CancelledError()
@@ -325,7 +336,7 @@ class Scheduler:
         outcome.timings["total_ms"] = 1000 * (now - request.submitted)
         in_slot = now - (request.admitted or request.submitted)
         self._service_s = in_slot if not self._service_s else 0.9 * self._service_s + 0.1 * in_slot
-        request.ticket.future.set_result(outcome)
+        _settle(request.ticket.future, outcome)
 
     def _fail(self, requests: list[_Request], exc: BaseException) -> None:
         if not isinstance(exc, CrbpError):
@@ -336,8 +347,7 @@ class Scheduler:
                 if request in self._running:
                     self._running.remove(request)
                 request.state = None
-                if not request.ticket.future.done():
-                    request.ticket.future.set_exception(exc)
+                _settle(request.ticket.future, exc)
 
     # --- drivers -------------------------------------------------------------------------------
     def pending(self) -> int:
