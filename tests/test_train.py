@@ -74,7 +74,8 @@ def test_torchrun_two_processes_match_one(panoptic_data, tmp_path, run_cli_proce
     (both runs are real processes: the same entry point, launched plainly and by torch.distributed.run)."""
     args = ["train", "--task", "panoptic", "--data", str(panoptic_data), "--model-config", json.dumps(TINY),
             "--steps", "3", "--neumann-steps", "5", "--batch-size", "4", "--epochs", "1", "--max-train", "12",
-            "--lcp-lambda", "0.95", "--penalty-weight", "0.001", "--quiet", "--threads", "1"]
+            "--lcp-lambda", "0.95", "--penalty-weight", "0.001", "--quiet", "--threads", "1",
+            "--lcp-every", "2"]  # local batch 2 of each process: every 2nd sample is the same samples as in one process
     code, _, err = run_cli_process(*args, "--out", tmp_path / "one", timeout=300)
     assert code == 0, err
     code, _, err = run_cli_process(*args, "--out", tmp_path / "two", timeout=300,

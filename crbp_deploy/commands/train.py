@@ -37,7 +37,13 @@ def train(
     forward_solver: str = typer.Option(
         "anderson", "--forward-solver", help="rbp/crbp forward: anderson (accelerated, about 1/3 of the steps) | picard."
     ),
-    layout: str = typer.Option("channels_last", "--layout", help="Memory format: channels_last | contiguous."),
+    backward_solver: str = typer.Option(
+        "anderson", "--backward-solver", help="rbp/crbp implicit gradient: anderson (to --backward-tol, "
+        "--neumann-steps VJPs at most) | neumann (the paper's series)."
+    ),
+    backward_tol: float = typer.Option(1e-2, "--backward-tol", help="Anderson backward: per-sample relative residual."),
+    lcp_every: int = typer.Option(4, "--lcp-every", help="cbptt/crbp: the LCP on every k-th sample of a batch (1 = all)."),
+    layout: str = typer.Option("contiguous", "--layout", help="Memory format: contiguous | channels_last."),
     curriculum: str = typer.Option(
         "", "--curriculum", help="Pathfinder contour lengths per epoch: auto (shortest first, one length added per "
         "stage) or stages EPOCH:LENGTHS such as '1:6,9;3:6,9,14' (default: every length every epoch)."
@@ -82,6 +88,7 @@ def train(
         task=task, data=str(data), model=model, model_config=overrides, grad=grad, steps=steps,
         neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
         neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, forward_solver=forward_solver,
+        backward_solver=backward_solver, backward_tol=backward_tol, lcp_every=lcp_every,
         layout=layout, curriculum=curriculum, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction,
         penalty_weight=penalty_weight, loss=loss, lr=lr, batch_size=batch_size, epochs=epochs, clip_grad=clip_grad,
         seed=seed, max_train=max_train, report_every=report_every, keep_epochs=keep_epochs, device=device,

@@ -34,19 +34,19 @@ def _residual(fx: Tensor, x: Tensor) -> Tensor:
     return (fx32 - x32).norm(dim=1) / fx32.norm(dim=1).clamp_min(1e-12)
 
 
-def _mix(xs: Tensor, fs: Tensor, ridge: float) -> Tensor:
-    """The Anderson point Σ αᵢ f(xᵢ) with Σ αᵢ = 1 minimising ‖Σ αᵢ (f(xᵢ) − xᵢ)‖, per row.
+def _mix(gs: Tensor, fs: Tensor, ridge: float) -> Tensor:
+    """The Anderson point Σ αᵢ f(xᵢ) with Σ αᵢ = 1 minimising ‖Σ αᵢ gᵢ‖, gᵢ = f(xᵢ) − xᵢ, per row.
 
-    xs, fs: [A, n, D] (n iterates). Solved in float64 through the normal equations with the
-    constraint eliminated: α ∝ (GGᵀ + εI)⁻¹ 1.
+    gs, fs: [A, n, D] (n iterates). The Gram matrix is one fp32 batched product (one pass over the
+    history: the mixing costs a fraction of a step), the n x n system is solved in float64 through
+    the normal equations with the constraint eliminated: α ∝ (GGᵀ + εI)⁻¹ 1.
     """
-    g = (fs - xs).double()
-    gram = g @ g.transpose(1, 2)
+    gram = torch.bmm(gs, gs.transpose(1, 2)).double()
     scale = gram.diagonal(dim1=1, dim2=2).mean(1).clamp_min(1e-30)
     eye = torch.eye(gram.shape[1], dtype=gram.dtype, device=gram.device)
     a = torch.linalg.solve(gram + (ridge * scale)[:, None, None] * eye, torch.ones_like(gram[:, :, :1]))
     alpha = (a / a.sum(1, keepdim=True)).to(fs.dtype)
-    return (alpha.transpose(1, 2) @ fs).squeeze(1)
+    return torch.bmm(alpha.transpose(1, 2), fs).squeeze(1)
 
 
 def anderson(step, ctx: Tensor, h: Tensor, *, max_iters: int, tol: float, memory: int = DEFAULT_MEMORY,
@@ -69,9 +69,9 @@ def anderson(step, ctx: Tensor, h: Tensor, *, max_iters: int, tol: float, memory
     everyone = torch.arange(batch, device=h.device)
     x = h.reshape(batch, -1).clone()
     fx = f(everyone, x)
-    xs = torch.zeros(batch, memory, x.shape[1], dtype=x.dtype, device=x.device)
-    fs = torch.zeros_like(xs)
-    xs[:, 0], fs[:, 0] = x, fx
+    gs = torch.zeros(batch, memory, x.shape[1], dtype=x.dtype, device=x.device)  # residuals f(x) - x
+    fs = torch.zeros_like(gs)
+    gs[:, 0], fs[:, 0] = fx - x, fx
     out = fx.clone()
     iterations = torch.ones(batch, dtype=torch.int64, device=h.device)
     residual = _residual(fx, x)
@@ -82,13 +82,13 @@ def anderson(step, ctx: Tensor, h: Tensor, *, max_iters: int, tol: float, memory
             break
         n, slot, every = min(k, memory), k % memory, rows.numel() == batch
         if every:  # no gathers while the whole batch is still running
-            x_new = _mix(xs[:, :n], fs[:, :n], ridge)  # k = 1: a plain step
+            x_new = _mix(gs[:, :n], fs[:, :n], ridge)  # k = 1: a plain step
             f_new = f(rows, x_new)
-            xs[:, slot], fs[:, slot], out = x_new, f_new, f_new
+            gs[:, slot], fs[:, slot], out = f_new - x_new, f_new, f_new
         else:
-            x_new = _mix(xs.index_select(0, rows)[:, :n], fs.index_select(0, rows)[:, :n], ridge)
+            x_new = _mix(gs.index_select(0, rows)[:, :n], fs.index_select(0, rows)[:, :n], ridge)
             f_new = f(rows, x_new)
-            xs[rows, slot], fs[rows, slot], out[rows] = x_new, f_new, f_new
+            gs[rows, slot], fs[rows, slot], out[rows] = f_new - x_new, f_new, f_new
         iterations[rows] += 1
         r = _residual(f_new, x_new)
         residual[rows] = r

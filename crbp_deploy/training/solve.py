@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
+from torch.utils import _pytree as pytree
 
 from ..errors import InputError
 from ..models.contract import MAX_ITERATIONS, RecurrentSegmenter
@@ -26,6 +27,7 @@ from ..models.solver import fixed_point, relative_change
 from .anderson import anderson
 from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, LCP_REDUCTIONS, lipschitz_penalty
 from .rbp import (
+    BACKWARD_SOLVERS,
     DEFAULT_CAP,
     DEFAULT_FLOOR,
     DEFAULT_GROWTH_LIMIT,
@@ -116,6 +118,17 @@ def _differentiable(h: Tensor) -> Tensor:
     return h if h.requires_grad else h.detach().requires_grad_()
 
 
+def _penalty(model, ctx, last: Tensor, prev: Tensor, every: int, lam: float, reduction: str) -> Tensor:
+    """The LCP of the recorded step, or of one step re-run on every `every`-th sample (its own graph)."""
+    if every == 1 or prev.shape[0] <= 1:
+        return lipschitz_penalty(last, prev, lam, reduction)
+    index = torch.arange(0, prev.shape[0], every, device=prev.device)
+    sub = pytree.tree_map(lambda t: t.index_select(0, index) if isinstance(t, Tensor) else t, ctx)
+    rows = prev.index_select(0, index)
+    rows = rows if rows.requires_grad and not rows.is_leaf else rows.detach().requires_grad_()
+    return lipschitz_penalty(model.step(sub, rows), rows, lam, reduction)
+
+
 def solve(
     model,
     images: Tensor,
@@ -132,6 +145,9 @@ def solve(
     neumann_growth_limit: float = DEFAULT_GROWTH_LIMIT,
     forward_tol: float = 0.0,
     forward_solver: str = "picard",
+    backward_solver: str = "neumann",
+    backward_tol: float = 0.0,
+    lcp_every: int = 1,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
@@ -146,12 +162,20 @@ def solve(
     when the forward has reached one (docs/contraction.md); converged samples stop costing steps.
     forward_solver (rbp/crbp): "picard" (plain steps) or "anderson" (the same fixed point in about a
     third of the steps, measured on the bundled Pathfinder model; see anderson.py).
+    backward_solver (rbp/crbp): "neumann" (the series above) or "anderson" (rbp.anderson_vjp: the same
+    implicit gradient solved to a per-sample relative residual <= backward_tol, neumann_steps VJPs at most).
+    lcp_every (cbptt/crbp): the LCP on samples 0, k, 2k, ... of the batch only: the same penalty estimated
+    on fewer samples (unbiased; its double backward is the costliest part of a step after the solves).
     """
     _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
                 neumann_rule, neumann_patience, neumann_growth_limit)
     _check_number("forward_tol", forward_tol, low=0)
     if forward_solver not in FORWARD_SOLVERS:
         raise InputError(f"forward_solver must be one of {', '.join(FORWARD_SOLVERS)}, got {forward_solver!r}")
+    if backward_solver not in BACKWARD_SOLVERS:
+        raise InputError(f"backward_solver must be one of {', '.join(BACKWARD_SOLVERS)}, got {backward_solver!r}")
+    _check_number("backward_tol", backward_tol, low=0)
+    _check_int("lcp_every", lcp_every, 1, MAX_ITERATIONS)
     ctx = model.encode(images)
     h = model.init_state(ctx)
     info = None
@@ -169,9 +193,10 @@ def solve(
         state = implicit_state(
             last, prev, steps=neumann_steps, info=info, cap=neumann_cap, floor=neumann_floor,
             rule=neumann_rule, patience=neumann_patience, growth_limit=neumann_growth_limit,
+            solver=backward_solver, tol=backward_tol,
         )
     if grad in ("cbptt", "crbp"):
-        penalty = lipschitz_penalty(last, prev, lcp_lambda, lcp_reduction)
+        penalty = _penalty(model, ctx, last, prev, lcp_every, lcp_lambda, lcp_reduction)
     else:
         penalty = torch.zeros((), dtype=last.dtype, device=last.device)
     outputs = model.readout(ctx, state)

@@ -8,7 +8,8 @@ are not counted, as in flops.py:
 - every forward step actually run (per sample: a solver that stops a sample early saves its steps);
 - the recorded step: 1; back-propagation through a recorded step to its input and weights: 2;
 - each Neumann vector-Jacobian product: 1 (the transposed convolutions of one step);
-- the LCP: 3 (one VJP kept in the graph, then its double backward: about two more).
+- the LCP: 3 (one VJP kept in the graph, then its double backward: about two more); on every k-th
+  sample only (`lcp_every`), (3 + 1) / k: the subset re-runs its step.
 
 So the GFLOP/s is useful convolution work per second; a faster solver lowers the GFLOP per image
 (and may lower GFLOP/s) while images/s rises. Images/s is the figure of merit.
@@ -21,14 +22,15 @@ LCP_EQUIVALENTS = 3
 BACKWARD_EQUIVALENTS = 2
 
 
-def step_equivalents(grad: str, forward_steps: float, vjps: int) -> float:
+def step_equivalents(grad: str, forward_steps: float, vjps: int, lcp_every: int = 1) -> float:
     """Step equivalents per image of one training step. `forward_steps`: mean steps run per image
     before the recorded one (bptt: all of them, each also back-propagated); `vjps`: Neumann VJPs."""
     if grad in ("bptt", "cbptt"):
         work = (forward_steps + 1) * (1 + BACKWARD_EQUIVALENTS)
     else:
         work = forward_steps + 1 + BACKWARD_EQUIVALENTS + vjps
-    return work + (LCP_EQUIVALENTS if grad in ("cbptt", "crbp") else 0)
+    lcp = LCP_EQUIVALENTS if lcp_every == 1 else (LCP_EQUIVALENTS + 1) / lcp_every
+    return work + (lcp if grad in ("cbptt", "crbp") else 0)
 
 
 @dataclass
