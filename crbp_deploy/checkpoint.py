@@ -81,10 +81,9 @@ def read(path: str | os.PathLike) -> dict[str, Any]:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(f"{path}: truncated or not a checkpoint file ({msg})") from None
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise CheckpointError(
-            f"{path}: not a crbp-deploy checkpoint (expected a dict with format={FORMAT!r}; "
-            "a bare state_dict has no architecture to rebuild)"
-        )
+        from .public_code import from_public  # a checkpoint of the paper's public code is mapped, else refused
+
+        return {"format": FORMAT, "version": VERSION, **from_public(payload, path)}
     if payload.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {payload.get('version')!r} is not supported (expected {VERSION})")
     for key, kind in (("arch", str), ("config", dict), ("state_dict", dict), ("meta", dict)):
