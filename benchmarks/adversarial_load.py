@@ -25,6 +25,7 @@ import argparse
 import io
 import json
 import platform
+import signal
 import socket
 import subprocess
 import sys
@@ -38,6 +39,9 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+#: Requests one run keeps open at most; a send due while all are open is recorded as not sent ("client
+#: saturated"), so the load stays open-loop and a slow server cannot pile up sends in the client.
+MAX_IN_FLIGHT = 128
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -83,7 +87,8 @@ class Load:
 
         self.url, self.timeout_s = url, timeout_s
         self.auth = {"Authorization": f"Bearer {token}"} if token else {}
-        self.pool = ThreadPoolExecutor(max_workers=96)
+        self.pool = ThreadPoolExecutor(max_workers=MAX_IN_FLIGHT)
+        self.in_flight = threading.Semaphore(MAX_IN_FLIGHT)
         self.results: list[dict] = []
         self.lock = threading.Lock()
         self.local = threading.local()
@@ -114,6 +119,7 @@ class Load:
         row["latency_s"] = time.perf_counter() - started
         with self.lock:
             self.results.append(row)
+        self.in_flight.release()
 
     def every(self, phase: str, client: str, period_s: float, until: float, make) -> threading.Thread:
         """Send `make(k)` -> (body, headers) every `period_s` until `until` (monotonic), in a thread."""
@@ -126,7 +132,12 @@ class Load:
                     return
                 time.sleep(max(0.0, at - time.monotonic()))
                 body, headers = make(k)
-                self.pool.submit(self._send, phase, client, body, dict(headers))
+                if self.in_flight.acquire(blocking=False):
+                    self.pool.submit(self._send, phase, client, body, dict(headers))
+                else:
+                    with self.lock:
+                        self.results.append({"phase": phase, "client": client, "side": 0, "status": "not sent",
+                                             "latency_s": 0.0})
                 k += 1
 
         t = threading.Thread(target=loop, daemon=True)
@@ -170,7 +181,7 @@ def _summary(rows: list[dict], deadline_ms: float) -> dict:
     out = {}
     for (phase, client), rs in sorted(by.items()):
         ok = [r["latency_s"] for r in rs if r["status"] == 200]
-        every = [r["latency_s"] for r in rs if r["status"] is not None]
+        every = [r["latency_s"] for r in rs if isinstance(r["status"], int)]
         statuses = Counter(str(r["status"]) for r in rs)
         out[f"{phase}/{client}"] = {
             "requests": len(rs), "statuses": dict(statuses),
@@ -178,7 +189,10 @@ def _summary(rows: list[dict], deadline_ms: float) -> dict:
             "p50_ms_200": pct(ok, 50), "p99_ms_200": pct(ok, 99), "p50_ms_all": pct(every, 50),
             "p99_ms_all": pct(every, 99), "max_ms_all": pct(every, 100),
             "unanswered": sum(r["status"] is None for r in rs),
-            "5xx": sum(1 for r in rs if r["status"] and r["status"] >= 500),
+            "5xx": sum(1 for r in rs if isinstance(r["status"], int) and r["status"] >= 500),
+            "said": {str(st): next((r.get("message") or "") for r in rs if r["status"] == st)
+                     for st in {r["status"] for r in rs} if st != 200},
+            "retry_after": dict(Counter(r.get("retry_after") for r in rs if r.get("retry_after"))),
         }
     large = [r for r in rows if r["client"] == "large"]
     out["large_requests"] = [{"side": r["side"], "status": r["status"], "latency_ms": round(r["latency_s"] * 1000),
@@ -201,6 +215,7 @@ def main(argv=None) -> int:
     parser.add_argument("--attack-s", type=float, default=60.0)
     parser.add_argument("--out", type=Path, default=None, help="write the JSON report here")
     args = parser.parse_args(argv)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # `timeout` ends the run: the server is still stopped
 
     from crbp_deploy.serving.archive import ArchiveConfig, package
     from crbp_deploy.serving.engine import get_engine

@@ -81,7 +81,9 @@ class Admission:
                     f"of the {self.window_s:.1f} s deadline; retry after {_seconds(wait)} s", 503, _seconds(wait))
             self.level += cost
             if client != ANONYMOUS and (len(self.clients) < MAX_CLIENTS or client in self.clients):
-                self.clients[client] = mine + cost
+                # at most one window of debt: a client that ran alone on spare capacity is not locked out
+                # for longer than a window once others arrive
+                self.clients[client] = min(mine + cost, self.limit)
 
     def observe(self, cost: float, seconds: float) -> None:
         """Learn the capacity from the worker's own wall time for `cost` pixel-iterations (decode, model,

@@ -59,7 +59,10 @@ class ServerConfig(StrictConfig):
     token_expiration_min: int = 24 * 60  # TorchServe's default of 60 makes a day-long server reject its own key
     max_request_bytes: int = 21 * 1024 * 1024  # the handler's 20 MiB image limit plus multipart overhead
     max_response_bytes: int = 64 * 1024 * 1024
-    job_queue_size: int = 100  # per model: a deeper queue only lets waits grow past every deadline (503 when full)
+    # per model; TorchServe answers 503 when it is full. A worker cannot see this queue (admission control in
+    # the service judges what reaches it), so its depth is the bound on waiting: 32 requests of the bundled
+    # model at 128 px clear in a few seconds, a deeper queue only lets waits grow past every deadline
+    job_queue_size: int = 32
     startup_timeout_s: float = 300.0
     envelope: str = ""  # "kservev2": KServe's Open Inference Protocol v2 on /v2/models/NAME/infer (as on KServe)
 
