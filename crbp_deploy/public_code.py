@@ -69,7 +69,8 @@ def _state_dict(payload: Any) -> tuple[dict[str, Any] | None, bool]:
     """The weights (`module.` stripped) of a {'state_dict': ...} file or a bare state dict, else None."""
     if not isinstance(payload, dict):
         return None, False
-    state = payload.get("state_dict") if "state_dict" in payload else payload
+    bare = bool(payload) and all(isinstance(v, torch.Tensor) for v in payload.values())
+    state = payload if bare else payload.get("state_dict")
     if not isinstance(state, Mapping) or not state or not all(isinstance(k, str) for k in state):
         return None, False
     prefixed = all(k.startswith("module.") for k in state)
@@ -137,8 +138,8 @@ def card(payload: Mapping[str, Any], path: str | Path, prefixed: bool) -> dict[s
             "input": "1 grayscale channel in [0, 1] (the public loader: convert('L'), / 255)",
         },
         "normalisation": (
-            "per-sample statistics (GroupNorm, one group per channel, eps and affine of the public BatchNorms) "
-            "in place of the public BatchNorms' batch statistics (track_running_stats=False): equal to the "
-            "public forward at batch size 1; each image's answer is independent of its batch"),
+            "per-sample statistics (each image's own mean and variance per channel, with the public eps and "
+            "affine) in place of the public BatchNorms' batch statistics (track_running_stats=False): equal to "
+            "the public forward at batch size 1; each image's answer is independent of its batch"),
         "inference": {"budget": Budget.DEFAULT.kwargs()},
     }

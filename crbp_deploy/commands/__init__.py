@@ -5,7 +5,8 @@ import typer
 
 
 #: (command, module, function), in help order; a module is named after its verb.
-VERBS = (("info", "info", "info"), ("list", "info", "list_cmd"), ("create", "info", "create"), ("train", "train", "train"),
+VERBS = (("info", "info", "info"), ("list", "info", "list_cmd"), ("create", "info", "create"),
+         ("import", "import_model", "import_model"), ("train", "train", "train"),
          ("eval", "evaluate", "evaluate"), ("predict", "predict", "predict"), ("calibrate", "calibrate", "calibrate"),
          ("export", "export", "export"), ("verify", "export", "verify"), ("bench", "bench", "bench"),
          ("package", "package", "package"), ("serve", "serve", "serve"), ("demo", "demo", "demo"))
