@@ -576,5 +576,114 @@ def main(argv=None) -> None:
     print(f"wrote {out_json}, stability{tag}.png, accuracy{tag}.png; total {report['wall_seconds']['total']:.0f} s")
 
 
+# ---------------------------------------------------------------- compare (issue 23)
+
+
+def compare_run(job: dict) -> dict:
+    """One checkpoint on a held-out mixed-length folder: IoU per length at 1x/2x/4x its training steps
+    (plain steps, as `model(iters=t)` runs them) and early exit: iterations per length, Spearman."""
+    import torch
+
+    from crbp_deploy import checkpoint
+    from crbp_deploy.tasks import PATHFINDER
+
+    torch.set_num_threads(job["threads"])
+    model = checkpoint.load(Path(job["checkpoint"])).eval()
+    data = PATHFINDER.open(Path(job["heldout"]))
+    run = PATHFINDER.runner(model)
+    limit = job["limit"]
+    out = {"label": job["label"], "checkpoint": job["checkpoint"], "train_steps": job["steps"], "fixed": {}}
+    for factor in (1, 2, 4):
+        r = PATHFINDER.evaluate(run, data, limit=limit, iters=job["steps"] * factor)
+        out["fixed"][f"{factor}x"] = {"steps": job["steps"] * factor, "iou": r["iou"],
+                                      "per_length": {n: v["iou"] for n, v in r["per_length"].items()}}
+    if getattr(model, "recurrent", True):
+        r = PATHFINDER.evaluate(run, data, limit=limit, max_iters=job["max_iters"], tol=job["tol"])
+        out["early_exit"] = {"max_iters": job["max_iters"], "tol": job["tol"], "iou": r["iou"],
+                             "iterations": r["iterations"], "spearman_length_iterations": r["spearman_length_iterations"],
+                             "per_length": {n: {"iou": v["iou"], "mean_iterations": v["mean_iterations"]}
+                                            for n, v in r["per_length"].items()}}
+    history = model.meta.get("history", [])
+    out["history"] = [{k: v for k, v in h.items() if k != "neumann"} for h in history]
+    out["parameters"] = sum(p.numel() for p in model.parameters())
+    out["training"] = model.meta.get("training", {})
+    return out
+
+
+def compare_plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    lengths = sorted({int(n) for r in results for n in r["fixed"]["1x"]["per_length"]})
+    width = 0.8 / max(1, 3 * len(results))
+    for i, r in enumerate(results):
+        for j, factor in enumerate(("1x", "2x", "4x")):
+            values = [r["fixed"][factor]["per_length"].get(str(n), float("nan")) for n in lengths]
+            pos = [k + (3 * i + j) * width for k in range(len(lengths))]
+            axes[0].bar(pos, values, width, label=f"{r['label']} {factor} ({r['fixed'][factor]['steps']} steps)")
+    axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(lengths))], [f"PF{n}" for n in lengths])
+    axes[0].set_ylabel("IoU (held out)")
+    axes[0].set_title("IoU per length at 1x / 2x / 4x the training steps")
+    axes[0].legend(fontsize=6)
+    for r in results:
+        hist = r["history"]
+        epochs = [h["epoch"] for h in hist]
+        for key in sorted({k for h in hist for k in h if k.startswith("val_iou_pf")}, key=lambda k: int(k[10:])):
+            axes[1].plot(epochs, [h.get(key) for h in hist], marker="o", label=f"{r['label']} {key[8:].upper()}")
+        if "early_exit" in r:
+            ee = r["early_exit"]["per_length"]
+            axes[2].plot([int(n) for n in ee], [v["mean_iterations"] for v in ee.values()], marker="o", label=r["label"])
+    axes[1].set_xlabel("epoch")
+    axes[1].set_ylabel("val IoU")
+    axes[1].set_title("learning curves (val, per length)")
+    axes[1].legend(fontsize=6)
+    axes[2].set_xlabel("contour length (paddles)")
+    axes[2].set_ylabel("mean iterations to converge")
+    axes[2].set_title("iterations per length (early exit)")
+    axes[2].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def compare(argv: list[str]) -> None:
+    """`compare --run LABEL=CHECKPOINT:STEPS ... --heldout DIR`: the issue-23 comparison of trained runs."""
+    p = argparse.ArgumentParser(prog="pathfinder_claims.py compare")
+    p.add_argument("--run", action="append", required=True, help="LABEL=CHECKPOINT:TRAINING_STEPS")
+    p.add_argument("--heldout", type=Path, required=True, help="a mixed-length Pathfinder folder (held out)")
+    p.add_argument("--limit", type=int, default=0)
+    p.add_argument("--max-iters", type=int, default=200)
+    p.add_argument("--tol", type=float, default=1e-3)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--jobs", type=int, default=2)
+    p.add_argument("--json", type=Path, default=ROOT / "docs" / "pathfinder_compare.json")
+    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "pathfinder_compare.png")
+    args = p.parse_args(argv)
+    jobs = []
+    for item in args.run:
+        label, rest = item.split("=", 1)
+        ckpt, steps = rest.rsplit(":", 1)
+        jobs.append({"label": label, "checkpoint": ckpt, "steps": int(steps), "heldout": str(args.heldout),
+                     "limit": args.limit, "max_iters": args.max_iters, "tol": args.tol, "threads": args.threads})
+    t0 = time.perf_counter()
+    with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
+        results = list(pool.map(compare_run, jobs))
+    report = {"command": "python benchmarks/pathfinder_claims.py compare " + " ".join(shlex.quote(a) for a in argv),
+              "heldout": str(args.heldout), "seconds": round(time.perf_counter() - t0, 1), "runs": results}
+    args.json.write_text(json.dumps(report, indent=1) + "\n")
+    compare_plot(results, args.plot)
+    for r in results:
+        line = "  ".join(f"{f} {r['fixed'][f]['iou']:.3f} " + "/".join(f"{v:.3f}" for v in r["fixed"][f]["per_length"].values())
+                         for f in ("1x", "2x", "4x"))
+        ee = r.get("early_exit")
+        extra = f"  early exit it/len {[round(v['mean_iterations'], 1) for v in ee['per_length'].values()]} rho {ee['spearman_length_iterations']}" if ee else ""
+        print(f"{r['label']}: {line}{extra}")
+
+
 if __name__ == "__main__":
-    main()
+    if sys.argv[1:2] == ["compare"]:
+        compare(sys.argv[2:])
+    else:
+        main()

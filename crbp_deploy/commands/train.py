@@ -51,7 +51,7 @@ def train(
     lcp_lambda: float = typer.Option(0.9, "--lcp-lambda", help="LCP threshold lambda (cbptt/crbp)."),
     lcp_reduction: str = typer.Option("mean", "--lcp-reduction", help="LCP reduction: mean | batch | sum."),
     penalty_weight: float = typer.Option(1000.0, "--penalty-weight", help="Weight of the LCP in the loss."),
-    loss: str = typer.Option("focal", "--loss", help="Pathfinder loss: focal | bce."),
+    loss: str = typer.Option("focal", "--loss", help="Pathfinder loss: focal | bce | balanced (contour and background pixels weigh half each)."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     batch_size: int = typer.Option(32, "--batch-size", help="Global batch size (split over torchrun processes)."),
     epochs: int = typer.Option(10, "--epochs"),

@@ -67,3 +67,34 @@ class HGRUPathfinder(RecurrentSegmenter):
     def answer_proxy(self, ctx: Tensor, h: Tensor) -> Tensor:
         """The per-pixel decision (the answer itself: the readout is one 1x1 conv)."""
         return self.readout(ctx, h)["logits"].argmax(dim=1)
+
+
+@register_model("ff-pathfinder", PathfinderConfig, tiny={"channels": 4, "kernel_size": 5, "input_kernel": 3})
+class FFPathfinder(RecurrentSegmenter):
+    """Feed-forward twin of hgru-pathfinder (the paper's control): the cell's two k x k and two 1 x 1
+    convolutions and its two norms as one stack run once, so the parameter count is the same up to the
+    cell's 5C gain parameters; no recurrence (step is the identity, the work is in init_state)."""
+
+    task = "pathfinder"
+    recurrent = False
+
+    def __init__(self, config: PathfinderConfig):
+        super().__init__(config)
+        c, k = config.channels, config.kernel_size
+        self.in_channels = config.in_channels
+        self.conv0 = nn.Conv2d(config.in_channels, c, config.input_kernel, padding=config.input_kernel // 2)
+        self.trunk = nn.Sequential(
+            nn.Conv2d(c, c, k, padding=k // 2), make_norm(config.norm, c), nn.Softplus(), nn.Conv2d(c, c, 1), nn.Softplus(),
+            nn.Conv2d(c, c, k, padding=k // 2), make_norm(config.norm, c), nn.Softplus(), nn.Conv2d(c, c, 1), nn.Softplus(),
+        )
+        self.head_norm = make_norm(config.norm, c)
+        self.head = nn.Conv2d(c, config.num_classes, 1)
+
+    encode = HGRUPathfinder.encode
+    readout = HGRUPathfinder.readout
+
+    def init_state(self, ctx: Tensor) -> Tensor:
+        return self.trunk(ctx)
+
+    def step(self, ctx: Tensor, h: Tensor) -> Tensor:
+        return h

@@ -21,7 +21,19 @@ def bce_loss(logits: Tensor, target: Tensor) -> Tensor:
     return F.cross_entropy(logits, target.long())
 
 
-PATHFINDER_LOSSES = {"focal": focal_loss, "bce": bce_loss}
+def balanced_loss(logits: Tensor, target: Tensor) -> Tensor:
+    """Class-balanced cross-entropy (as in HED, Xie & Tu 2015): each image's contour and background
+    pixels weigh half each. Why: the target is ~3-5% of a Pathfinder image, and unweighted BCE or
+    focal loss first learn "all background" (docs/pathfinder_claims.md: no segmentation for ~160
+    updates), which a short CPU run cannot afford."""
+    ce = F.cross_entropy(logits, target.long(), reduction="none").flatten(1)
+    on = target.flatten(1).bool()
+    pos = (ce * on).sum(1) / on.sum(1).clamp_min(1)
+    neg = (ce * ~on).sum(1) / (~on).sum(1).clamp_min(1)
+    return (0.5 * (pos + neg)).mean()
+
+
+PATHFINDER_LOSSES = {"focal": focal_loss, "bce": bce_loss, "balanced": balanced_loss}
 
 
 def _per_sample_mean(values: Tensor, weight: Tensor) -> Tensor:

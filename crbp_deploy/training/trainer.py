@@ -80,7 +80,7 @@ class TrainConfig(StrictConfig):
     lcp_lambda: float = DEFAULT_LAMBDA
     lcp_reduction: str = DEFAULT_REDUCTION  # per element: one weight fits every model and image size (lcp.py)
     penalty_weight: float = DEFAULT_WEIGHT  # measured so the series runs >= 10 terms (docs/contraction.md)
-    loss: str = "focal"  # pathfinder: focal | bce
+    loss: str = "focal"  # pathfinder: focal | bce | balanced (losses.balanced_loss)
     lr: float = 1e-3
     batch_size: int = 32  # global, split evenly over processes
     epochs: int = 10
@@ -124,8 +124,8 @@ class TrainConfig(StrictConfig):
             raise ConfigError("neumann_patience and neumann_growth_limit must be >= 1")
         if self.lcp_reduction not in LCP_REDUCTIONS:
             raise ConfigError(f"lcp_reduction must be one of {', '.join(LCP_REDUCTIONS)}, got {self.lcp_reduction!r}")
-        if self.loss not in ("focal", "bce"):
-            raise ConfigError(f"loss must be focal or bce, got {self.loss!r}")
+        if self.loss not in ("focal", "bce", "balanced"):
+            raise ConfigError(f"loss must be focal, bce or balanced, got {self.loss!r}")
         try:
             device = self.torch_device()
         except RuntimeError:
