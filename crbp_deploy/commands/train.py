@@ -12,6 +12,27 @@ from .options import json_object
 
 
 
+def _epoch_printer(out: Path, epochs: int):
+    """The per-epoch line on stderr; the first one also appends the command to OUT/command.txt (after the
+    first checkpoint, so a refused run writes nothing; a --resume adds its own line)."""
+    import shlex
+    import sys
+
+    logged = []
+
+    def show(record: dict) -> None:
+        if not logged:
+            with open(out / "command.txt", "a") as log:
+                log.write(shlex.join(["crbp-deploy", *sys.argv[1:]]) + "\n")
+            logged.append(True)
+        keys = ("train_loss", "val_iou", "val_miou", "forward_steps", "neumann_terms")
+        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), float))
+        typer.echo(f"epoch {record['epoch']}/{epochs}: {shown} images/s={record['images_per_s']:.1f} "
+                   f"GFLOP/s={record['gflop_per_s']:.1f} ({record['seconds']:.0f} s)", err=True)
+
+    return show
+
+
 def train(
     data: Path = typer.Option(..., "--data", help="Dataset folder written by `crbp-deploy data ...`."),
     out: Path = typer.Option(Path("runs/train"), "--out", help="Run folder: last.pt (checkpoint) + last.state.pt."),
@@ -74,39 +95,20 @@ def train(
     Prints one line per epoch (loss, validation, images/s, GFLOP/s) on stderr; OUT/command.txt keeps
     the command. Distributed: `torchrun --nproc-per-node 2 -m crbp_deploy.cli train ...` (gloo on CPU).
     """
-    import shlex
-    import sys
+    import dataclasses
 
     import torch
 
     from ..training.trainer import TrainConfig, train as run_training
 
-    overrides = json_object(model_config, "--model-config")
+    options = dict(locals())  # every option above, by name
     if threads:
         torch.set_num_threads(threads)
-    cfg = TrainConfig.from_dict(
-        task=task, data=str(data), model=model, model_config=overrides, grad=grad, steps=steps,
-        neumann_steps=neumann_steps, neumann_rule=neumann_rule, neumann_patience=neumann_patience,
-        neumann_growth_limit=neumann_growth_limit, forward_tol=forward_tol, forward_solver=forward_solver,
-        backward_solver=backward_solver, backward_tol=backward_tol, lcp_every=lcp_every,
-        layout=layout, curriculum=curriculum, lcp_lambda=lcp_lambda, lcp_reduction=lcp_reduction,
-        penalty_weight=penalty_weight, loss=loss, lr=lr, batch_size=batch_size, epochs=epochs, clip_grad=clip_grad,
-        seed=seed, max_train=max_train, report_every=report_every, keep_epochs=keep_epochs, device=device,
-    )
+    names = {f.name for f in dataclasses.fields(TrainConfig)}
+    cfg = TrainConfig.from_dict({k: v for k, v in options.items() if k in names}, data=str(data),
+                                model_config=json_object(model_config, "--model-config"))
     main = os.environ.get("RANK", "0") == "0"
-
-    logged = []
-
-    def epoch_line(record: dict) -> None:
-        if not logged:  # after the first checkpoint: a refused run writes nothing; --resume appends its command
-            with open(out / "command.txt", "a") as log:
-                log.write(shlex.join(["crbp-deploy", *sys.argv[1:]]) + "\n")
-            logged.append(True)
-        keys = ("train_loss", "val_iou", "val_miou", "forward_steps", "neumann_terms")
-        shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), float))
-        typer.echo(f"epoch {record['epoch']}/{epochs}: {shown} images/s={record['images_per_s']:.1f} "
-                   f"GFLOP/s={record['gflop_per_s']:.1f} ({record['seconds']:.0f} s)", err=True)
-
+    epoch_line = _epoch_printer(out, epochs)
     record = run_training(cfg, out, resume=resume, progress=not quiet, on_epoch=epoch_line)
     if main:
         typer.echo(json.dumps({"checkpoint": str(out / "last.pt"), **record}))
