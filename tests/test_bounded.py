@@ -177,18 +177,34 @@ def test_admission_refuses_past_the_window_with_retry_after():
 
 def test_admission_caps_one_client_at_its_share_only_when_busy():
     clock = Clock()
-    adm = Admission(capacity=100.0, window_s=1.0, share=0.5, clock=clock)
-    for k in range(10):  # alone at 80% of capacity, past its 50% share: spare capacity is anyone's
+    adm = Admission(capacity=100.0, window_s=1.0, share=0.25, clock=clock)
+    for k in range(10):  # alone at 80% of capacity: spare capacity is anyone's
         clock.now = 0.2 * k
         adm.admit(16.0, "flood")
-    assert adm.clients["flood"] > 0.5 * adm.limit
-    adm.admit(30.0, "steady")
-    with pytest.raises(Overloaded) as over:  # now the worker is busy: the flood is held to its share
-        adm.admit(20.0, "flood")
-    assert over.value.status == 429 and "'flood' is over its share" in str(over.value)
-    adm.admit(10.0, "steady")  # the other client still gets in
+    refused = {"flood": 0, "steady": 0}
+    for k in range(10, 20):  # a second client at 50%: together past capacity, each may hold half
+        clock.now = 0.2 * k
+        for client, cost in (("steady", 10.0), ("flood", 16.0)):
+            try:
+                adm.admit(cost, client)
+            except Overloaded as exc:
+                assert exc.status == 429 and f"'{client}' is over its share (50%" in str(exc) and exc.retry_after_s >= 1
+                refused[client] += 1
+    assert refused["flood"] >= 1 and refused["steady"] == 0
     adm.admit(10.0)  # no client id: the worker's bucket only
     assert ANONYMOUS not in adm.clients
+
+
+def test_a_worker_busy_handling_requests_holds_clients_to_their_share():
+    clock = Clock()
+    adm = Admission(capacity=100.0, window_s=1.0, share=0.25, clock=clock)
+    adm.record(0.0, 0.9)  # handler calls filled 90% of the window: the queue in front is likely growing
+    clock.now = 1.0
+    assert adm.utilization(1.0) == pytest.approx(0.9)
+    adm.admit(10.0, "flood")
+    adm.admit(10.0, "steady")
+    with pytest.raises(Overloaded, match="over its share"):
+        adm.admit(45.0, "flood")
 
 
 def test_the_service_refuses_overload_with_a_retry_after_header(tiny):

@@ -16,7 +16,8 @@ Fairness: each client named by the `X-Client-Id` header (set it in the proxy in 
 API key or address) has its own bucket that drains at `share` of the capacity; a client whose admitted
 cost would pass `share` of one deadline's work is over its share and gets 429, so one client at 10x the
 sustainable rate cannot fill the worker for everyone else. The share binds only while the worker is busy
-(its own bucket past `share` of the window): a lone heavy client may use capacity nobody else wants.
+(handling requests for 75% of the last window, or its bucket past the share): a lone heavy client may
+use capacity nobody else wants; among N active clients each may hold 1/N if that is more than `share`.
 Requests without a client id are not one
 client (a server without a proxy would otherwise cap all its callers together at `share`): they meet
 the worker's bucket only.
@@ -26,6 +27,7 @@ from __future__ import annotations
 import math
 import threading
 import time
+from collections import deque
 from typing import Callable
 
 from ..errors import Overloaded
@@ -33,6 +35,8 @@ from ..errors import Overloaded
 ANONYMOUS = "anonymous"
 #: Clients remembered at most; an idle client's bucket is empty and forgotten first.
 MAX_CLIENTS = 4096
+#: The worker counts as busy (shares bind) when it spent this much of the last window handling requests.
+BUSY_UTILIZATION = 0.75
 
 
 class Admission:
@@ -50,6 +54,26 @@ class Admission:
         self.clients: dict[str, float] = {}
         self.updated = clock()
         self.lock = threading.Lock()
+        self.spans: deque[tuple[float, float]] = deque()  # (start, end) of recent handler calls
+
+    def record(self, start: float, end: float) -> None:
+        """A handler call from `start` to `end` (this clock): refusals too, they cost the worker time."""
+        with self.lock:
+            self.spans.append((start, end))
+
+    def utilization(self, now: float) -> float:
+        """The part of the last window this worker spent in handler calls. It sees what its own bucket
+        cannot: a saturated worker is handed its next request as soon as it is free, so its bucket (work
+        admitted minus work cleared) stays low while the server's queue in front of it grows."""
+        since = now - self.window_s
+        while self.spans and self.spans[0][1] < since:
+            self.spans.popleft()
+        return sum(min(end, now) - max(start, since) for start, end in self.spans) / self.window_s
+
+    def fair_share(self, client: str) -> float:
+        """`share`, or 1/N of the worker among the N clients holding work in it, if that is more."""
+        active = len(self.clients) + (client not in self.clients)
+        return max(self.share, 1.0 / active)
 
     @property
     def limit(self) -> float:
@@ -59,20 +83,22 @@ class Admission:
         elapsed = max(0.0, now - self.updated)
         self.updated = now
         self.level = max(0.0, self.level - self.capacity * elapsed)
-        fall = self.capacity * self.share * elapsed
+        fall = self.capacity * max(self.share, 1.0 / max(1, len(self.clients))) * elapsed
         self.clients = {k: v - fall for k, v in self.clients.items() if v > fall}
 
     def admit(self, cost: float, client: str = ANONYMOUS) -> None:
         """Charge `cost` (at most one window's work) or raise Overloaded (503 busy, 429 over share)."""
         cost = min(float(cost), self.limit)
         with self.lock:
-            self._drain(self.clock())
-            mine = self.clients.get(client, 0.0)
-            busy = self.level + cost > self.share * self.limit  # spare capacity is anyone's (work-conserving)
-            if client != ANONYMOUS and busy and mine > 0 and mine + cost > self.share * self.limit:
-                wait = (mine + cost - self.share * self.limit) / (self.capacity * self.share)
+            now = self.clock()
+            self._drain(now)
+            mine, share = self.clients.get(client, 0.0), self.fair_share(client)
+            # spare capacity is anyone's (work-conserving): shares bind only on a busy worker
+            busy = self.utilization(now) >= BUSY_UTILIZATION or self.level + cost > share * self.limit
+            if client != ANONYMOUS and busy and mine > 0 and mine + cost > share * self.limit:
+                wait = (mine + cost - share * self.limit) / (self.capacity * share)
                 raise Overloaded(
-                    f"client {client!r} is over its share ({self.share:.0%} of this worker's capacity); "
+                    f"client {client!r} is over its share ({share:.0%} of this worker's capacity while it is busy); "
                     f"retry after {_seconds(wait)} s", 429, _seconds(wait))
             if self.level > 0 and self.level + cost > self.limit:
                 wait = (self.level + cost - self.limit) / self.capacity

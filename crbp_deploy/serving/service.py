@@ -502,7 +502,7 @@ class PanopticService:
 
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
         """Parse and admit every request, run the admitted ones together; a bad request never fails the others."""
-        started = time.perf_counter()
+        started, begun = time.perf_counter(), time.monotonic()
         replies: list[Reply | None] = [None] * len(requests)
         valid: list[tuple[int, Parsed]] = []
         for i, raw in enumerate(requests):
@@ -517,7 +517,10 @@ class PanopticService:
             replies[i] = reply
         if self.admission is not None:  # what this worker really clears per second, decoding to encoding
             done = [(p, r.prediction) for (_, p), r in zip(valid, (replies[i] for i, _ in valid)) if r.prediction]
-            self.admission.observe(self.work([p for p, _ in done], [q for _, q in done]), time.perf_counter() - started)
+            if not self.config.capacity:
+                self.admission.observe(self.work([p for p, _ in done], [q for _, q in done]),
+                                       time.perf_counter() - started)
+            self.admission.record(begun, time.monotonic())
         return replies  # type: ignore[return-value]
 
     def _run_scheduled(self, parsed: Sequence[Parsed]) -> list[Reply]:
