@@ -20,6 +20,7 @@ Each (load, mode) runs `--repeats` times (ABBA order); percentiles pool the repe
 
     python benchmarks/iteration_load.py                  # table + docs/iteration_load.json
     python benchmarks/iteration_load.py --quick          # a smoke run (fewer requests)
+    python benchmarks/iteration_load.py --step-costs     # ms per solver step for 1, 2, 4, 8 slots
 """
 from __future__ import annotations
 
@@ -182,6 +183,28 @@ def pooled(results: list[dict]) -> dict:
     return out
 
 
+def step_costs(path: Path, repeats: int = 10) -> dict[int, float]:
+    """ms of one solver step for 1, 2, 4, 8 slots (128 px, one thread): how the step's cost grows with the
+    batch decides what sharing steps can gain."""
+    from crbp_deploy.runtime.stepper import load_stepper
+
+    stepper = load_stepper(path, threads=1)
+    image = np.random.default_rng(0).random((1, 3, 128, 128), dtype=np.float32)
+    budget = stepper.budget({})
+    out = {}
+    for n in (1, 2, 4, 8):
+        states = [stepper.encode(image, budget) for _ in range(n)]
+        times = []
+        for _ in range(repeats):
+            for state in states:
+                state.active, state.iterations = True, 0
+            started = time.perf_counter()
+            stepper.advance(states)
+            times.append(time.perf_counter() - started)
+        out[n] = 1000 * float(np.median(times))
+    return out
+
+
 def table(doc: dict) -> str:
     """Markdown: per load, both modes, and the goal ratios (iteration / request)."""
     lines = ["| load | mode | throughput (req/s) | easy p50 (ms) | easy p99 (ms) | hard p50 (ms) | hard p99 (ms) |",
@@ -209,10 +232,16 @@ def main() -> None:
     parser.add_argument("--burst", type=int, default=64, help="requests in the saturation burst")
     parser.add_argument("--seed", type=int, default=19)
     parser.add_argument("--quick", action="store_true", help="a smoke run: 24 scenes, 32 requests per run")
+    parser.add_argument("--step-costs", action="store_true", help="only time one step for 1, 2, 4, 8 slots")
     parser.add_argument("--out", default=str(ROOT / "docs" / "iteration_load.json"))
     args = parser.parse_args()
     if args.quick:
         args.scenes, args.requests, args.burst, args.repeats = 24, 24, 24, 1
+    if args.step_costs:
+        costs = step_costs(artifact(Path(args.artifact)))
+        print(f"CPU: {cpu_model()}\n\n| slots stepped | ms per step | ms per slot |\n|---|---|---|")
+        print("\n".join(f"| {n} | {ms:.1f} | {ms / n:.1f} |" for n, ms in costs.items()))
+        return
     doc = run(args)
     Path(args.out).write_text(json.dumps(doc, indent=2) + "\n")
     print(f"\nCPU: {doc['cpu']}; saturation of request-level batching: {doc['saturation_rps']:.2f} req/s\n")
