@@ -86,7 +86,13 @@ class Admission:
         fall = self.capacity * max(self.share, 1.0 / max(1, len(self.clients))) * elapsed
         self.clients = {k: v - fall for k, v in self.clients.items() if v > fall}
 
-    def admit(self, cost: float, client: str = ANONYMOUS) -> None:
+    def screen(self, client: str) -> None:
+        """Refuse a client already over its share before its image is even decoded (a flood is refused at
+        the cost of reading its headers, so the worker drains the queue in front of it faster)."""
+        if client != ANONYMOUS and client in self.clients:
+            self.admit(0.0, client, charge=False)
+
+    def admit(self, cost: float, client: str = ANONYMOUS, *, charge: bool = True) -> None:
         """Charge `cost` (at most one window's work) or raise Overloaded (503 busy, 429 over share)."""
         cost = min(float(cost), self.limit)
         with self.lock:
@@ -105,6 +111,8 @@ class Admission:
                 raise Overloaded(
                     f"the server is at capacity: the admitted work needs {self.level / self.capacity:.1f} s "
                     f"of the {self.window_s:.1f} s deadline; retry after {_seconds(wait)} s", 503, _seconds(wait))
+            if not charge:
+                return
             self.level += cost
             if client != ANONYMOUS and (len(self.clients) < MAX_CLIENTS or client in self.clients):
                 # at most one window of debt: a client that ran alone on spare capacity is not locked out

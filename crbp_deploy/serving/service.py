@@ -204,6 +204,12 @@ def _given(fields: Mapping[str, Any], lower: Mapping[str, Any], key: str, header
     return from_field if from_field is not None else from_header
 
 
+def client_of(headers: Mapping[str, Any]) -> str:
+    """Who a request is counted as for the admission share: its X-Client-Id (first 64 characters)."""
+    value = next((v for k, v in headers.items() if str(k).lower() == CLIENT_HEADER), None)
+    return (_text(value) or "").strip()[:64] or ANONYMOUS
+
+
 def artifact_card(path: Path, backend) -> ModelCard:
     """The model card (categories, inference settings) of an .onnx artifact or a checkpoint."""
     if path.suffix != ".onnx":
@@ -415,8 +421,7 @@ class PanopticService:
         scale = (_given(fields, lower, "scale", REQUEST_HEADERS["scale"]) or self.config.scale).strip().lower()
         if scale not in SCALES:
             raise RequestError(f"scale must be one of {', '.join(SCALES)} (X-Scale), got {scale!r}")
-        client = (_text(lower.get(CLIENT_HEADER)) or ANONYMOUS).strip()[:64] or ANONYMOUS
-        return deadline_ms, scale, client
+        return deadline_ms, scale, client_of(headers)
 
     def bound(self, parsed: Parsed) -> Parsed:
         """Lower max_iters to what the cost cap and the deadline allow at the working size; 413 when not even
@@ -507,6 +512,8 @@ class PanopticService:
         valid: list[tuple[int, Parsed]] = []
         for i, raw in enumerate(requests):
             try:
+                if self.admission is not None:
+                    self.admission.screen(client_of(raw.headers))
                 valid.append((i, self.admit(self.parse(raw))))
             except RequestError as exc:
                 replies[i] = refusal(exc)
