@@ -249,7 +249,8 @@ def test_a_taken_ray_port_names_itself_and_an_alternative():
 def test_a_client_over_its_share_is_refused_before_its_image_is_read(tiny):
     svc = plain(tiny, ServiceConfig(deadline_ms=200, capacity=32 * 32 * 200.0))
     svc.admission.record(time.monotonic() - 0.2, time.monotonic())  # a busy worker
-    svc.admission.clients.update(flood=svc.admission.limit, steady=svc.admission.limit / 2)  # two: half each
+    svc.admission.clients["flood"] = svc.admission.limit
+    svc.admission.seen["steady"] = time.monotonic()  # two clients asking: half each
     reply = ask(svc, b"not even an image", **{"X-Client-Id": "flood"})
     assert reply.status == 429 and "'flood' is over its share" in reply.body["message"]
     assert ask(svc, b"not even an image", **{"X-Client-Id": "other"}).status == 400

@@ -17,7 +17,7 @@ API key or address) has its own bucket that drains at `share` of the capacity; a
 cost would pass `share` of one deadline's work is over its share and gets 429, so one client at 10x the
 sustainable rate cannot fill the worker for everyone else. The share binds only while the worker is busy
 (handling requests for 75% of the last window, or its bucket past the share): a lone heavy client may
-use capacity nobody else wants; among N active clients each may hold 1/N if that is more than `share`.
+use capacity nobody else wants; among the N clients seen in the last window each may hold 1/N if that is more than `share`.
 Requests without a client id are not one
 client (a server without a proxy would otherwise cap all its callers together at `share`): they meet
 the worker's bucket only.
@@ -55,6 +55,7 @@ class Admission:
         self.updated = clock()
         self.lock = threading.Lock()
         self.spans: deque[tuple[float, float]] = deque()  # (start, end) of recent handler calls
+        self.seen: dict[str, float] = {}  # client -> when it last asked
 
     def record(self, start: float, end: float) -> None:
         """A handler call from `start` to `end` (this clock): refusals too, they cost the worker time."""
@@ -70,10 +71,13 @@ class Admission:
             self.spans.popleft()
         return sum(min(end, now) - max(start, since) for start, end in self.spans) / self.window_s
 
-    def fair_share(self, client: str) -> float:
-        """`share`, or 1/N of the worker among the N clients holding work in it, if that is more."""
-        active = len(self.clients) + (client not in self.clients)
-        return max(self.share, 1.0 / active)
+    def fair_share(self, client: str, now: float) -> float:
+        """`share`, or 1/N of the worker among the N clients seen in the last window, if that is more."""
+        self.seen[client] = now
+        if len(self.seen) > MAX_CLIENTS:
+            self.seen = {k: t for k, t in self.seen.items() if t >= now - self.window_s}
+        active = sum(t >= now - self.window_s for k, t in self.seen.items() if k != ANONYMOUS)
+        return max(self.share, 1.0 / max(1, active))
 
     @property
     def limit(self) -> float:
@@ -83,7 +87,8 @@ class Admission:
         elapsed = max(0.0, now - self.updated)
         self.updated = now
         self.level = max(0.0, self.level - self.capacity * elapsed)
-        fall = self.capacity * max(self.share, 1.0 / max(1, len(self.clients))) * elapsed
+        active = sum(t >= now - self.window_s for k, t in self.seen.items() if k != ANONYMOUS)
+        fall = self.capacity * max(self.share, 1.0 / max(1, active)) * elapsed
         self.clients = {k: v - fall for k, v in self.clients.items() if v > fall}
 
     def screen(self, client: str) -> None:
@@ -98,7 +103,7 @@ class Admission:
         with self.lock:
             now = self.clock()
             self._drain(now)
-            mine, share = self.clients.get(client, 0.0), self.fair_share(client)
+            mine, share = self.clients.get(client, 0.0), self.fair_share(client, now)
             # spare capacity is anyone's (work-conserving): shares bind only on a busy worker
             busy = self.utilization(now) >= BUSY_UTILIZATION or self.level + cost > share * self.limit
             if client != ANONYMOUS and busy and mine > 0 and mine + cost > share * self.limit:
