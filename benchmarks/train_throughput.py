@@ -47,15 +47,15 @@ def arms() -> dict[str, dict]:
     """name -> TrainConfig overrides, each adding one change to the one before; the last is the
     trainer's defaults at today's steps and Neumann budget (--steps 30, --neumann-steps 15)."""
     d = TrainConfig()
-    forward = {**TODAY, "forward_solver": d.forward_solver, "forward_tol": d.forward_tol}
+    layout = {**TODAY, "layout": d.layout}
+    forward = {**layout, "forward_solver": d.forward_solver, "forward_tol": d.forward_tol}
     backward = {**forward, "backward_solver": d.backward_solver, "backward_tol": d.backward_tol}
-    lcp = {**backward, "lcp_every": d.lcp_every}
     return {
         "today": TODAY,
+        "+ contiguous layout": layout,
         "+ anderson forward": forward,
         "+ anderson backward": backward,
-        "+ lcp every 4th": lcp,
-        "new (trainer defaults)": {**lcp, "layout": d.layout},
+        "+ lcp every 4th (trainer defaults)": {**backward, "lcp_every": d.lcp_every},
     }
 
 

@@ -19,7 +19,7 @@ from crbp_deploy.training.trainer import TrainConfig, train
 
 from conftest import tiny_model
 
-FAST = dict(forward_solver="anderson", forward_tol=3e-3, backward_solver="anderson", backward_tol=1e-2)
+FAST = {k: getattr(TrainConfig(), k) for k in ("forward_solver", "forward_tol", "backward_solver", "backward_tol")}
 
 
 def _images(model, batch=3, size=24):
@@ -38,7 +38,7 @@ def _gradient(model, x, **kw):
 
 @pytest.mark.parametrize("name", ["hgru-pathfinder", "hgru-panoptic"])
 def test_fast_path_keeps_the_implicit_gradient_on_the_tiny_configs(name):
-    """The trainer's defaults (Anderson forward to 3e-3, Anderson backward to 1e-2, 15 VJPs at most) against
+    """The trainer's defaults (Anderson forward to 3e-3, Anderson backward to 2e-2, 15 VJPs at most) against
     the implicit gradient at a converged fixed point, solved exactly (400 Neumann terms): cosine >= 0.999."""
     model = tiny_model(name).double().train()
     x = _images(model)
@@ -165,3 +165,17 @@ def test_cli_defaults_are_the_trainer_defaults():
     cfg = TrainConfig()
     for name in ("forward_solver", "forward_tol", "backward_solver", "backward_tol", "lcp_every", "layout", "curriculum"):
         assert cli[name].default.default == getattr(cfg, name), name
+
+
+def test_balanced_loss_does_not_reward_all_background():
+    """With 1% contour pixels, predicting background everywhere is cheap under plain cross-entropy and
+    costly under the balanced loss, whose two classes weigh half each whatever their pixel counts."""
+    from crbp_deploy.training.losses import balanced_loss, bce_loss
+
+    target = torch.zeros(2, 20, 20, dtype=torch.int64)
+    target[:, 0, :4] = 1
+    logits = torch.zeros(2, 2, 20, 20)
+    logits[:, 0] = 3.0  # confident background
+    ce_on, ce_off = F.softplus(torch.tensor(3.0)), F.softplus(torch.tensor(-3.0))
+    torch.testing.assert_close(balanced_loss(logits, target), 0.5 * (ce_on + ce_off))
+    assert float(balanced_loss(logits, target)) > 10 * float(bce_loss(logits, target))

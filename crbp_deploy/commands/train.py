@@ -62,7 +62,7 @@ def train(
         "anderson", "--backward-solver", help="rbp/crbp implicit gradient: anderson (to --backward-tol, "
         "--neumann-steps VJPs at most) | neumann (the paper's series)."
     ),
-    backward_tol: float = typer.Option(1e-2, "--backward-tol", help="Anderson backward: per-sample relative residual."),
+    backward_tol: float = typer.Option(2e-2, "--backward-tol", help="Anderson backward: per-sample relative residual."),
     lcp_every: int = typer.Option(4, "--lcp-every", help="cbptt/crbp: the LCP on every k-th sample of a batch (1 = all)."),
     layout: str = typer.Option("contiguous", "--layout", help="Memory format: contiguous | channels_last."),
     curriculum: str = typer.Option(

@@ -136,8 +136,8 @@ def anderson_vjp(last: Tensor, prev: Tensor, v0: Tensor, *, steps: int = 15, tol
     `steps` VJPs, stopping once every sample's ‖Jᵀg + v₀ − g‖ / ‖Jᵀg + v₀‖ <= tol.
 
     The Neumann series is this fixed-point iteration without the mixing; on the bundled Pathfinder
-    model (ρ(J) ≈ 0.9) 6 Anderson VJPs came closer to the exact g (cosine 0.993) than 15 Neumann terms
-    (0.982). `info.v_norms` holds ‖v₀‖ then the residual norm after each VJP, so `ratio` is the
+    model (‖v₁₅‖/‖v₀‖ ≈ 0.2: ρ(J) ≈ 0.9) tol 2e-2 took 5 VJPs and left a relative error of 0.19 against
+    the exact g, where 15 Neumann terms left 0.29 (tol 1e-2: 7 VJPs, 0.10). `info.v_norms` holds ‖v₀‖ then the residual norm after each VJP, so `ratio` is the
     residual left. A non-finite g or ‖g‖ > cap·‖v₀‖ falls back to g = v₀ (one-step backprop), as the
     Neumann rules roll back. The Neumann-only options (`_rules`: rule, patience, ...) are ignored.
     """
