@@ -246,6 +246,23 @@ def test_the_key_is_required_and_the_repository_api_is_closed(triton):
 
 
 @pytest.mark.serve
+def test_grpc_needs_the_key_too(triton):
+    grpc = pytest.importorskip("tritonclient.grpc", reason="tritonclient[grpc] (grpcio) is not installed")
+    from tritonclient.utils import InferenceServerException
+
+    client = grpc.InferenceServerClient(f"127.0.0.1:{triton['port'] + 1}")
+    image = np.frombuffer(sample(80, 32), dtype=np.uint8)
+    tensor = grpc.InferInput("IMAGE", [len(image)], "UINT8")
+    tensor.set_data_from_numpy(image)
+    with pytest.raises(InferenceServerException, match="restricted"):
+        client.infer("tiny", [tensor])
+    with pytest.raises(InferenceServerException, match="restricted"):  # Triton wants its prefixed name on gRPC
+        client.infer("tiny", [tensor], headers={"authorization": f"Bearer {triton['token']}"})
+    result = client.infer("tiny", [tensor], headers={"triton-grpc-protocol-authorization": f"Bearer {triton['token']}"})
+    assert json.loads(result.as_numpy("ANSWER").tobytes())["model"] == "tiny"
+
+
+@pytest.mark.serve
 def test_answers_do_not_depend_on_who_else_ran(triton):
     """Easy and hard scenes of two sizes sent together (joining and leaving between steps) get their solo
     answers: identical iterations, outputs within tolerance."""

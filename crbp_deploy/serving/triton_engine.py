@@ -11,7 +11,8 @@ Why it is built this way (measured on this CPU machine):
 - Ports: P (HTTP, KServe v2), P+1 (gRPC), P+2 (Prometheus metrics), all on 127.0.0.1; SageMaker and
   Vertex AI endpoints off.
 - Auth with Triton's restricted APIs: inference, health, metadata, model config and statistics need
-  `Authorization: Bearer <key>` (HTTP; gRPC metadata `authorization`), the key generated here and kept in
+  `Authorization: Bearer <key>` (HTTP; on gRPC Triton names the metadata key
+  `triton-grpc-protocol-authorization`, measured), the key generated here and kept in
   the run folder's key_file.json (TorchServe's layout, so `predict --url` finds it). The model repository,
   shared-memory, trace and logging APIs are restricted to a second key that is never written anywhere:
   loading a model through the repository API can upload and run code. Models are loaded at startup
