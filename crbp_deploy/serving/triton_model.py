@@ -126,7 +126,7 @@ def _stage(file: Path, kind: str, fmt: str, name: str, source: str, stage: Path,
 
     if kind == "onnx":
         if read_sidecar(file).get("strategy") != "loop":
-            raise CrbpError(f"{file} is not an early-exit (loop) export; serve one exported with --strategy loop --pieces")
+            raise CrbpError(f"{file} is not an early-exit (loop) export; export one: crbp-deploy export MODEL --pieces")
         read_spec(file)  # the pieces the scheduler steps: present and of this export
         target = stage / f"{name}.onnx"
         shutil.copy2(file, target)
