@@ -10,6 +10,10 @@ Why a future and not a batch: under iteration-level scheduling requests do not f
 no batch to hand back; each answer leaves the moment its halting fires. The post-processing (grouping,
 PNG encoding) runs on a small pool of its own, so the tick thread only ever steps the model.
 
+Admission (admission.py) screens and charges each request as in `PanopticService.handle`; its capacity
+stays the one measured at start (a shared step has no per-request time to learn from), and no busy spans
+are recorded, so a client's share binds by the bucket's level only.
+
 `mode="request"` runs the same path with the scheduler's request-level batching (a batch admitted when all
 slots are free, answered when its slowest member is done): what benchmarks/iteration_load.py compares.
 """
@@ -26,7 +30,7 @@ from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, RequestError
 from ..runtime.stepper import load_stepper
 from .scheduler import MODES, Outcome, Scheduler
-from .service import PanopticService, Parsed, RawRequest, Reply, error_reply, refusal
+from .service import PanopticService, Parsed, RawRequest, Reply, client_of, error_reply, refusal
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +82,8 @@ class ScheduledService:
     def submit(self, raw: RawRequest) -> concurrent.futures.Future:
         """Future of the request's Reply; it never raises (refusals and failures are replies)."""
         try:
+            if self.service.admission is not None:  # a client over its share is refused before decoding
+                self.service.admission.screen(client_of(raw.headers))
             parsed = self.service.admit(self.service.parse(raw))
             ticket = self.scheduler.submit(parsed.image, parsed.budget, deadline=parsed.deadline)
         except RequestError as exc:  # the client's problem, or Overloaded (503 / 429 with Retry-After)
