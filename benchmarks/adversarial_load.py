@@ -151,10 +151,13 @@ def _probe(url: str, token: str | None, sides=(1536, 1024, 768, 640, 512, 384, 2
 
     seen = []
     for side in sides:
+        started = time.perf_counter()
         r = requests.post(url, data=_noise(side), timeout=130, headers={
             "Content-Type": "image/png", "X-Scale": "native", "X-Max-Iters": "200", "X-Tol": "0",
             "X-Client-Id": "probe", **({"Authorization": f"Bearer {token}"} if token else {})})
-        seen.append({"side": side, "status": r.status_code})
+        doc = r.json() if r.headers.get("content-type", "").startswith("application/json") else {}
+        seen.append({"side": side, "status": r.status_code, "latency_ms": round(1000 * (time.perf_counter() - started)),
+                     "stopped": doc.get("stopped"), "iterations": doc.get("iterations")})
         if r.status_code == 200:
             return side, seen
         time.sleep(0.5)
