@@ -558,10 +558,15 @@ class PanopticService:
         return sum(p.image.shape[0] * p.image.shape[1] * (q.iterations + self.overhead) for p, q in zip(parsed, preds))
 
     def observe(self, parsed: Sequence[Parsed], preds: Sequence[Prediction], seconds: float) -> None:
-        """Learn the model's speed (what the deadline fits iterations to) from one model call, smoothed."""
+        """Learn the speed the deadline fits iterations to from one model call: a slow-down at once (a
+        loaded machine must not make the next answer late), a speed-up slowly; likewise the grouping time."""
         work = self.work(parsed, preds)
         if work > 0 and seconds > 0 and not self.config.capacity:
-            self.capacity = 0.8 * self.capacity + 0.2 * work / seconds
+            self.capacity = min(work / seconds, 0.9 * self.capacity + 0.1 * work / seconds)
+        pixels = sum(p.image.shape[0] * p.image.shape[1] for p in parsed)
+        post = sum(q.timings_ms.get("postprocess", 0.0) for q in preds) / 1000 / max(1, pixels)
+        if post > 0:
+            self.post_s_per_pixel = max(post, 0.9 * self.post_s_per_pixel + 0.1 * post)
 
     def reply_for(self, parsed: Parsed, pred: Prediction, batch: int) -> Reply:
         """The 200 reply for one parsed request and its prediction (any engine or scheduler may call it): the
