@@ -53,10 +53,10 @@ BUDGETS = [{"max_iters": 60, "tol": 1e-3}, {"max_iters": 60, "tol": 1e-2}, {"ite
            {"max_iters": 60, "tol": 3e-3}]
 
 
-@pytest.mark.parametrize("mode", ["iteration", "request"])
-def test_answers_equal_solo_whatever_joins_or_leaves(pathfinder, mode):
+@pytest.mark.parametrize("mode, priority", [("iteration", "fewest-steps"), ("iteration", "all"), ("request", "all")])
+def test_answers_equal_solo_whatever_joins_or_leaves(pathfinder, mode, priority):
     """Requests with different budgets join mid-run, share steps and leave at different ticks."""
-    scheduler = Scheduler(TorchStepper(pathfinder), slots=3, mode=mode)
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=3, mode=mode, priority=priority)
     imgs = images(7)
     budgets = [BUDGETS[i % len(BUDGETS)] for i in range(7)]
     tickets = [scheduler.submit(imgs[i], budgets[i]) for i in range(4)]
@@ -115,6 +115,27 @@ class FakeClock:
 
     def __call__(self):
         return self.now
+
+
+@pytest.mark.parametrize("priority, late_alone", [("fewest-steps", 5), ("all", 0)])
+def test_priority_fewest_steps_lets_a_newcomer_catch_up(pathfinder, priority, late_alone):
+    """fewest-steps: a request that joins 5 steps late runs alone until it has caught up (least attained
+    service); all: it shares every step at once. Same total row-steps either way."""
+    scheduler = Scheduler(TorchStepper(pathfinder), slots=2, priority=priority)
+    early_image, late_image = images(2, seed=3)
+    budget = {"iters": 12}
+    early = scheduler.submit(early_image, budget)
+    for _ in range(5):
+        scheduler.tick()
+    late = scheduler.submit(late_image, budget)
+    rows = []
+    while not (early.done() and late.done()):
+        before = scheduler.row_steps
+        scheduler.tick()
+        rows.append(scheduler.row_steps - before)
+    assert rows[:late_alone] == [1] * late_alone and rows[late_alone] == 2
+    assert scheduler.row_steps == 24
+    assert early.result().iterations == late.result().iterations == 12
 
 
 def test_deadline_returns_the_current_answer(pathfinder):

@@ -254,6 +254,10 @@ class OrtStepper(Stepper):
         self.policy, self.precision = self.meta.policy, self.meta.precision
         self.sessions = {piece: self._session(folder / name, threads, providers) for piece, name in FILES.items()}
 
+    @property
+    def providers(self) -> list[str]:
+        return self.sessions["step"].get_providers()
+
     @staticmethod
     def _session(path: Path, threads: int | None, providers: list[str] | None):
         import onnxruntime as ort

@@ -29,7 +29,7 @@ import numpy as np
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, RequestError
 from ..runtime.stepper import load_stepper
-from .scheduler import MODES, Outcome, Scheduler
+from .scheduler import MODES, PRIORITIES, Outcome, Scheduler
 from .service import PanopticService, Parsed, RawRequest, Reply, client_of, error_reply, refusal
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,15 @@ class SchedulerConfig(StrictConfig):
 
     mode: str = "iteration"  # iteration | request (request-level batching, for comparison)
     slots: int = 8  # requests stepped together
+    priority: str = "auto"  # which rows a tick steps: fewest-steps (CPU) | all (GPU) | auto (by the device)
     max_queue: int = 64  # waiting requests beyond the slots; more are refused 503 with Retry-After
     postprocess_threads: int = 1  # grouping and PNG encoding, off the tick thread
 
     def validate(self) -> None:
         if self.mode not in MODES:
             raise ConfigError(f"scheduler mode must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.priority not in PRIORITIES:
+            raise ConfigError(f"scheduler priority must be one of {', '.join(PRIORITIES)}, got {self.priority!r}")
         if not 1 <= self.slots <= 1024 or self.max_queue < 1 or self.postprocess_threads < 1:
             raise ConfigError(f"slots must be in 1..1024, max_queue >= 1, postprocess_threads >= 1: {self.to_dict()}")
 
@@ -66,7 +69,7 @@ class ScheduledService:
         if stepper is None:
             stepper = load_stepper(service.path, _stepper_kind(service), threads=service.config.threads)
         self.scheduler = Scheduler(stepper, slots=self.config.slots, mode=self.config.mode,
-                                   max_queue=self.config.max_queue)
+                                   max_queue=self.config.max_queue, priority=self.config.priority)
         self.pool = concurrent.futures.ThreadPoolExecutor(self.config.postprocess_threads,
                                                           thread_name_prefix="crbp-postprocess")
 
