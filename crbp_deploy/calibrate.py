@@ -311,6 +311,8 @@ def check_destination(out: Path | None, source: str) -> Path | None:
         raise InputError(f"{target} is a folder: give a checkpoint file name (e.g. {target / 'calibrated.pt'})")
     if target.exists() and target.resolve().parent == bundled:
         raise InputError(f"{target} is a bundled model inside the package: write the calibrated copy elsewhere with --out")
+    if out is None and target.name.endswith(".pth.tar"):  # a file of the paper's public code is never rewritten
+        raise InputError(f"{target} is a checkpoint of the paper's public code: write the calibrated copy with --out")
     return target
 
 

@@ -120,6 +120,14 @@ def test_info_says_per_sample_statistics(ref, run_cli):
     assert "per-sample statistics" in out and "track_running_stats=False" in out and "public_code" in out
 
 
+def test_calibrate_never_rewrites_the_public_file(ref):
+    from crbp_deploy.calibrate import check_destination
+    from crbp_deploy.errors import InputError
+
+    with pytest.raises(InputError, match="public code: write the calibrated copy with --out"):
+        check_destination(None, str(ref["plain"]))
+
+
 # --- proof of equality: the export against the public forward --------------------------------------------
 
 
@@ -147,6 +155,26 @@ def test_early_exit_runs_to_its_fixed_point_and_reports_iterations(ref, loop):
     assert iterations == eager["iterations"].tolist()
     assert all(6 < n < 100 for n in iterations) and len(set(iterations)) > 1, iterations
     assert (result["residual"] <= 1e-2).all()
+
+
+def test_verify_passes_on_the_early_exit_export(ref, loop):
+    from crbp_deploy.export.verify import verify_export
+
+    report = verify_export(loop, checkpoint.load(ref["plain"]), sizes=[(32, 32)], batches=[2])
+    assert report.passed, report.summary()
+    assert report.cases and all(c["iterations"]["reference"] == c["iterations"]["candidate"] for c in report.cases)
+
+
+@pytest.mark.slow
+def test_bench_runs_fixed_and_early_exit_rows(ref):
+    """bench on the public file: every row, fixed count and early exit (small: 2 images of 32 px, 1 repeat)."""
+    from crbp_deploy.bench import run_bench
+
+    result = run_bench(checkpoint.load(ref["plain"]), threads=1, repeats=1, limit=2, size=32, progress=lambda s: None)
+    strategies = {(r["backend"], r["strategy"]) for r in result["rows"]}
+    assert {("torch eager", "fixed"), ("torch eager", "early exit"), ("onnxruntime", "unrolled"),
+            ("onnxruntime", "loop, early exit")} <= strategies
+    assert result["early_exit"]["budget"] == Budget.DEFAULT.kwargs()
 
 
 # --- bad input: one line each ----------------------------------------------------------------------------
