@@ -134,7 +134,8 @@ def card(payload: Mapping[str, Any], path: str | Path, prefixed: bool) -> dict[s
         "public_code": {
             "code": CODE, "model": "hConvGRU", "file": Path(path).name, "epoch": _number(file.get("epoch")),
             "best_prec1": _number(file.get("best_prec1")), "dataparallel_prefix": prefixed,
-            "timesteps": PUBLIC_TIMESTEPS, "image_size": 150, "dropped": list(UNUSED),
+            "timesteps": PUBLIC_TIMESTEPS, "input_size": 150,  # mainclean.py resizes every image to 150x150
+            "dropped": list(UNUSED),
             "input": "1 grayscale channel in [0, 1] (the public loader: convert('L'), / 255)",
         },
         "normalisation": (
