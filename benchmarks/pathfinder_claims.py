@@ -648,6 +648,21 @@ def compare_plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def drawn_pixels_per_length(folder: Path, limit: int) -> dict[str, float]:
+    """IoU of marking every drawn pixel (image > 0.5) per contour length: no grouping at all."""
+    import numpy as np
+
+    from crbp_deploy.tasks import PATHFINDER
+    from crbp_deploy.tasks.pathfinder import pixel_counts, scores
+
+    data = PATHFINDER.open(folder)
+    n = min(limit or len(data), len(data))
+    pairs = [data.load(i) for i in range(n)]
+    counts = pixel_counts(np.stack([im > 0.5 for im, _ in pairs]), np.stack([m for _, m in pairs]))
+    lengths = np.asarray(data.lengths[:n])
+    return {str(k): scores(counts[lengths == k])["iou"] for k in sorted(set(lengths.tolist()))}
+
+
 def compare(argv: list[str]) -> None:
     """`compare --run LABEL=CHECKPOINT:STEPS ... --heldout DIR`: the issue-23 comparison of trained runs."""
     p = argparse.ArgumentParser(prog="pathfinder_claims.py compare")
@@ -671,7 +686,8 @@ def compare(argv: list[str]) -> None:
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
         results = list(pool.map(compare_run, jobs))
     report = {"command": "python benchmarks/pathfinder_claims.py compare " + " ".join(shlex.quote(a) for a in argv),
-              "heldout": str(args.heldout), "seconds": round(time.perf_counter() - t0, 1), "runs": results}
+              "heldout": str(args.heldout), "seconds": round(time.perf_counter() - t0, 1),
+              "drawn_pixels_baseline": drawn_pixels_per_length(args.heldout, args.limit), "runs": results}
     args.json.write_text(json.dumps(report, indent=1) + "\n")
     compare_plot(results, args.plot)
     for r in results:

@@ -1,7 +1,8 @@
 """Training throughput of `crbp-deploy train`, before and after, measured in ONE run on one machine.
 
 Why one run: this CPU is shared, and its load changes by several times within minutes, so two runs
-at different times compare loads, not code. Here every arm trains the same model (the bundled
+at different times compare loads, not code. Each batch is timed on the wall clock and in process CPU
+time: with one thread, CPU time is what a dedicated core would take, and other jobs hardly move it. Here every arm trains the same model (the bundled
 crbp-pathfinder architecture and weights: hgru-pathfinder, 12 channels, 5x5) on the same batches, and
 the arms take turns batch by batch (the order rotating each round); each arm's figure is its median
 batch, and the speed-up is the ratio of medians.
@@ -129,26 +130,28 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(bundled).train().to(memory_format=torch.channels_last if cfg.layout == "channels_last"
                                                   else torch.contiguous_format)
         runs[name] = {"cfg": cfg, "model": model, "opt": torch.optim.Adam(model.parameters(), lr=cfg.lr),
-                      "seconds": [], "work": [], "forward_steps": [], "vjps": []}
+                      "seconds": [], "cpu_seconds": [], "work": [], "forward_steps": [], "vjps": []}
     names = list(runs)
     t_start = time.perf_counter()
     for r in range(args.warmup + args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
             run = runs[name]
-            t = time.perf_counter()
+            t, c = time.perf_counter(), time.process_time()
             _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r])
-            dt = time.perf_counter() - t
+            dt, dc = time.perf_counter() - t, time.process_time() - c
             if r >= args.warmup:
                 run["seconds"].append(dt)
+                run["cpu_seconds"].append(dc)
                 run["work"].append(work)
                 run["forward_steps"].append(float(sol.forward_steps.float().mean()))
                 run["vjps"].append(len(sol.neumann.v_norms) - 1)
         print(f"round {r + 1}/{args.warmup + args.rounds} done ({time.perf_counter() - t_start:.0f} s)", file=sys.stderr)
     gflop = step_gflop(bundled, 64, 64)
     base = statistics.median(runs["today"]["seconds"])
+    base_cpu = statistics.median(runs["today"]["cpu_seconds"])
     results = {}
     for name, run in runs.items():
-        sec = statistics.median(run["seconds"])
+        sec, cpu = statistics.median(run["seconds"]), statistics.median(run["cpu_seconds"])
         work = statistics.mean(run["work"])
         results[name] = {
             "settings": {k: getattr(run["cfg"], k) for k in TODAY},
@@ -159,10 +162,14 @@ def main(argv: list[str] | None = None) -> int:
             "mean_forward_steps": round(statistics.mean(run["forward_steps"]), 2),
             "mean_vjps": round(statistics.mean(run["vjps"]), 2),
             "speedup_vs_today": round(base / sec, 2),
+            # process CPU time: on one thread, what a dedicated core would take; other jobs' load hardly moves it
+            "images_per_cpu_s": round(args.batch_size / cpu, 2),
+            "speedup_vs_today_cpu": round(base_cpu / cpu, 2),
             "batch_seconds": [round(s, 4) for s in run["seconds"]],
         }
         print(f"{name:>24}: {results[name]['images_per_s']:6.2f} images/s  {results[name]['gflop_per_s']:6.1f} GFLOP/s  "
-              f"x{results[name]['speedup_vs_today']:.2f}  forward steps {results[name]['mean_forward_steps']}  "
+              f"x{results[name]['speedup_vs_today']:.2f}  (CPU time: {results[name]['images_per_cpu_s']:6.2f} images/s "
+              f"x{results[name]['speedup_vs_today_cpu']:.2f})  forward steps {results[name]['mean_forward_steps']}  "
               f"VJPs {results[name]['mean_vjps']}")
     parts = profile(bundled, data[0], args.profile_repeats)
     print("profile of one `today` step (s):", parts)
