@@ -204,9 +204,11 @@ def _resume(model, optimizer, out: Path) -> tuple[int, list[dict]]:
     loaded = checkpoint.load(ckpt)
     theirs, ours = loaded.config.to_dict(), model.config.to_dict()
     if loaded.arch != model.arch or theirs != ours:
-        diff = ", ".join(f"{k} {theirs.get(k)} vs {v}" for k, v in ours.items() if theirs.get(k) != v)
-        raise CrbpError(f"--resume: {ckpt} holds a {loaded.arch} model, this run builds a {model.arch} model"
-                        f"{f' ({diff})' if diff else ''}: give the same --model and --model-config, or another --out")
+        changed = [k for k, v in ours.items() if theirs.get(k) != v]
+        what = (f"a {loaded.arch} model, this run builds a {model.arch}" if loaded.arch != model.arch else
+                f"{loaded.arch} with {', '.join(f'{k}={theirs.get(k)}' for k in changed)}, this run builds "
+                f"{', '.join(f'{k}={ours[k]}' for k in changed)}")
+        raise CrbpError(f"--resume: {ckpt} holds {what}: give the same --model and --model-config, or another --out")
     model.load_state_dict(loaded.state_dict())
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
