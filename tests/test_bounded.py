@@ -242,7 +242,7 @@ def test_a_taken_ray_port_names_itself_and_an_alternative():
     from crbp_deploy.serving.ray_engine import RayConfig, check_ports
 
     check_ports(RayConfig(port=18490), lambda host, port: True)
-    with pytest.raises(CrbpError, match=r"port 18492 \(Ray node manager, P\+2\) is in use .* try --port 18499$"):
+    with pytest.raises(CrbpError, match=r"in use on 127.0.0.1: node_manager 18492 \(P\+2\); .* try --port 18499$"):
         check_ports(RayConfig(port=18490), lambda host, port: port != 18492)
 
 

@@ -120,8 +120,8 @@ def check_ports(config: RayConfig, free) -> None:
     alternative = next((p for p in range(config.port + width, 65535 - width, width)
                         if all(free(config.host, q) for q in range(p, p + width))), None)
     hint = f"try --port {alternative}" if alternative else "choose another --port"
-    raise CrbpError(f"port {port} (Ray {name.replace('_', ' ')}, P+{port - config.port}) is in use on {config.host}; "
-                    f"the Ray engine needs P..P+{width - 1} free: {hint}")
+    raise CrbpError(f"port(s) in use on {config.host}: {name} {port} (P+{port - config.port}); the Ray engine needs "
+                    f"P..P+{width - 1} free: {hint}")
 
 
 def temp_dir(run: Path) -> Path:
@@ -482,9 +482,12 @@ class RayServe(Engine):
         replicas, wait until /ping answers. On failure the cluster is stopped and the error names the log folder."""
         config = config or RayConfig()
         say = progress or (lambda msg: None)
-        if not self.running(run_dir or self.default_run_dir(config.port)):  # a live one: prepare says "stop it"
-            check_ports(config, port_free)
-        store, served, run = self.prepare(model_store, config, run_dir, models)
+        try:
+            store, served, run = self.prepare(model_store, config, run_dir, models)
+        except CrbpError as exc:
+            if str(exc).startswith("port(s) in use"):
+                check_ports(config, port_free)  # the same refusal, naming a --port whose whole block is free
+            raise
         if set(served) != set(store_models(store)):  # ray_app deploys the whole store
             raise CrbpError("the Ray engine serves every archive in the model store; give it a store with only those")
         for path in (temp_dir(run), run / "models", run / KEY_FILE, run / STATE_FILE):
