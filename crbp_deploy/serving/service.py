@@ -2,7 +2,9 @@
 
 The TorchServe handler (handlers/panoptic_handler.py) only translates TorchServe's request and
 response objects to `RawRequest` and from `Reply`; decoding, validation, budget rules, batching and
-the response schema live here, so the model can move to another server unchanged.
+the response schema live here, so the model can move to another server unchanged. So do the limits
+on one request's compute (cost cap, deadline, the input-scale policy) and admission control
+(serving/admission.py): every engine gets them by calling `accept` / `run` / `reply_for` (or `handle`).
 
 Batching rule: requests are grouped by budget, and within a group by image size (in
 `PanopticPredictor`), so a batch only ever holds same-size, same-budget images. Early exit is
@@ -45,7 +47,7 @@ BUDGET_HEADERS = {"max_iters": "x-max-iters", "tol": "x-tol", "threshold": "x-th
 #: Per-request limits and the input scale: fields / query parameters or headers.
 REQUEST_FIELDS = ("deadline_ms", "scale")
 REQUEST_HEADERS = {"deadline_ms": "x-deadline-ms", "scale": "x-scale"}
-CLIENT_HEADER = "x-client-id"  # who is counted for the admission share (absent: "anonymous")
+CLIENT_HEADER = "x-client-id"  # who is counted for the admission share (absent: only the worker's limit)
 #: Safety margin on the measured speed when the deadline bounds a request's iterations up front.
 DEADLINE_MARGIN = 0.8
 #: Parameters a server adds on its own (TorchServe's /invocations?model_name=...).
@@ -505,16 +507,31 @@ class PanopticService:
             self.admission.admit(parsed.cost, parsed.client)
         return parsed
 
+    def accept(self, raw: RawRequest) -> Parsed:
+        """Screen (a client over its share is refused from its headers), parse and admit one request:
+        what every engine calls before running it. Raises RequestError / Overloaded."""
+        if self.admission is not None:
+            self.admission.screen(client_of(raw.headers))
+        return self.admit(self.parse(raw))
+
+    def settle(self, answered: Sequence[tuple[Parsed, Prediction]], started: float, ended: float) -> None:
+        """After a handler call from `started` to `ended` (time.monotonic): teach admission the worker's real
+        throughput (decode to encode) and how busy it is. Engines that run requests themselves call it too."""
+        if self.admission is None:
+            return
+        if not self.config.capacity:
+            work = self.work([p for p, _ in answered], [q for _, q in answered])
+            self.admission.observe(work, ended - started)
+        self.admission.record(started, ended)
+
     def handle(self, requests: Sequence[RawRequest]) -> list[Reply]:
-        """Parse and admit every request, run the admitted ones together; a bad request never fails the others."""
-        started, begun = time.perf_counter(), time.monotonic()
+        """Accept every request, run the admitted ones together; a bad request never fails the others."""
+        started = time.monotonic()
         replies: list[Reply | None] = [None] * len(requests)
         valid: list[tuple[int, Parsed]] = []
         for i, raw in enumerate(requests):
             try:
-                if self.admission is not None:
-                    self.admission.screen(client_of(raw.headers))
-                valid.append((i, self.admit(self.parse(raw))))
+                valid.append((i, self.accept(raw)))
             except RequestError as exc:
                 replies[i] = refusal(exc)
             except Exception as exc:  # a bug, not the client's fault; the others still get answers
@@ -522,12 +539,8 @@ class PanopticService:
                 replies[i] = error_reply(500, f"internal error while reading the request: {exc}")
         for (i, _), reply in zip(valid, self.run([p for _, p in valid])):
             replies[i] = reply
-        if self.admission is not None:  # what this worker really clears per second, decoding to encoding
-            done = [(p, r.prediction) for (_, p), r in zip(valid, (replies[i] for i, _ in valid)) if r.prediction]
-            if not self.config.capacity:
-                self.admission.observe(self.work([p for p, _ in done], [q for _, q in done]),
-                                       time.perf_counter() - started)
-            self.admission.record(begun, time.monotonic())
+        answered = [(p, replies[i].prediction) for i, p in valid if replies[i].prediction is not None]
+        self.settle(answered, started, time.monotonic())
         return replies  # type: ignore[return-value]
 
     def _run_scheduled(self, parsed: Sequence[Parsed]) -> list[Reply]:
