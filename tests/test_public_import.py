@@ -88,6 +88,14 @@ def test_loads_with_and_without_module_prefix(ref):
     assert torch.equal(plain.cell.norm_exc.weight, public["unit1.bn.3.weight"])
 
 
+def test_another_filt_size_is_read_off_the_weights(public_file, tmp_path):
+    """`hConvGRU(filt_size=k)` for any odd k: the kernel size comes from the weights."""
+    state = {k: v[..., 5:10, 5:10] if k in ("unit1.w_gate_inh", "unit1.w_gate_exc") else v
+             for k, v in public_file["state_dict"].items()}
+    model = checkpoint.load(_save(tmp_path, {**public_file, "state_dict": state}, "k5.pth.tar"))
+    assert model.config.kernel_size == 5 and model.cell.w_inh.shape == (25, 25, 5, 5)
+
+
 def test_each_image_is_independent_of_its_batch(ref):
     """Per-sample statistics: an image's logits do not change with its batch mates (public BatchNorms would)."""
     model = checkpoint.load(ref["plain"])

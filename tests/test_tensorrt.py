@@ -129,6 +129,7 @@ EMITTED = {
     "Expand", "Gather", "GatherND", "Greater", "Identity", "InstanceNormalization", "IsInf", "IsNaN", "Less", "Log",
     "Loop", "MaxPool", "Mul", "Neg", "NonZero", "Not", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "Relu",
     "Reshape", "Resize", "ScatterND", "Shape", "Sigmoid", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
+    "ReduceMean", "Sqrt", "Reciprocal",  # hgru-public's per-sample norm, written out (models/public_hgru.py)
 }
 
 
@@ -314,7 +315,7 @@ def test_lint_checks_topk_maxpool_and_reduce():
     assert any("less than 3840" in m for m in _messages(big_k))
     runtime_k = one(helper.make_node("TopK", ["v", "k"], ["y", "idx"], axis=1), [flat, _vi("k", T.INT64, [1])])
     assert runtime_k.ok and any("`K` is not an initializer" in m for m in _messages(runtime_k, "warning"))
-    for op in ("ReduceMax", "ReduceL2"):
+    for op in ("ReduceMax", "ReduceL2", "ReduceMean"):
         axes_in = one(helper.make_node(op, ["x", "axes"], ["y"]), [x, _vi("axes", T.INT64, [1])])
         assert any("`axes` must be an initializer" in m for m in _messages(axes_in)), op
     unsorted = one(helper.make_node("TopK", ["v", "k"], ["y", "idx"], axis=1, sorted=0), [flat],

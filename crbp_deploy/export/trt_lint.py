@@ -642,6 +642,7 @@ RULES = {
     "MaxPool": _rule_maxpool,
     "ReduceL2": _rule_reduce,
     "ReduceMax": _rule_reduce,
+    "ReduceMean": _rule_reduce,
     "Squeeze": _rule_squeeze,
     "Unsqueeze": _rule_squeeze,
     "TopK": _rule_topk,
