@@ -254,3 +254,26 @@ def test_a_client_over_its_share_is_refused_before_its_image_is_read(tiny):
     reply = ask(svc, b"not even an image", **{"X-Client-Id": "flood"})
     assert reply.status == 429 and "'flood' is over its share" in reply.body["message"]
     assert ask(svc, b"not even an image", **{"X-Client-Id": "other"}).status == 400
+
+
+@pytest.mark.slow  # the ONNX export with its pieces takes ~20 s on 2 cores
+def test_an_onnx_archive_with_pieces_runs_through_the_scheduler(tiny, tmp_path):
+    from crbp_deploy import checkpoint
+    from crbp_deploy.export import export_onnx
+
+    onnx = tmp_path / "tiny.onnx"
+    export_onnx(checkpoint.load(tiny), onnx, strategy="loop", pieces=True, source=str(tiny), **BUDGET)
+    svc = PanopticService(onnx, ServiceConfig(admission=False, max_iters_limit=10_000))
+    assert svc.scheduler is not None and svc.scheduler.slots == 8  # one-thread ORT: rows step together exactly
+    images = [sample(k, 32) for k in range(4)]
+    stepped = svc.handle([RawRequest({"body": im}, {"body": "image/png"}) for im in images])
+    svc.scheduler, scheduler = None, svc.scheduler
+    looped = svc.handle([RawRequest({"body": im}, {"body": "image/png"}) for im in images])
+    for a, b in zip(stepped, looped):
+        assert (a.body["panoptic_png"], a.body["iterations"]) == (b.body["panoptic_png"], b.body["iterations"])
+    svc.scheduler = scheduler
+    svc.capacity *= 100  # only the wall clock can stop it now
+    started = time.perf_counter()
+    body = ask(svc, noise(96), **{"X-Scale": "native", "X-Max-Iters": "10000", "X-Tol": "0",
+                                  "X-Deadline-Ms": "300"}).body
+    assert body["stopped"] == "deadline" and time.perf_counter() - started < 0.3 * 1.1 + 0.5

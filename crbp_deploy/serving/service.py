@@ -284,20 +284,23 @@ class PanopticService:
         return budget
 
     def _scheduler(self):
-        """S's iteration-level scheduler where this artifact can be stepped (a checkpoint today), else None."""
+        """S's iteration-level scheduler where this artifact can be stepped (a checkpoint, or an .onnx with its
+        pieces: `export --pieces`, which `package` writes), else None: then the deadline is fitted up front."""
         from ..runtime.stepper import load_stepper
         from .scheduler import Scheduler
 
-        if self.backend.name != "torch" or self.config.precision != "fp32":
+        kinds = {"torch": "torch", "onnxruntime": "onnxruntime"}
+        if self.backend.name not in kinds or self.config.precision != "fp32":
             return None
         try:
-            stepper = load_stepper(getattr(self.backend, "model", None) or self.path, "torch", self.config.threads)
+            stepper = load_stepper(getattr(self.backend, "model", None) or self.path, kinds[self.backend.name],
+                                   self.config.threads)
         except CrbpError as exc:
             log.info("no stepper for %s (%s): the deadline bounds iterations up front", self.path.name, exc)
             return None
-        # one slot: PyTorch's last bits depend on the batch (see the module docstring), and an answer must not
-        # depend on who else was asking; the scheduler still gives the wall-clock stop at each deadline
-        return Scheduler(stepper, slots=1, mode="iteration", max_queue=64)
+        # rows share a step only where the runtime computes each row as alone (see the module docstring): an
+        # answer must not depend on who else was asking; one slot still gives the wall-clock stop at a deadline
+        return Scheduler(stepper, slots=8 if self.batch_invariant else 1, mode="iteration", max_queue=64)
 
     def _measure_speed(self) -> tuple[float, float, float]:
         """(pixel-iterations per second, encoder + readout in steps, postprocess seconds per pixel) of this
@@ -441,7 +444,8 @@ class PanopticService:
             raise RequestError(f"a {h}x{w} image cannot get even one solver step within {what}; send it{hint}", 413)
         budget = dict(parsed.budget)
         runs = budget.get("max_iters", budget.get("iters", 1))
-        limit = min(by_cost, by_deadline)
+        # with a scheduler the deadline is a wall-clock stop: only the cost cap lowers max_iters up front
+        limit = min(by_cost, by_deadline) if self.scheduler is None else by_cost
         if limit < runs:
             parsed.bound = "budget" if by_cost <= by_deadline else "deadline"
             budget["max_iters" if "max_iters" in budget else "iters"] = limit
@@ -545,13 +549,14 @@ class PanopticService:
 
     def _run_scheduled(self, parsed: Sequence[Parsed]) -> list[Reply]:
         """Every request in the scheduler's slots at once; each stops at its deadline or cost cap at the latest."""
-        replies: list[Reply] = []
+        started = time.perf_counter()
         # the scheduler's stop leaves room for the readout and the grouping after it
         tickets = [self.scheduler.submit(p.image, p.budget, max_cost=self.config.max_cost, deadline=p.deadline - (
             self.post_s_per_pixel * p.image.shape[0] * p.image.shape[1] + self.overhead * p.image.shape[0]
             * p.image.shape[1] / self.capacity)) for p in parsed]
+        self.scheduler.run_all(tickets)  # each ticket holds its Outcome or its own error
+        replies, done = [], []
         for p, ticket in zip(parsed, tickets):
-            self.scheduler.run_all([ticket])
             try:
                 outcome = ticket.result()
                 out = {**outcome.heads, "iterations": np.array([outcome.iterations]),
@@ -562,8 +567,10 @@ class PanopticService:
                 log.exception("inference failed for one request")
                 replies.append(error_reply(500, f"inference failed: {exc}"))
                 continue
-            self.observe([p], [pred], model_ms / 1000)
+            done.append((p, pred))
             replies.append(self.reply_for(p, pred, batch=1))  # each row steps as it would alone
+        if done:  # requests share the ticks: the speed is all their work over the whole run
+            self.observe([p for p, _ in done], [q for _, q in done], time.perf_counter() - started)
         return replies
 
     def work(self, parsed: Sequence[Parsed], preds: Sequence[Prediction]) -> float:
