@@ -1,5 +1,5 @@
 """Checkpoints written by the paper's public code, recognised by their keys and shapes and mapped onto
-`hgru-public` (models/public_hgru.py), so they export, verify and serve like the project's own.
+`hgru-public` (models/public_hgru.py), so they export, verify and benchmark like the project's own.
 
 The public Pathfinder code (c-rbp/pathfinder_experiments, mainclean.py) saves
 `torch.save({'epoch', 'state_dict', 'best_prec1'})` as `model_fscore_XXXX_epoch_YY_checkpoint.pth.tar`;
@@ -55,7 +55,7 @@ def from_public(payload: Any, path: str | Path) -> dict[str, Any]:
             if key in state:
                 raise CheckpointError(f"{path}: a {family} checkpoint of the paper's public code: not supported yet "
                                       "(supported: its hConvGRU, --model hgru)")
-    if state is None or "unit1.w_gate_inh" not in state or set(state) != EXPECTED:
+    if state is None or set(state) != EXPECTED:
         raise CheckpointError(_neither(payload, state, path))
     config = _config(state, path)
     mapped = {}

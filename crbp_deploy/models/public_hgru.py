@@ -8,8 +8,9 @@ in a softplus; readout norm + 1x1 conv to 2 logits; `timesteps` steps (6 in main
 What differs, on purpose: the public BatchNorms have `track_running_stats=False`, so they normalise
 with the statistics of whatever batch arrives, at test time too. Here they are per-sample statistics
 (`InstanceNorm`: the same eps and affine). That equals the public forward at batch size 1 and makes each
-image's answer independent of its batch (the public answer for an image changes with its batch mates). The step is the hGRU cell of hgru.py, whose equations are the public
-ones, followed by the public final softplus (hgru.py says why the project's own models omit it).
+image's answer independent of its batch (the public answer for an image changes with its batch mates).
+The step is the hGRU cell of hgru.py, whose equations are the public ones, followed by the public final
+softplus (hgru.py says why the project's own models omit it).
 """
 from __future__ import annotations
 
