@@ -2,7 +2,7 @@
 
     python benchmarks/adversarial_load.py [--workers 2 --batch-size 1] [--baseline-s 40 --attack-s 60]
 
-The bundled model's early-exit ONNX is packaged with the server's defaults (ServiceConfig: cost cap,
+The bundled model is packaged as `crbp-deploy package` does (early-exit ONNX with its pieces) with the server's defaults (ServiceConfig: cost cap,
 deadline, scale policy, admission) and served on 127.0.0.1 with auth on. Two phases, same server:
 
 1. baseline: a steady stream of small scenes (128 px, the card's scale; one every `--small-every` s,
@@ -207,8 +207,9 @@ def _summary(rows: list[dict], deadline_ms: float) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--onnx", type=Path, default=ROOT / "export" / "crbp-panoptic-loop.onnx",
-                        help="early-exit ONNX with its sidecar (default: export/crbp-panoptic-loop.onnx)")
+    parser.add_argument("--model", default="crbp-panoptic",
+                        help="what `crbp-deploy package` packages (default: the bundled model, exported with its "
+                             "pieces, so the service's scheduler stops each request at its deadline)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--small-every", type=float, default=0.5, help="s between small scenes")
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
     scenes = _scenes(16, 128)
     with tempfile.TemporaryDirectory(prefix="crbp-adversarial-") as tmp:
         work = Path(tmp)
-        package(args.onnx, name="crbp-panoptic", out=work / "store", service=service, progress=None,
+        package(args.model, name="crbp-panoptic", out=work / "store", service=service, progress=None,
                 config=ArchiveConfig(workers=args.workers, batch_size=args.batch_size))
         engine = get_engine("torchserve")
         server = engine.start(work / "store", engine.configure(_free_port()), run_dir=work / "run")
