@@ -19,6 +19,8 @@ def package(
     response_timeout: int = typer.Option(120, "--response-timeout", help="TorchServe responseTimeout in s."),
     threads: int = typer.Option(1, "--threads", help="Runtime threads per worker."),
     max_iters_limit: int = typer.Option(200, "--max-iters-limit", help="Largest max_iters a request gets (more is clamped)."),
+    deadline_ms: int = typer.Option(5000, "--deadline-ms", help="Wall-clock limit per request (its X-Deadline-Ms is clamped to it); at most a quarter of --response-timeout."),
+    max_cost: int = typer.Option(1 << 24, "--max-cost", help="Pixels x iterations one request may use (413 when one step does not fit)."),
     backend: str = typer.Option("auto", "--backend", help="Runtime in the worker: auto (onnxruntime for .onnx) | openvino | torch."),
     precision: str = typer.Option("fp32", "--precision", help="fp32 | bf16 (openvino / torch)."),
     handler: Optional[Path] = typer.Option(None, "--handler", help="Handler file (default: handlers/panoptic_handler.py)."),
@@ -32,13 +34,15 @@ def package(
     from ..serving.service import ServiceConfig
 
     if fmt == "triton":
-        service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision)
+        service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision,
+                                deadline_ms=deadline_ms, max_cost=max_cost)
         _triton(model, name, out or Path("model_repository"), service, kserve, storage_uri, as_json)
         return
     out = out or Path("model_store")
     config = ArchiveConfig(workers=workers, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
                            response_timeout_s=response_timeout)
-    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision)
+    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision,
+                            deadline_ms=deadline_ms, max_cost=max_cost)
     result = build(model, name=name, out=out, fmt=fmt, config=config, service=service, handler=handler,
                    progress=None if as_json else typer.echo)
     doc = result.to_dict()
