@@ -623,22 +623,27 @@ def compare_plot(results: list[dict], path: Path) -> None:
         for j, factor in enumerate(("1x", "2x", "4x")):
             values = [r["fixed"][factor]["per_length"].get(str(n), float("nan")) for n in lengths]
             pos = [k + (3 * i + j) * width for k in range(len(lengths))]
-            axes[0].bar(pos, values, width, label=f"{r['label']} {factor} ({r['fixed'][factor]['steps']} steps)")
+            axes[0].bar(pos, values, width, color=f"C{i}", alpha=(1.0, 0.65, 0.35)[j],
+                        label=f"{r['label']} {factor} ({r['fixed'][factor]['steps']} steps)")
     axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(lengths))], [f"PF{n}" for n in lengths])
     axes[0].set_ylabel("IoU (held out)")
     axes[0].set_title("IoU per length at 1x / 2x / 4x the training steps")
     axes[0].legend(fontsize=6)
-    for r in results:
-        hist = r["history"]
+    styles = {"val_iou_pf6": ":", "val_iou_pf14": "-", "val_iou_pf25": "--"}
+    for i, r in enumerate(results):
+        color, hist = f"C{i}", r["history"]
         epochs = [h["epoch"] for h in hist]
-        for key in sorted({k for h in hist for k in h if k.startswith("val_iou_pf")}, key=lambda k: int(k[10:])):
-            axes[1].plot(epochs, [h.get(key) for h in hist], marker="o", label=f"{r['label']} {key[8:].upper()}")
+        for key, style in styles.items():
+            if any(key in h for h in hist):
+                axes[1].plot(epochs, [h.get(key) for h in hist], style, color=color, marker="o", ms=3,
+                             label=f"{r['label']} {key[8:].upper()}")
         if "early_exit" in r:
             ee = r["early_exit"]["per_length"]
-            axes[2].plot([int(n) for n in ee], [v["mean_iterations"] for v in ee.values()], marker="o", label=r["label"])
+            axes[2].plot([int(n) for n in ee], [v["mean_iterations"] for v in ee.values()], color=color, marker="o",
+                         label=r["label"])
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("val IoU")
-    axes[1].set_title("learning curves (val, per length)")
+    axes[1].set_title("learning curves (val PF6 dotted, PF14 solid, PF25 dashed)")
     axes[1].legend(fontsize=6)
     axes[2].set_xlabel("contour length (paddles)")
     axes[2].set_ylabel("mean iterations to converge")
