@@ -175,10 +175,11 @@ def test_verify_passes_on_the_early_exit_export(ref, loop):
 
 @pytest.mark.slow
 def test_bench_runs_fixed_and_early_exit_rows(ref):
-    """bench on the public file: every row, fixed count and early exit (small: 2 images of 32 px, 1 repeat)."""
+    """bench on the public file: every row, fixed count and early exit (2 images of 64 px, the smallest size the
+    generated mix of lengths 6-25 fits; 1 repeat)."""
     from crbp_deploy.bench import run_bench
 
-    result = run_bench(checkpoint.load(ref["plain"]), threads=1, repeats=1, limit=2, size=32, progress=lambda s: None)
+    result = run_bench(checkpoint.load(ref["plain"]), threads=1, repeats=1, limit=2, size=64, progress=lambda s: None)
     strategies = {(r["backend"], r["strategy"]) for r in result["rows"]}
     assert {("torch eager", "fixed"), ("torch eager", "early exit"), ("onnxruntime", "unrolled"),
             ("onnxruntime", "loop, early exit")} <= strategies
