@@ -129,6 +129,7 @@ EMITTED = {
     "Expand", "Gather", "GatherND", "Greater", "Identity", "InstanceNormalization", "IsInf", "IsNaN", "Less", "Log",
     "Loop", "MaxPool", "Mul", "Neg", "NonZero", "Not", "Pad", "Pow", "Range", "ReduceL2", "ReduceMax", "Relu",
     "Reshape", "Resize", "ScatterND", "Shape", "Sigmoid", "Squeeze", "Sub", "TopK", "Transpose", "Unsqueeze", "Where",
+    "Softplus",  # ff-pathfinder (models/pathfinder.py); no restrictions in operators.md
     "ReduceMean", "Sqrt", "Reciprocal",  # hgru-public's per-sample norm, written out (models/public_hgru.py)
 }
 
