@@ -26,7 +26,6 @@ import io
 import json
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -63,19 +62,11 @@ def _noise(side: int) -> bytes:
 
 
 def _free_port(count: int = 5) -> int:
+    from crbp_deploy.serving.engine import port_free
+
     for base in range(23000, 60000, 7):
-        try:
-            socks = []
-            for p in range(base, base + count):
-                s = socket.socket()
-                socks.append(s)
-                s.bind(("127.0.0.1", p))
+        if all(port_free("127.0.0.1", p) for p in range(base, base + count)):
             return base
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
     raise RuntimeError("no free port block")
 
 

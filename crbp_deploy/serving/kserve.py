@@ -82,6 +82,18 @@ def kserve_properties(name: str, version: str, workers: int, response_timeout_s:
     return "".join(f"{k}={v}\n" for k, v in props.items())
 
 
+def _service(name: str, model: dict[str, Any], image: str | None, min_replicas: int, max_replicas: int) -> dict:
+    """The InferenceService around a predictor's `model` spec (TorchServe's or Triton's)."""
+    if image:
+        model["image"] = image
+    return {
+        "apiVersion": API_VERSION,
+        "kind": KIND,
+        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crbp-deploy"}},
+        "spec": {"predictor": {"minReplicas": min_replicas, "maxReplicas": max_replicas, "model": model}},
+    }
+
+
 def inference_service(
     name: str,
     storage_uri: str,
@@ -104,14 +116,7 @@ def inference_service(
         "resources": resources,
         "env": [{"name": "OMP_NUM_THREADS", "value": str(threads)}],
     }
-    if image:
-        model["image"] = image
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crbp-deploy"}},
-        "spec": {"predictor": {"minReplicas": min_replicas, "maxReplicas": max_replicas, "model": model}},
-    }
+    return _service(name, model, image, min_replicas, max_replicas)
 
 
 def write_kserve(
@@ -184,14 +189,7 @@ def triton_inference_service(name: str, storage_uri: str, *, image: str | None =
         "resources": resources,
         "env": [{"name": "OMP_NUM_THREADS", "value": str(threads)}, {"name": SITE_ENV, "value": site_packages}],
     }
-    if image:
-        model["image"] = image
-    return {
-        "apiVersion": API_VERSION,
-        "kind": KIND,
-        "metadata": {"name": name, "labels": {"app.kubernetes.io/part-of": "crbp-deploy"}},
-        "spec": {"predictor": {"minReplicas": min_replicas, "maxReplicas": max_replicas, "model": model}},
-    }
+    return _service(name, model, image, min_replicas, max_replicas)
 
 
 def write_triton_kserve(repo: str | os.PathLike, name: str, out: str | os.PathLike, *, storage_uri: str | None = None,
