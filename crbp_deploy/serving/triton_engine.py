@@ -108,6 +108,10 @@ def wheel_files() -> dict[str, Path]:
     return files
 
 
+def _joined(*folders) -> str:
+    return os.pathsep.join(str(f) for f in folders if f)
+
+
 def backend_dir(run: Path, files: dict[str, Path]) -> Path:
     """`run/backends/python/`: the Python backend with this interpreter's stub (Triton looks for it there)."""
     folder = run / "backends" / "python"
@@ -194,7 +198,10 @@ class Triton(Engine):
         backends = backend_dir(run, files)
         sites = os.pathsep.join(site.getsitepackages())
         env = self.environment(run, {SITE_ENV: sites, "OMP_NUM_THREADS": str(config.threads),
-                                     "LD_LIBRARY_PATH": os.pathsep.join(p for p in (str(files["libs"]), os.environ.get("LD_LIBRARY_PATH", "")) if p)})
+                                     "LD_LIBRARY_PATH": _joined(files["libs"], os.environ.get("LD_LIBRARY_PATH")),
+                                     # the stub's embedded Python finds its prefix from `python3` on PATH: this
+                                     # interpreter's (the venv's, with numpy), not a shim's or the system's
+                                     "PATH": _joined(Path(sys.executable).parent, os.environ.get("PATH"))})
         say(f"starting tritonserver on {config.host}:{config.port} (run folder {run})")
         with private_log(run / LOG_FILE) as log:
             proc = subprocess.Popen(server_args(files, repo, backends, config, token), cwd=run, env=env, stdout=log,
