@@ -24,13 +24,12 @@ import logging
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, RequestError
 from ..runtime.stepper import load_stepper
 from .scheduler import MODES, PRIORITIES, Outcome, Scheduler
-from .service import PanopticService, Parsed, RawRequest, Reply, client_of, error_reply, refusal
+from .service import PanopticService, Parsed, RawRequest, Reply, error_reply, refusal
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +65,8 @@ class ScheduledService:
     def __init__(self, service: PanopticService, config: SchedulerConfig | None = None, *, stepper=None):
         self.service = service
         self.config = config or SchedulerConfig()
+        if stepper is None and service.scheduler is not None:  # the service's own stepper: loaded once
+            stepper = service.scheduler.stepper
         if stepper is None:
             stepper = load_stepper(service.path, _stepper_kind(service), threads=service.config.threads)
         self.scheduler = Scheduler(stepper, slots=self.config.slots, mode=self.config.mode,
@@ -85,9 +86,7 @@ class ScheduledService:
     def submit(self, raw: RawRequest) -> concurrent.futures.Future:
         """Future of the request's Reply; it never raises (refusals and failures are replies)."""
         try:
-            if self.service.admission is not None:  # a client over its share is refused before decoding
-                self.service.admission.screen(client_of(raw.headers))
-            parsed = self.service.admit(self.service.parse(raw))
+            parsed = self.service.accept(raw)  # a client over its share is refused before decoding
             ticket = self.scheduler.submit(parsed.image, parsed.budget, deadline=parsed.deadline)
         except RequestError as exc:  # the client's problem, or Overloaded (503 / 429 with Retry-After)
             return _done(refusal(exc))
@@ -119,12 +118,7 @@ class ScheduledService:
 
     def reply(self, parsed: Parsed, outcome: Outcome) -> Reply:
         """The service's reply for one finished request (post-processing as in a whole-request run)."""
-        h, w = parsed.image.shape[:2]
-        out = {**outcome.heads, "iterations": np.array([outcome.iterations]),
-               "residual": np.array([outcome.residual], dtype=np.float32), "stopped": [outcome.stopped]}
-        model_ms = sum(outcome.timings.get(k, 0.0) for k in ("encode_ms", "step_ms", "readout_ms"))
-        pred = self.service.predictor.decode(out, (h, w), parsed.budget, model_ms)[0]
-        answer = self.service.reply_for(parsed, pred, batch=1)
+        answer = self.service.reply_for(parsed, self.service.prediction_of(parsed, outcome), batch=1)
         answer.body["timings_ms"]["queue"] = round(outcome.timings.get("queue_ms", 0.0), 3)
         return answer
 

@@ -548,21 +548,29 @@ class PanopticService:
         return replies  # type: ignore[return-value]
 
     def _run_scheduled(self, parsed: Sequence[Parsed]) -> list[Reply]:
-        """Every request in the scheduler's slots at once; each stops at its deadline or cost cap at the latest."""
+        """Every request in the scheduler's slots at once; each stops at its deadline or cost cap at the latest.
+        A request refused at submit or by the scheduler gets its own refusal; a failure is a 500 for it alone."""
         started = time.perf_counter()
-        # the scheduler's stop leaves room for the readout and the grouping after it
-        tickets = [self.scheduler.submit(p.image, p.budget, max_cost=self.config.max_cost, deadline=p.deadline - (
-            self.post_s_per_pixel * p.image.shape[0] * p.image.shape[1] + self.overhead * p.image.shape[0]
-            * p.image.shape[1] / self.capacity)) for p in parsed]
-        self.scheduler.run_all(tickets)  # each ticket holds its Outcome or its own error
+        tickets: list[Any] = []
+        for p in parsed:
+            pixels = p.image.shape[0] * p.image.shape[1]
+            # the scheduler's stop leaves room for the readout and the grouping after it
+            room = self.post_s_per_pixel * pixels + self.overhead * pixels / self.capacity
+            try:
+                tickets.append(self.scheduler.submit(p.image, p.budget, max_cost=self.config.max_cost,
+                                                     deadline=p.deadline - room))
+            except RequestError as exc:
+                tickets.append(exc)
+        self.scheduler.run_all([t for t in tickets if not isinstance(t, RequestError)])  # errors stay in tickets
         replies, done = [], []
         for p, ticket in zip(parsed, tickets):
             try:
-                outcome = ticket.result()
-                out = {**outcome.heads, "iterations": np.array([outcome.iterations]),
-                       "residual": np.array([outcome.residual]), "stopped": [outcome.stopped]}
-                model_ms = sum(v for k, v in outcome.timings.items() if k in ("encode_ms", "step_ms", "readout_ms"))
-                pred = self.predictor.decode(out, p.image.shape[:2], p.budget, model_ms)[0]
+                if isinstance(ticket, RequestError):
+                    raise ticket
+                pred = self.prediction_of(p, ticket.result())
+            except RequestError as exc:  # refused (413, 503 with Retry-After): the client's answer, not a failure
+                replies.append(refusal(exc))
+                continue
             except Exception as exc:  # this request's failure alone
                 log.exception("inference failed for one request")
                 replies.append(error_reply(500, f"inference failed: {exc}"))
@@ -572,6 +580,13 @@ class PanopticService:
         if done:  # requests share the ticks: the speed is all their work over the whole run
             self.observe([p for p, _ in done], [q for _, q in done], time.perf_counter() - started)
         return replies
+
+    def prediction_of(self, parsed: Parsed, outcome) -> Prediction:
+        """The Prediction for one request the scheduler finished (its heads post-processed as in a whole run)."""
+        out = {**outcome.heads, "iterations": np.array([outcome.iterations]),
+               "residual": np.array([outcome.residual], dtype=np.float32), "stopped": [outcome.stopped]}
+        model_ms = sum(outcome.timings.get(k, 0.0) for k in ("encode_ms", "step_ms", "readout_ms"))
+        return self.predictor.decode(out, parsed.image.shape[:2], parsed.budget, model_ms)[0]
 
     def work(self, parsed: Sequence[Parsed], preds: Sequence[Prediction]) -> float:
         """Pixel-iterations the model spent on these answers (encoder and readout as `overhead` steps)."""
