@@ -22,30 +22,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def plot(calibration: dict, path: Path, train_steps: int | None) -> None:
+def per_length_runs(model, data: str, calibration: dict, tols: list[float], train_steps: int | None,
+                    limit: int) -> list[dict]:
+    """IoU and iterations per contour length for each tolerance (the plain tol policy at the calibrated cap),
+    the chosen budget, the equal-IoU fixed count and the training steps: the calibration sweep keeps only
+    overall numbers, so the task's evaluator runs each of these budgets once more."""
+    from crbp_deploy.tasks import scorer_for
+
+    scorer = scorer_for(model, data, limit=limit)
+    chosen, cap = calibration["budget"], calibration["cap"]
+    budgets = [({"tol": tol, "max_iters": cap}, "tol") for tol in tols]
+    if all(budget != chosen for budget, _ in budgets):
+        budgets.append((dict(chosen), "tol"))
+    fixed = {(calibration.get("fixed_baseline") or {}).get("iters"): "equal-IoU fixed count"}
+    fixed.setdefault(train_steps, "training steps")
+    budgets += [({"iters": n}, what) for n, what in fixed.items() if n]
+    runs = []
+    for budget, what in budgets:
+        result = scorer.evaluate(**budget)
+        runs.append({"budget": budget, "what": what, "chosen": budget == chosen, **scorer.details(result)})
+    return runs
+
+
+def plot(calibration: dict, runs: list[dict], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    sweep = calibration["sweep"]
-    lengths = sorted(int(n) for n in sweep[0]["per_length"])
+    lengths = sorted(int(n) for n in runs[0]["per_length"])
     fig, (ax_it, ax_q) = plt.subplots(1, 2, figsize=(10, 4))
-    for p in (p for p in sweep if "tol" in p["budget"]):
-        per = p["per_length"]
-        chosen = p["budget"] == calibration["budget"]
-        label = f"tol {p['budget']['tol']:g}" + (" (chosen)" if chosen else "")
-        ax_it.plot(lengths, [per[str(n)]["mean_iterations"] for n in lengths], "-o", lw=2.5 if chosen else 1,
+    for run in (r for r in runs if r["what"] == "tol"):
+        per = run["per_length"]
+        b = run["budget"]
+        policy = b.get("policy", "tol")
+        label = f"tol {b['tol']:g}" if policy == "tol" else f"{policy} {b['threshold']:g} x{b['patience']}"
+        label += " (chosen)" if run["chosen"] else ""
+        ax_it.plot(lengths, [per[str(n)]["mean_iterations"] for n in lengths], "-o", lw=2.5 if run["chosen"] else 1,
                    ms=4, label=label)
-        if chosen:
+        if run["chosen"]:
             ax_q.plot(lengths, [100 * per[str(n)]["iou"] for n in lengths], "-*", lw=2.5, ms=10, label=f"early exit, {label}")
-    for p in (p for p in sweep if "iters" in p["budget"]):
-        n_fixed = p["budget"]["iters"]
-        base = calibration.get("fixed_baseline") or {}
-        if n_fixed in (base.get("iters"), train_steps):
-            per = p["per_length"]
-            what = "equal-IoU fixed count" if n_fixed == base.get("iters") else "training steps"
-            ax_q.plot(lengths, [100 * per[str(n)]["iou"] for n in lengths], "--o", ms=4, label=f"fixed {n_fixed} ({what})")
+    for run in (r for r in runs if r["what"] != "tol"):
+        per = run["per_length"]
+        ax_q.plot(lengths, [100 * per[str(n)]["iou"] for n in lengths], "--o", ms=4,
+                  label=f"fixed {run['budget']['iters']} ({run['what']})")
     ax_it.set_xlabel("contour length (paddles)")
     ax_it.set_ylabel("mean iterations to converge")
     ax_it.set_title("early exit: iterations per contour length")
@@ -66,7 +86,7 @@ def install(model, name: str, calibration: dict, source: str, command: str) -> P
 
     zoo = ROOT / "crbp_deploy" / "zoo"
     path = checkpoint.save(model, zoo / f"{name}.pt", meta=model.meta)
-    per = next(p for p in calibration["sweep"] if p["budget"] == calibration["budget"])["per_length"]
+    per = calibration["check"]["chosen"]["per_length"]
     table = "\n".join(f"| {n} | {100 * v['iou']:.1f} | {v['mean_iterations']:.2f} |" for n, v in per.items())
     training = model.meta.get("training", {})
     (zoo / f"{name}.md").write_text(
@@ -112,9 +132,10 @@ def main(argv: list[str] | None = None) -> int:
         print(line)
     model.meta = card_meta(model.meta, cal)
     steps = (model.meta.get("training") or {}).get("steps")
-    report = {"command": command, "model": args.model, "calibration": dict(cal)}
+    runs = per_length_runs(model, args.data, cal, [float(v) for v in args.tols.split(",")], steps, args.limit)
+    report = {"command": command, "model": args.model, "calibration": dict(cal), "per_length": runs}
     Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
-    plot(report["calibration"], Path(args.plot), steps)
+    plot(report["calibration"], runs, Path(args.plot))
     if args.bench:
         from crbp_deploy.bench import run_bench, to_markdown
         from crbp_deploy.tasks import PATHFINDER, data_folder
