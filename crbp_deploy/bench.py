@@ -143,12 +143,17 @@ class _Setup:
 
 def _fixed_baseline(s: _Setup, torch_backend, q_early: float) -> tuple[int, dict, str]:
     """The equal-quality fixed count early exit is timed against: `calibrate`'s in the card (`inference.calibration.
-    fixed_baseline`), else (uncalibrated, said so) the smallest candidate within PQ_MATCH points of early exit."""
-    base = (ModelCard.of(s.model).inference.get("calibration") or {}).get("fixed_baseline")
+    fixed_baseline`), else the fixed count the card records (`import --iters N`: what the model runs), else
+    (uncalibrated, said so) the smallest candidate within PQ_MATCH points of early exit."""
+    card = ModelCard.of(s.model)
+    base = (card.inference.get("calibration") or {}).get("fixed_baseline")
     if base:
         s.progress(f"fixed baseline from the card's calibration: {base['iters']} iterations "
                    f"({s.metric} {base['quality']:.2f} on the calibration data)")
         return int(base["iters"]), {}, "calibrated"
+    if not card.budget.early_exit:
+        s.progress(f"fixed baseline: the count the card records, {card.budget.iters} iterations")
+        return int(card.budget.iters), {}, "card"
     s.progress(f"uncalibrated: the card records no fixed_baseline (`crbp-deploy calibrate` writes one); using the "
                f"smallest fixed count within {PQ_MATCH} points of early exit's {s.metric} on this data")
     fixed_quality = {}
@@ -223,7 +228,7 @@ def run_bench(model, *, data: Path | None = None, threads: int = 2, repeats: int
     data = data if data is not None else task.generate(work / "data", limit, size, seed=4242)
     dataset = task.open(data)
     stack = task.images(dataset, 16)
-    early = resolve_budget(model).kwargs()
+    early = resolve_budget(model).early().kwargs()  # a fixed-count card (`import --iters N`): the default early exit
     peak = measure_peak(threads)  # first, before anything else warms the caches
     progress(f"measured matmul peak ({threads} threads): " + ", ".join(f"{k} {v} GFLOP/s" for k, v in peak.items()))
     if len(stack) < 8:

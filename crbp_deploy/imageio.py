@@ -1,6 +1,7 @@
 """Decoding and validating user images: whatever arrives becomes float32 RGB in [0, 1], or a clear error.
 
 Shared by `predict`, `eval` and the TorchServe handler so every entry point accepts the same inputs.
+`to_channels` then gives a model the channels it takes (luma for the 1-channel Pathfinder models).
 """
 from __future__ import annotations
 
@@ -92,6 +93,28 @@ def to_rgb_float(img: Image.Image) -> np.ndarray:
         canvas = Image.new("RGBA", rgba.size, (0, 0, 0, 255))  # transparent pixels become black
         img = Image.alpha_composite(canvas, rgba)
     return np.asarray(img.convert("RGB"), dtype=np.float32) / 255.0
+
+
+#: ITU-R BT.601 luma weights: Pillow's convert("L"), which the Pathfinder data and the paper's loader use.
+LUMA = np.array([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_channels(image: np.ndarray, channels: int, *, name: str = "image") -> np.ndarray:
+    """H x W x C float image -> H x W x `channels`: a colour image becomes its luma for a 1-channel model (a
+    grayscale one, its channels equal, comes back bit for bit); a 1-channel image is repeated for a 3-channel
+    model. Anything else is an InputError naming the shapes."""
+    if image.ndim != 3:
+        raise InputError(f"{name}: expected H x W x C, got shape {tuple(image.shape)}")
+    have = image.shape[2]
+    if have == channels:
+        return image
+    if have == 3 and channels == 1:
+        if np.array_equal(image[..., 0], image[..., 1]) and np.array_equal(image[..., 1], image[..., 2]):
+            return np.ascontiguousarray(image[..., :1])
+        return np.clip(image @ LUMA, 0.0, 1.0)[..., None].astype(np.float32)
+    if have == 1 and channels == 3:
+        return np.repeat(image, 3, axis=2)
+    raise InputError(f"{name}: {have} channel(s) cannot be given to a model that takes {channels}")
 
 
 def read_image(path: str | os.PathLike, limits: ImageLimits = DEFAULT_LIMITS) -> np.ndarray:

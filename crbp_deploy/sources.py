@@ -13,6 +13,14 @@ from .artifact import ENGINE_SUFFIXES, ONNX_SUFFIX
 from .errors import CrbpError, InputError
 
 KINDS = ("checkpoint", "bundled", "registry", "onnx", "engine")
+#: Checkpoint file names: the project's `.pt`, and `.pth` / `.pth.tar` as the paper's public code names its files.
+CHECKPOINT_SUFFIXES = (".pth.tar", ".pth", ".pt")
+
+
+def checkpoint_stem(path: Path) -> str:
+    """A checkpoint's name without its checkpoint suffix (`x.pth.tar` -> `x`, a valid model name), else the stem."""
+    suffix = next((s for s in CHECKPOINT_SUFFIXES if path.name.endswith(s) and path.name != s), None)
+    return path.name[: -len(suffix)] if suffix else path.stem
 
 
 @dataclass(frozen=True)
@@ -43,8 +51,8 @@ def resolve(spec: str | os.PathLike | None) -> Source:
         return Source("onnx", path, text, path.stem)
     if path.suffix in ENGINE_SUFFIXES:
         return Source("engine", path, text, path.stem)
-    if path.suffix == ".pt" or path.exists():
-        return Source("checkpoint", path, text, path.stem)
+    if path.name.endswith(CHECKPOINT_SUFFIXES) or path.exists():
+        return Source("checkpoint", path, text, checkpoint_stem(path))
     if text in zoo.names():
         return Source("bundled", zoo.path(text), f"bundled:{text}", text)
     if text in list_models():

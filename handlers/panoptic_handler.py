@@ -1,4 +1,5 @@
-"""TorchServe handler for crbp-deploy panoptic models: a thin adapter over crbp_deploy.serving.service.
+"""TorchServe handler for crbp-deploy panoptic (and Pathfinder) models: a thin adapter over
+crbp_deploy.serving.service, which answers both in the COCO panoptic schema.
 
 It translates TorchServe's batch (a list of input dicts plus the request headers in `context`) to
 `RawRequest`s, lets `PanopticService` decode, validate, batch and predict, and writes back one JSON

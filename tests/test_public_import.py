@@ -174,16 +174,23 @@ def test_verify_passes_on_the_early_exit_export(ref, loop):
 
 
 @pytest.mark.slow
-def test_bench_runs_fixed_and_early_exit_rows(ref):
+@pytest.mark.parametrize("card", ["early exit", "iters 6"])
+def test_bench_runs_fixed_and_early_exit_rows(ref, card):
     """bench on the public file: every row, fixed count and early exit (2 images of 64 px, the smallest size the
-    generated mix of lengths 6-25 fits; 1 repeat)."""
+    generated mix of lengths 6-25 fits; 1 repeat). A card with a fixed count (`import --iters 6`) is timed at that
+    count, its early-exit rows at the default budget."""
     from crbp_deploy.bench import run_bench
 
-    result = run_bench(checkpoint.load(ref["plain"]), threads=1, repeats=1, limit=2, size=64, progress=lambda s: None)
+    model = checkpoint.load(ref["plain"])
+    if card == "iters 6":
+        model.meta = {**model.meta, "inference": {"budget": {"iters": 6}}}
+    result = run_bench(model, threads=1, repeats=1, limit=2, size=64, progress=lambda s: None)
     strategies = {(r["backend"], r["strategy"]) for r in result["rows"]}
     assert {("torch eager", "fixed"), ("torch eager", "early exit"), ("onnxruntime", "unrolled"),
             ("onnxruntime", "loop, early exit")} <= strategies
     assert result["early_exit"]["budget"] == Budget.DEFAULT.kwargs()
+    if card == "iters 6":
+        assert (result["fixed_count_matching_early_exit"], result["fixed_baseline_source"]) == (6, "card")
 
 
 # --- bad input: one line each ----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ from PIL import Image
 from ..budget import Budget
 from ..models.solver import stop_reasons
 from ..errors import InputError
+from ..imageio import to_channels
 from ..modelcard import ModelCard
 from .encoding import id_to_rgb
 from .postprocess import PostprocessConfig, _bbox, postprocess
@@ -81,7 +82,7 @@ def working_size(h: int, w: int, scale: str, trained: int | None) -> tuple[int, 
 
 
 def resize_image(image: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """H x W x 3 float32 -> size, bilinear (antialiased when shrinking, so fine detail is averaged, not aliased)."""
+    """H x W x C float32 -> size, bilinear (antialiased when shrinking, so fine detail is averaged, not aliased)."""
     if tuple(image.shape[:2]) == tuple(size):
         return image
     t = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None].float()
@@ -116,6 +117,11 @@ def _void(h: int, w: int, n: int) -> list:
 
 
 class PanopticPredictor:
+    """Images in, COCO panoptic Predictions out: the model's heads grouped into segments (`group`)."""
+
+    in_channels: int = 3  # what the model takes (`predict` converts with imageio.to_channels)
+    heads: tuple[str, ...] = ("semantic", "center", "offset", "embedding")  # what `group` reads
+
     def __init__(
         self,
         run: Callable[..., Mapping[str, Any]],
@@ -171,14 +177,13 @@ class PanopticPredictor:
         return working_size(h, w, scale or self.scale, self.trained)
 
     def predict(self, images: Sequence[np.ndarray], *, scale: str | None = None, **budget: Any) -> list[Prediction]:
-        """Each image H x W x 3 float in [0, 1], run at `working_size` and answered at its own size;
-        images of equal size are batched together."""
+        """Each image H x W x C float in [0, 1] (C converted to the model's, `to_channels`), run at
+        `working_size` and answered at its own size; images of equal size are batched together."""
         budget = Budget.from_dict(self.budget).merge(budget).kwargs()
         results: list[Prediction | None] = [None] * len(images)
         groups: dict[tuple[int, int], list[int]] = {}
+        images = [to_channels(img, self.in_channels, name=f"image {i}") for i, img in enumerate(images)]
         for i, img in enumerate(images):
-            if img.ndim != 3 or img.shape[2] != 3:
-                raise InputError(f"image {i}: expected H x W x 3, got shape {img.shape}")
             groups.setdefault(img.shape[:2], []).append(i)
         for (h, w), idx in groups.items():
             size = self.working_size(h, w, scale)
@@ -209,12 +214,12 @@ class PanopticPredictor:
         stopped = out.get("stopped")
         out = {k: torch.as_tensor(v) for k, v in out.items() if k != "stopped"}
         t1 = time.perf_counter()
-        heads = {k: out[k][..., :h, :w] for k in ("semantic", "center", "offset", "embedding") if k in out}
+        heads = {k: out[k][..., :h, :w] for k in self.heads if k in out}
         n = len(out["residual"])
         finite = torch.isfinite(out["residual"])  # a non-finite residual: the state diverged
         grouped = _void(h, w, n)  # a diverged state has no segmentation to group
         if bool(finite.any()):
-            kept = postprocess({k: v[finite] for k, v in heads.items()}, self.categories, self.post)
+            kept = self.group({k: v[finite] for k, v in heads.items()})
             for i, result in zip(finite.nonzero().flatten().tolist(), kept):
                 grouped[i] = result
         t2 = time.perf_counter()
@@ -240,6 +245,11 @@ class PanopticPredictor:
                 )
             )
         return preds
+
+
+    def group(self, heads: Mapping[str, torch.Tensor]) -> list[tuple[np.ndarray, list[dict[str, Any]]]]:
+        """(id map, segments_info) per image from its cropped heads: panoptic grouping (postprocess.py)."""
+        return postprocess(heads, self.categories, self.post)
 
 
 def segment_colors(pan_ids: np.ndarray, segments: Sequence[Mapping[str, Any]], categories) -> np.ndarray:

@@ -25,7 +25,7 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
     InputError naming what is missing: never a silent fallback to another backend.
     """
     from ..models import RecurrentSegmenter
-    from ..sources import resolve
+    from ..sources import CHECKPOINT_SUFFIXES, resolve
 
     kind = ALIASES.get(kind, kind)
     if kind not in KINDS:
@@ -57,8 +57,9 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
         if precision == "fp16" and backend.precision != "fp16":
             raise InputError(f"{source.path} is an fp32 artifact; for fp16 on onnxruntime export it with --fp16")
         return backend
-    if source.kind == "checkpoint" and source.path.suffix != ".pt":
-        raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected .onnx or .pt")
+    if source.kind == "checkpoint" and not source.path.name.endswith(CHECKPOINT_SUFFIXES):
+        raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected .onnx or "
+                         f"a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
     if kind not in ("auto", "torch"):
         raise InputError(f"{source.label} is a checkpoint; it runs on torch (export it for {kind})")
     return TorchBackend(source.load_model(), **options)

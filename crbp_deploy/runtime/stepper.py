@@ -253,6 +253,8 @@ class OrtStepper(Stepper):
         self.default_budget = self.meta.budget
         self.policy, self.precision = self.meta.policy, self.meta.precision
         self.sessions = {piece: self._session(folder / name, threads, providers) for piece, name in FILES.items()}
+        # the exporter drops an input its piece never reads (the Pathfinder readouts read h, not ctx)
+        self.inputs = {piece: {i.name for i in s.get_inputs()} for piece, s in self.sessions.items()}
 
     @property
     def providers(self) -> list[str]:
@@ -291,7 +293,7 @@ class OrtStepper(Stepper):
 
     def _run(self, piece: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
         try:
-            return self.sessions[piece].run(None, feeds)
+            return self.sessions[piece].run(None, {k: v for k, v in feeds.items() if k in self.inputs[piece]})
         except Exception as exc:  # onnxruntime's own exception types; keep its first line
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
             raise CrbpError(f"{self.path.name}: onnxruntime failed in the {piece} piece ({first})") from exc

@@ -3,7 +3,9 @@
 What goes in (and why):
 - the model: an early-exit ONNX export (`--format onnx`, the default: exported here with
   `export_onnx(strategy="loop")` when given a checkpoint) or the checkpoint itself (`--format
-  checkpoint`); the ONNX sidecar carries the model card (categories, budget, post-processing);
+  checkpoint`); the ONNX sidecar carries the model card (categories, budget, post-processing). A panoptic
+  model or a Pathfinder-task one (answered with one `contour` category, serving/mask.py); a checkpoint of
+  the paper's public code (`.pth.tar`) is mapped by `checkpoint.load` and packaged like the project's own;
 - `handlers/panoptic_handler.py`, TorchServe's entry point;
 - the `crbp_deploy` package sources (`.py` only): TorchServe puts the unpacked archive first on
   the worker's sys.path, so a served archive runs exactly the code it was packaged with, whatever
@@ -28,7 +30,7 @@ from ..artifact import read_card, read_sidecar, sidecar_path
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, InputError
 from ..modelcard import ModelCard
-from .service import ServiceConfig
+from .service import ServiceConfig, check_servable, served_task
 
 FORMATS = ("onnx", "checkpoint")
 DEFAULT_NAME = "crbp-panoptic"
@@ -77,6 +79,14 @@ class PackageResult:
             "torchserve": model_config(self.config, self.service),
             "export": self.export,
         }
+
+
+def check_name(name: str) -> str:
+    """A model name TorchServe and Triton accept (torch-model-archiver's own rule)."""
+    if not NAME_RE.match(name):
+        raise InputError(f"model name {name!r} must start with a letter or digit and use only letters, digits, _ . - "
+                         "(give one with --name)")
+    return name
 
 
 def default_handler() -> Path:
@@ -152,8 +162,9 @@ def _stage_model(file: Path, kind: str, fmt: str, name: str, source: str, stage:
     if kind == "onnx":
         sidecar = read_sidecar(file)
         card = read_card(file)
-        if card is None or not card.categories:
+        if card is None:
             raise CrbpError(f"{file}: its sidecar {sidecar_path(file).name} with the model card (categories) is missing")
+        check_servable(served_task((sidecar.get("model") or {}).get("architecture", "")), card, str(file))
         if sidecar.get("strategy") != "loop":
             raise CrbpError(f"{file} is a fixed-count ({sidecar.get('strategy')}) export; serve an early-exit (loop) export")
         model_file = stage / f"{name}.onnx"
@@ -167,8 +178,7 @@ def _stage_model(file: Path, kind: str, fmt: str, name: str, source: str, stage:
 
     obj = checkpoint.load(file)
     card = ModelCard.of(obj)
-    if not card.categories:
-        raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
+    check_servable(served_task(obj.arch), card, source)
     if fmt != "onnx":
         model_file = stage / f"{name}.pt"
         shutil.copy2(file, model_file)
@@ -213,8 +223,7 @@ def package(
         raise InputError(f"{src.path}: no such {'ONNX' if src.kind == 'onnx' else 'checkpoint'} file")
     kind, file, source = "onnx" if src.kind == "onnx" else "checkpoint", src.path, src.label
     name = name or (DEFAULT_NAME if source == f"bundled:{DEFAULT_NAME}" else src.name)
-    if not NAME_RE.match(name):
-        raise InputError(f"model name {name!r} must start with a letter or digit and use only letters, digits, _ . -")
+    check_name(name)
     if kind == "onnx" and fmt == "checkpoint":
         raise InputError(f"{source} is already an ONNX export; --format checkpoint needs a .pt checkpoint")
     out = Path(out)

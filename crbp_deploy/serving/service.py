@@ -1,5 +1,9 @@
 """Server-independent request logic: image bytes + budget in, COCO panoptic JSON (or a JSON error) out.
 
+A panoptic model answers through `PanopticPredictor`; a Pathfinder-task model through `MaskPredictor`
+(serving/mask.py: one `contour` category, its argmax mask as the one segment), picked by the model's task
+(`served_task`), so both give the same response schema.
+
 The TorchServe handler (handlers/panoptic_handler.py) only translates TorchServe's request and
 response objects to `RawRequest` and from `Reply`; decoding, validation, budget rules, batching and
 the response schema live here, so the model can move to another server unchanged. So do the limits
@@ -31,7 +35,7 @@ from ..artifact import read_card
 from ..budget import MAX_ITERATIONS, Budget
 from ..config import StrictConfig
 from ..errors import ConfigError, CrbpError, InputError, Overloaded, RequestError
-from ..imageio import ImageLimits, decode_image
+from ..imageio import ImageLimits, decode_image, to_channels
 from ..modelcard import ModelCard
 from ..panoptic.encoding import encode_png
 from ..panoptic.predict import SCALES, PanopticPredictor, Prediction, resize_image, restore, trained_scale
@@ -129,7 +133,7 @@ class RawRequest:
 
 @dataclass
 class Parsed:
-    image: np.ndarray  # H x W x 3 float32 in [0, 1], at its working size (the scale policy applied)
+    image: np.ndarray  # H x W x C (the model's channels) float32 in [0, 1], at its working size (the scale policy applied)
     budget: dict[str, Any]  # {"max_iters", "tol"} as run
     requested: dict[str, Any]  # what the request asked for
     clamped: bool
@@ -222,18 +226,48 @@ def artifact_card(path: Path, backend) -> ModelCard:
     return card
 
 
+#: Tasks the service answers; a registered architecture of another task is refused at load.
+SERVED_TASKS = ("panoptic", "pathfinder")
+
+
+def served_task(arch: str) -> str:
+    """The task of a registered architecture (its class's `task`): picks the predictor and what a card must
+    hold. An artifact that names no architecture this version knows (older exports name none) is served as
+    panoptic, as before tasks were told apart: its card's categories decide whether it can be."""
+    from ..models import get_entry, list_models
+
+    return getattr(get_entry(arch).builder, "task", "panoptic") if arch in list_models() else "panoptic"
+
+
+def check_servable(task: str, card: ModelCard, where: str) -> None:
+    """A panoptic model needs its categories (the answer names them); a Pathfinder model has its own one."""
+    if task not in SERVED_TASKS:
+        raise CrbpError(f"{where}: a {task} model; serving answers {' and '.join(SERVED_TASKS)} models")
+    if task == "panoptic" and not card.categories:
+        raise CrbpError(f"{where}: its model card lists no categories; not a trained panoptic model "
+                        "(nor a Pathfinder-task model)")
+
+
+def backend_arch(backend) -> str:
+    """The architecture a runtime Backend runs: its PyTorch model's, or the one an export's metadata names."""
+    model = getattr(backend, "model", None)
+    return getattr(model, "arch", "") if model is not None else getattr(getattr(backend, "meta", None), "arch", "")
+
+
 class PanopticService:
     """Loads a model artifact through `crbp_deploy.runtime` and answers requests.
 
-    `artifact`: an exported early-exit `.onnx` (with its sidecar) or a checkpoint `.pt`.
+    `artifact`: an exported early-exit `.onnx` (with its sidecar) or a checkpoint (`.pt`, or a public-code
+    `.pth.tar`, which `checkpoint.load` maps); a panoptic or a Pathfinder-task model (module docstring).
     """
 
     def __init__(self, artifact: str | Path, config: ServiceConfig | None = None, *, name: str | None = None):
         from ..runtime import OrtBackend, load_backend
+        from ..sources import checkpoint_stem
 
         self.config = config or ServiceConfig()
         self.path = Path(artifact)
-        self.name = name or self.path.stem
+        self.name = name or checkpoint_stem(self.path)
         options = {"threads": self.config.threads}
         if self.config.precision != "fp32":
             options["precision"] = self.config.precision
@@ -244,25 +278,17 @@ class PanopticService:
                 "needs an early-exit export (strategy=loop) or a checkpoint, so requests can set max_iters/tol"
             )
         card = artifact_card(self.path, self.backend)
-        if not card.categories:
-            raise CrbpError(f"{self.path}: its model card lists no categories; not a trained panoptic model")
+        self.task = served_task(backend_arch(self.backend))
+        check_servable(self.task, card, str(self.path))
         self.default_budget = self._default_budget(card)
-        self.predictor = PanopticPredictor(
-            self.backend.run,
-            card.categories,
-            stride=self.backend.size_multiple,
-            budget=self.default_budget,
-            postprocess_config=card.postprocess,
-            trained=trained_scale(card),
-            scale=self.config.scale,
-        )
+        self.predictor = self._predictor(card)
         calibration = card.inference.get("calibration") or {}
         #: the iterations an image takes on average under the card's budget (the admission estimate)
         self.mean_iterations = float(calibration.get("mean_iterations") or self.default_budget["max_iters"])
         self.capacity, self.overhead, self.post_s_per_pixel = self._measure_speed()
         self.admission = Admission(self.capacity, self.config.deadline_ms / 1000, self.config.client_share) \
             if self.config.admission else None
-        self.categories = [dict(c) for c in card.categories]
+        self.categories = [dict(c) for c in self.predictor.categories]
         # Only ONNX Runtime on CPU with one intra-op thread computes each sample of a batch exactly as
         # alone (measured: with 2 threads the bundled model's heads moved by ~2e-6 between batch sizes).
         self.batch_invariant = (
@@ -272,6 +298,16 @@ class PanopticService:
         )
         self.limits = self.config.limits()
         self.scheduler = self._scheduler()
+
+    def _predictor(self, card: ModelCard) -> PanopticPredictor:
+        """The predictor of this model's task, over this backend with the card's budget and trained scale."""
+        common = {"stride": self.backend.size_multiple, "budget": self.default_budget, "trained": trained_scale(card),
+                  "scale": self.config.scale}
+        if self.task == "pathfinder":
+            from .mask import MaskPredictor
+
+            return MaskPredictor(self.backend.run, in_channels=self.backend.in_channels, **common)
+        return PanopticPredictor(self.backend.run, card.categories, postprocess_config=card.postprocess, **common)
 
     def _default_budget(self, card: ModelCard) -> dict[str, Any]:
         # a fixed-count card: serve early exit with the artifact's defaults (else the default budget)
@@ -308,7 +344,7 @@ class PanopticService:
         is the postprocess's worst case (many fragments). `capacity` in the config overrides the speed."""
         side = self.predictor.trained or 64
         side += (-side) % self.backend.size_multiple
-        image = np.random.default_rng(0).random((1, 3, side, side), dtype=np.float32)
+        image = np.random.default_rng(0).random((1, self.predictor.in_channels, side, side), dtype=np.float32)
         times, steps, pixels = [], [], side * side
         for n in (1, 1, 4):
             budget = Budget.from_dict(self.default_budget).merge({"max_iters": n, "tol": 0.0}).kwargs()
@@ -330,6 +366,7 @@ class PanopticService:
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.name,
+            "task": self.task,
             "artifact": self.path.name,
             "backend": self.backend.name,
             "strategy": self.backend.strategy,
@@ -403,7 +440,7 @@ class PanopticService:
             raise RequestError(f"image: {len(data)} bytes exceeds the limit of {self.limits.max_bytes} bytes", 413)
         started = time.perf_counter()
         try:
-            image = decode_image(data, name="image", limits=self.limits)
+            image = to_channels(decode_image(data, name="image", limits=self.limits), self.predictor.in_channels)
         except InputError as exc:
             raise RequestError(str(exc)) from None
         size = image.shape[:2]

@@ -1,4 +1,4 @@
-"""A Triton model repository for a panoptic artifact: `config.pbtxt`, a Python-backend `model.py`, the
+"""A Triton model repository for a panoptic (or Pathfinder-task) artifact: `config.pbtxt`, a Python-backend `model.py`, the
 model file with its card, and this package's sources (as in a .mar, so the server runs the code it was
 packaged with); and `CrbpTritonModel`, what that model.py runs inside Triton's Python-backend stub.
 
@@ -141,9 +141,10 @@ def _stage(file: Path, kind: str, fmt: str, name: str, source: str, stage: Path,
     from ..export import export_onnx
     from ..modelcard import ModelCard
 
+    from .service import check_servable, served_task
+
     obj = checkpoint.load(file)
-    if not ModelCard.of(obj).categories:
-        raise CrbpError(f"{source} is not a trained panoptic model (its card lists no categories)")
+    check_servable(served_task(obj.arch), ModelCard.of(obj), source)
     budget = ModelCard.of(obj).budget.early()
     say(f"exporting {source} to ONNX with its pieces (early-exit loop, max_iters={budget.max_iters}, tol={budget.tol})")
     target = stage / f"{name}.onnx"
@@ -159,7 +160,7 @@ def package_triton(model=None, *, name: str | None = None, out="model_repository
     from ..artifact import read_card
     from ..modelcard import ModelCard
     from ..sources import resolve
-    from .archive import DEFAULT_NAME, FORMATS, NAME_RE, _check_limit, copy_package
+    from .archive import DEFAULT_NAME, FORMATS, _check_limit, check_name, copy_package
     from .scheduled import SchedulerConfig
 
     say = progress or (lambda msg: None)
@@ -172,8 +173,7 @@ def package_triton(model=None, *, name: str | None = None, out="model_repository
         raise InputError(f"{src.label} is not an .onnx export, a checkpoint or a bundled model file")
     kind = "onnx" if src.kind == "onnx" else "checkpoint"
     name = name or (DEFAULT_NAME if src.label == f"bundled:{DEFAULT_NAME}" else src.name)
-    if not NAME_RE.match(name):
-        raise InputError(f"model name {name!r} must start with a letter or digit and use only letters, digits, _ . -")
+    check_name(name)
     if kind == "onnx" and fmt == "checkpoint":
         raise InputError(f"{src.label} is already an ONNX export; --format checkpoint needs a .pt checkpoint")
     entry = Path(out) / name
