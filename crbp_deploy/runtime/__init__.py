@@ -58,8 +58,8 @@ def load_backend(spec: Any, kind: str = "auto", **options: Any) -> Backend:
             raise InputError(f"{source.path} is an fp32 artifact; for fp16 on onnxruntime export it with --fp16")
         return backend
     if source.kind == "checkpoint" and not source.path.name.endswith(CHECKPOINT_SUFFIXES):
-        raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected .onnx or "
-                         f"a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
+        raise InputError(f"{source.path}: unknown artifact type {source.path.suffix or '(no suffix)'}; expected "
+                         f".onnx or a checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})")
     if kind not in ("auto", "torch"):
         raise InputError(f"{source.label} is a checkpoint; it runs on torch (export it for {kind})")
     return TorchBackend(source.load_model(), **options)

@@ -133,7 +133,7 @@ class RawRequest:
 
 @dataclass
 class Parsed:
-    image: np.ndarray  # H x W x C (the model's channels) float32 in [0, 1], at its working size (the scale policy applied)
+    image: np.ndarray  # H x W x C (the model's C) float32 in [0, 1], at its working size (the scale policy applied)
     budget: dict[str, Any]  # {"max_iters", "tol"} as run
     requested: dict[str, Any]  # what the request asked for
     clamped: bool

@@ -1,5 +1,5 @@
-"""A Triton model repository for a panoptic (or Pathfinder-task) artifact: `config.pbtxt`, a Python-backend `model.py`, the
-model file with its card, and this package's sources (as in a .mar, so the server runs the code it was
+"""A Triton model repository for a panoptic (or Pathfinder-task) artifact: `config.pbtxt`, a Python-backend
+`model.py`, the model file with its card, and this package's sources (as in a .mar, so the server runs the code it was
 packaged with); and `CrbpTritonModel`, what that model.py runs inside Triton's Python-backend stub.
 
 Layout: REPO/NAME/config.pbtxt, REPO/NAME/1/{model.py, NAME.onnx, NAME.onnx.json, crbp_deploy/}.
