@@ -141,6 +141,18 @@ def test_a_colour_image_reaches_a_1_channel_model_as_its_luma(tiny):
     check_answer(reply.body, argmax_mask(checkpoint.load(tiny["hgru-pathfinder"]), luma, max_iters=3, tol=0.0))
 
 
+def test_package_takes_pathfinder_models_for_every_engine(tiny, tmp_path):
+    """A .mar (TorchServe, Ray) and a Triton repository entry; the served answers are the service's (above)."""
+    from crbp_deploy.serving.archive import package
+    from crbp_deploy.serving.triton_model import package_triton
+
+    pytest.importorskip("model_archiver", reason="torch-model-archiver is not installed")
+    mar = package(tiny["hgru-pathfinder"], out=tmp_path / "store", fmt="checkpoint")
+    assert mar.path.name == "hgru-pathfinder.mar" and mar.path.is_file()
+    repo = package_triton(tiny["onnx"], out=tmp_path / "repo")
+    assert (tmp_path / "repo" / "hgru-pathfinder" / "config.pbtxt").is_file() and repo.model_file == "hgru-pathfinder.onnx"
+
+
 # --- the paper's public checkpoint through a real TorchServe --------------------------------------------------
 
 
