@@ -170,26 +170,34 @@ def contraction_stats(model, images, mask, steps: int, lam: float, neumann_steps
     }
 
 
-def marker_masks(val_folder: Path):
-    """Per image, the target pixels inside its marker discs (the rest of the target is the contour's
-    paddles). The generator is deterministic, so the scenes are re-sampled from the folder's config
-    and seed. Finding the discs is local; following the contour is the task."""
+def disc_masks(folder, count: int):
+    """Per image of a PathfinderFolder, the pixels whose centre lies inside one of its marker discs. The
+    generator is deterministic, so the scenes are re-sampled from each image's config and the folder's seed."""
     import numpy as np
-    import torch
 
-    from crbp_deploy.data.pathfinder import PathfinderFolder, sample_scene
+    from crbp_deploy.data.pathfinder import sample_scene
 
-    folder = PathfinderFolder(val_folder)
     cfg, radius = folder.config, folder.config.geometry()["marker_radius"]
     yy, xx = np.mgrid[0 : cfg.size, 0 : cfg.size] + 0.5
     masks = []
-    for i in range(len(folder)):
-        scene = sample_scene(cfg, i, folder.seed)
+    for i in range(count):
         disc = np.zeros((cfg.size, cfg.size), bool)
-        for x, y in scene.markers:
+        for x, y in sample_scene(folder.config_of(i), i, folder.seed).markers:
             disc |= (xx - x) ** 2 + (yy - y) ** 2 <= radius**2
-        masks.append(torch.from_numpy(disc & folder.load(i)[1]))
-    return torch.stack(masks)
+        masks.append(disc)
+    return np.stack(masks)
+
+
+def marker_masks(val_folder: Path):
+    """Per image, the target pixels inside its marker discs (the rest of the target is the contour's
+    paddles). Finding the discs is local; following the contour is the task."""
+    import torch
+
+    from crbp_deploy.data.pathfinder import PathfinderFolder
+
+    folder = PathfinderFolder(val_folder)
+    discs = disc_masks(folder, len(folder))
+    return torch.stack([torch.from_numpy(d & folder.load(i)[1]) for i, d in enumerate(discs)])
 
 
 def evaluate_run(job: dict) -> dict:
@@ -610,7 +618,7 @@ def compare_run(job: dict) -> dict:
     return out
 
 
-def compare_plot(results: list[dict], path: Path) -> None:
+def compare_plot(results: list[dict], baselines: dict[str, dict[str, float]], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -625,6 +633,10 @@ def compare_plot(results: list[dict], path: Path) -> None:
             pos = [k + (3 * i + j) * width for k in range(len(lengths))]
             axes[0].bar(pos, values, width, color=f"C{i}", alpha=(1.0, 0.65, 0.35)[j],
                         label=f"{r['label']} {factor} ({r['fixed'][factor]['steps']} steps)")
+    for (name, per), style in zip(baselines.items(), (":", "--")):
+        for k, n in enumerate(lengths):
+            axes[0].hlines(per.get(str(n), float("nan")), k - width, k + 0.8, colors="gray", linestyles=style,
+                           label=f"baseline: {name.replace('_', ' ')}" if k == 0 else None)
     axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(lengths))], [f"PF{n}" for n in lengths])
     axes[0].set_ylabel("IoU (held out)")
     axes[0].set_title("IoU per length at 1x / 2x / 4x the training steps")
@@ -653,8 +665,9 @@ def compare_plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def drawn_pixels_per_length(folder: Path, limit: int) -> dict[str, float]:
-    """IoU of marking every drawn pixel (image > 0.5) per contour length: no grouping at all."""
+def baselines_per_length(folder: Path, limit: int) -> dict[str, dict[str, float]]:
+    """IoU per contour length of two answers that need no grouping: every drawn pixel (image > 0.5), and
+    the two marker discs alone (found locally; a model above both has followed some of the contour)."""
     import numpy as np
 
     from crbp_deploy.tasks import PATHFINDER
@@ -663,9 +676,13 @@ def drawn_pixels_per_length(folder: Path, limit: int) -> dict[str, float]:
     data = PATHFINDER.open(folder)
     n = min(limit or len(data), len(data))
     pairs = [data.load(i) for i in range(n)]
-    counts = pixel_counts(np.stack([im > 0.5 for im, _ in pairs]), np.stack([m for _, m in pairs]))
+    truth = np.stack([m for _, m in pairs])
     lengths = np.asarray(data.lengths[:n])
-    return {str(k): scores(counts[lengths == k])["iou"] for k in sorted(set(lengths.tolist()))}
+    out = {}
+    for name, pred in (("drawn_pixels", np.stack([im > 0.5 for im, _ in pairs])), ("marker_discs", disc_masks(data, n))):
+        counts = pixel_counts(pred, truth)
+        out[name] = {str(k): scores(counts[lengths == k])["iou"] for k in sorted(set(lengths.tolist()))}
+    return out
 
 
 def compare(argv: list[str]) -> None:
@@ -692,9 +709,11 @@ def compare(argv: list[str]) -> None:
         results = list(pool.map(compare_run, jobs))
     report = {"command": "python benchmarks/pathfinder_claims.py compare " + " ".join(shlex.quote(a) for a in argv),
               "heldout": str(args.heldout), "seconds": round(time.perf_counter() - t0, 1),
-              "drawn_pixels_baseline": drawn_pixels_per_length(args.heldout, args.limit), "runs": results}
+              "baselines": baselines_per_length(args.heldout, args.limit), "runs": results}
     args.json.write_text(json.dumps(report, indent=1) + "\n")
-    compare_plot(results, args.plot)
+    compare_plot(results, report["baselines"], args.plot)
+    for name, per in report["baselines"].items():
+        print(f"baseline {name}: " + "/".join(f"{v:.3f}" for v in per.values()))
     for r in results:
         line = "  ".join(f"{f} {r['fixed'][f]['iou']:.3f} " + "/".join(f"{v:.3f}" for v in r["fixed"][f]["per_length"].values())
                          for f in ("1x", "2x", "4x"))
