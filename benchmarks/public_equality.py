@@ -31,7 +31,7 @@ def main() -> None:
     inputs, public = np.load(DATA / "inputs.npz"), np.load(DATA / "public_logits.npz")
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(DATA / "checkpoints.tar.xz") as tar:
-            tar.extractall(tmp, filter="data")
+            tar.extractall(tmp, **({"filter": "data"} if hasattr(tarfile, "data_filter") else {}))  # 3.11.4+
         model = checkpoint.load(Path(tmp) / "model_fscore_0000_epoch_00_checkpoint.pth.tar")
         unrolled = load_backend(export_onnx(model, Path(tmp) / "u.onnx", strategy="unrolled", iters=6).path,
                                 "onnxruntime", threads=1)

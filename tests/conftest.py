@@ -1,11 +1,25 @@
 import os
 import subprocess
 import sys
+import tarfile
+from pathlib import Path
 
 import pytest
 import torch
 
 from crbp_deploy.models import create_model, get_entry, list_models
+
+
+PUBLIC_CHECKPOINTS = Path(__file__).parent / "data" / "public_hgru" / "checkpoints.tar.xz"
+
+
+def untar_public(dest: Path, *names: str) -> Path:
+    """The public-format reference checkpoints (tests/data/public_hgru), all or `names`, extracted into `dest`.
+    tarfile's safe "data" filter where this Python has it (3.11.4+); the archive is the repository's own."""
+    safe = {"filter": "data"} if hasattr(tarfile, "data_filter") else {}
+    with tarfile.open(PUBLIC_CHECKPOINTS) as tar:
+        tar.extractall(dest, members=[tar.getmember(n) for n in names] if names else None, **safe)
+    return dest
 
 
 def tiny_model(name: str, seed: int = 0):

@@ -5,7 +5,6 @@ and without DataParallel's `module.`, inputs and the public forward's logits. On
 is shared by the module; each is compared with the public numbers at batch size 1.
 """
 import os
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ from crbp_deploy import checkpoint
 from crbp_deploy.budget import Budget
 from crbp_deploy.errors import CheckpointError
 from crbp_deploy.runtime import load_backend
+from conftest import untar_public
 
 DATA = Path(__file__).parent / "data" / "public_hgru"
 PLAIN = "model_fscore_0000_epoch_00_checkpoint.pth.tar"
@@ -35,9 +35,7 @@ def image(inputs, name: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def ref(tmp_path_factory):
-    root = tmp_path_factory.mktemp("public_hgru")
-    with tarfile.open(DATA / "checkpoints.tar.xz") as tar:
-        tar.extractall(root, filter="data")
+    root = untar_public(tmp_path_factory.mktemp("public_hgru"))
     return {"plain": root / PLAIN, "module": root / MODULE, "inputs": np.load(DATA / "inputs.npz"),
             "logits": np.load(DATA / "public_logits.npz")}
 

@@ -4,7 +4,6 @@ an early-exit ONNX export with its pieces), and through a real TorchServe for th
 packaged from its `.pth.tar` as it is (tests/data/public_hgru)."""
 import base64
 import io
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +18,7 @@ from crbp_deploy.panoptic.encoding import decode_png
 from crbp_deploy.serving.mask import CONTOUR, MaskPredictor
 from crbp_deploy.serving.service import PanopticService, RawRequest
 from crbp_deploy.sources import resolve
-from conftest import tiny_model
+from conftest import tiny_model, untar_public
 from serving_util import cli, need_torchserve, png, served
 
 DATA = Path(__file__).parent / "data" / "public_hgru"
@@ -163,8 +162,7 @@ def test_public_checkpoint_packaged_and_served_by_torchserve(tmp_path, inputs):
     from crbp_deploy.serving.client import Client
 
     need_torchserve()
-    with tarfile.open(DATA / "checkpoints.tar.xz") as tar:
-        tar.extract(PUBLIC, tmp_path, filter="data")
+    untar_public(tmp_path, PUBLIC)
     store = tmp_path / "store"
     packaged = cli("package", tmp_path / PUBLIC, "--out", store)
     assert packaged.returncode == 0, packaged.stdout + packaged.stderr
