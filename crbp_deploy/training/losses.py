@@ -25,7 +25,9 @@ def balanced_loss(logits: Tensor, target: Tensor) -> Tensor:
     """Class-balanced cross-entropy (as in HED, Xie & Tu 2015): each image's contour and background
     pixels weigh half each. Why: the target is ~3-5% of a Pathfinder image, and unweighted BCE or
     focal loss first learn "all background" (docs/pathfinder_claims.md: no segmentation for ~160
-    updates), which a short CPU run cannot afford."""
+    updates), which a short CPU run cannot afford. Measured since: it then settles on "every drawn
+    pixel", because a distractor's pixels are a few percent of the background half and barely cost;
+    one epoch of it, then `bce`, gave the first models above that answer (pathfinder_claims.md §5)."""
     ce = F.cross_entropy(logits, target.long(), reduction="none").flatten(1)
     on = target.flatten(1).bool()
     pos = (ce * on).sum(1) / on.sum(1).clamp_min(1)
