@@ -33,16 +33,14 @@ def package(
     from ..serving.archive import ArchiveConfig, package as build
     from ..serving.service import ServiceConfig
 
+    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision,
+                            deadline_ms=deadline_ms, max_cost=max_cost)
     if fmt == "triton":
-        service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision,
-                                deadline_ms=deadline_ms, max_cost=max_cost)
         _triton(model, name, out or Path("model_repository"), service, kserve, storage_uri, as_json)
         return
     out = out or Path("model_store")
     config = ArchiveConfig(workers=workers, batch_size=batch_size, max_batch_delay_ms=max_batch_delay,
                            response_timeout_s=response_timeout)
-    service = ServiceConfig(threads=threads, max_iters_limit=max_iters_limit, backend=backend, precision=precision,
-                            deadline_ms=deadline_ms, max_cost=max_cost)
     result = build(model, name=name, out=out, fmt=fmt, config=config, service=service, handler=handler,
                    progress=None if as_json else typer.echo)
     doc = result.to_dict()

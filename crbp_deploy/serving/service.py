@@ -325,11 +325,10 @@ class PanopticService:
         from ..runtime.stepper import load_stepper
         from .scheduler import Scheduler
 
-        kinds = {"torch": "torch", "onnxruntime": "onnxruntime"}
-        if self.backend.name not in kinds or self.config.precision != "fp32":
+        if self.backend.name not in ("torch", "onnxruntime") or self.config.precision != "fp32":
             return None
         try:
-            stepper = load_stepper(getattr(self.backend, "model", None) or self.path, kinds[self.backend.name],
+            stepper = load_stepper(getattr(self.backend, "model", None) or self.path, self.backend.name,
                                    self.config.threads)
         except CrbpError as exc:
             log.info("no stepper for %s (%s): the deadline bounds iterations up front", self.path.name, exc)
