@@ -124,7 +124,7 @@ def test_one_set_of_defaults_for_solve_trainer_and_cli():
     solve_defaults = inspect.signature(solve).parameters
     cli_defaults = inspect.signature(train_command).parameters
     cfg = TrainConfig()
-    for name in ("lcp_lambda", "lcp_reduction", "neumann_rule", "neumann_patience", "neumann_growth_limit"):
+    for name in ("lcp_lambda", "lcp_reduction", "lcp_kind", "neumann_rule", "neumann_patience", "neumann_growth_limit"):
         assert solve_defaults[name].default == getattr(cfg, name) == cli_defaults[name].default.default, name
     assert cfg.penalty_weight == cli_defaults["penalty_weight"].default.default
     assert cfg.neumann_steps == solve_defaults["neumann_steps"].default == cli_defaults["neumann_steps"].default.default

@@ -234,6 +234,40 @@ def test_penalty_is_positive_and_trains_the_model(mode):
     assert float(solve(model, images(size=10).float(), steps=6, grad=mode, lcp_lambda=100.0).penalty.detach()) == 0
 
 
+def test_spectral_lcp_estimates_the_spectral_radius():
+    """Power iterations on a symmetric linear step h <- A h find max |eig(A)|, per sample."""
+    from crbp_deploy.training.lcp import spectral_estimate
+
+    torch.manual_seed(0)
+    q, _ = torch.linalg.qr(torch.randn(6, 6, dtype=torch.float64))
+    radii = torch.tensor([1.3, 0.7])
+    estimates = []
+    for radius in radii:
+        eig = torch.tensor([radius, -0.6, 0.5, 0.3, 0.2, 0.1], dtype=torch.float64)
+        a = (q @ torch.diag(eig) @ q.T).requires_grad_()  # the "parameters"
+        prev = torch.randn(1, 6, dtype=torch.float64, requires_grad=True)
+        estimates.append(spectral_estimate(prev @ a.T, prev, iters=60))
+    torch.testing.assert_close(torch.cat(estimates).detach(), radii.double(), rtol=1e-6, atol=0)
+    assert estimates[0].requires_grad  # the last product stays in the graph of the parameters
+
+
+@pytest.mark.parametrize("mode", ["crbp", "cbptt"])
+def test_spectral_lcp_trains_the_radius_down(mode):
+    model = tiny_model("hgru-pathfinder")
+    x = images(size=10).float()
+    first = float(solve(model, x, steps=6, grad=mode, lcp_lambda=0.0, lcp_kind="spectral").penalty.detach())
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
+    for _ in range(40):
+        sol = solve(model, x, steps=6, grad=mode, lcp_lambda=0.0, lcp_kind="spectral")
+        optimizer.zero_grad()
+        sol.penalty.backward()
+        optimizer.step()
+    last = float(solve(model, x, steps=6, grad=mode, lcp_lambda=0.0, lcp_kind="spectral").penalty.detach())
+    assert first > 0 and last < 0.5 * first
+    with pytest.raises(InputError, match="lcp_kind must be one of"):
+        solve(model, x, steps=3, grad=mode, lcp_kind="eigen")
+
+
 # --- Neumann stopping rules -------------------------------------------------------------------
 @pytest.mark.parametrize(
     "a, kwargs, stop, terms, factor",

@@ -25,7 +25,7 @@ from ..errors import InputError
 from ..models.contract import MAX_ITERATIONS, RecurrentSegmenter
 from ..models.solver import fixed_point, relative_change
 from .anderson import anderson
-from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, LCP_REDUCTIONS, lipschitz_penalty
+from .lcp import DEFAULT_KIND, DEFAULT_LAMBDA, DEFAULT_REDUCTION, LCP_KINDS, LCP_REDUCTIONS, lipschitz_penalty
 from .rbp import (
     BACKWARD_SOLVERS,
     DEFAULT_CAP,
@@ -118,15 +118,15 @@ def _differentiable(h: Tensor) -> Tensor:
     return h if h.requires_grad else h.detach().requires_grad_()
 
 
-def _penalty(model, ctx, last: Tensor, prev: Tensor, every: int, lam: float, reduction: str) -> Tensor:
+def _penalty(model, ctx, last: Tensor, prev: Tensor, every: int, lam: float, reduction: str, kind: str) -> Tensor:
     """The LCP of the recorded step, or of one step re-run on every `every`-th sample (its own graph)."""
     if every == 1 or prev.shape[0] <= 1:
-        return lipschitz_penalty(last, prev, lam, reduction)
+        return lipschitz_penalty(last, prev, lam, reduction, kind)
     index = torch.arange(0, prev.shape[0], every, device=prev.device)
     sub = pytree.tree_map(lambda t: t.index_select(0, index) if isinstance(t, Tensor) else t, ctx)
     rows = prev.index_select(0, index)
     rows = rows if rows.requires_grad and not rows.is_leaf else rows.detach().requires_grad_()
-    return lipschitz_penalty(model.step(sub, rows), rows, lam, reduction)
+    return lipschitz_penalty(model.step(sub, rows), rows, lam, reduction, kind)
 
 
 def solve(
@@ -148,6 +148,7 @@ def solve(
     backward_solver: str = "neumann",
     backward_tol: float = 0.0,
     lcp_every: int = 1,
+    lcp_kind: str = DEFAULT_KIND,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
@@ -166,6 +167,7 @@ def solve(
     implicit gradient solved to a per-sample relative residual <= backward_tol, neumann_steps VJPs at most).
     lcp_every (cbptt/crbp): the LCP on samples 0, k, 2k, ... of the batch only: the same penalty estimated
     on fewer samples (unbiased; its double backward is the costliest part of a step after the solves).
+    lcp_kind (cbptt/crbp): "columns" (the paper's 1ᵀJ) or "spectral" (an estimate of ρ(J); lcp.py).
     """
     _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
                 neumann_rule, neumann_patience, neumann_growth_limit)
@@ -176,6 +178,8 @@ def solve(
         raise InputError(f"backward_solver must be one of {', '.join(BACKWARD_SOLVERS)}, got {backward_solver!r}")
     _check_number("backward_tol", backward_tol, low=0)
     _check_int("lcp_every", lcp_every, 1, MAX_ITERATIONS)
+    if lcp_kind not in LCP_KINDS:
+        raise InputError(f"lcp_kind must be one of {', '.join(LCP_KINDS)}, got {lcp_kind!r}")
     ctx = model.encode(images)
     h = model.init_state(ctx)
     info = None
@@ -196,7 +200,7 @@ def solve(
             solver=backward_solver, tol=backward_tol,
         )
     if grad in ("cbptt", "crbp"):
-        penalty = _penalty(model, ctx, last, prev, lcp_every, lcp_lambda, lcp_reduction)
+        penalty = _penalty(model, ctx, last, prev, lcp_every, lcp_lambda, lcp_reduction, lcp_kind)
     else:
         penalty = torch.zeros((), dtype=last.dtype, device=last.device)
     outputs = model.readout(ctx, state)

@@ -9,7 +9,8 @@ are not counted, as in flops.py:
 - the recorded step: 1; back-propagation through a recorded step to its input and weights: 2;
 - each Neumann vector-Jacobian product: 1 (the transposed convolutions of one step);
 - the LCP: 3 (one VJP kept in the graph, then its double backward: about two more); on every k-th
-  sample only (`lcp_every`), (3 + 1) / k: the subset re-runs its step.
+  sample only (`lcp_every`), (3 + 1) / k: the subset re-runs its step. The spectral LCP adds its
+  graph-free power iterations, one VJP each (lcp.SPECTRAL_POWER_ITERS).
 
 So the GFLOP/s is useful convolution work per second; a faster solver lowers the GFLOP per image
 (and may lower GFLOP/s) while images/s rises. Images/s is the figure of merit.
@@ -18,18 +19,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .lcp import SPECTRAL_POWER_ITERS
+
 LCP_EQUIVALENTS = 3
 BACKWARD_EQUIVALENTS = 2
 
 
-def step_equivalents(grad: str, forward_steps: float, vjps: int, lcp_every: int = 1) -> float:
+def step_equivalents(grad: str, forward_steps: float, vjps: int, lcp_every: int = 1, lcp_kind: str = "columns") -> float:
     """Step equivalents per image of one training step. `forward_steps`: mean steps run per image
     before the recorded one (bptt: all of them, each also back-propagated); `vjps`: Neumann VJPs."""
     if grad in ("bptt", "cbptt"):
         work = (forward_steps + 1) * (1 + BACKWARD_EQUIVALENTS)
     else:
         work = forward_steps + 1 + BACKWARD_EQUIVALENTS + vjps
-    lcp = LCP_EQUIVALENTS if lcp_every == 1 else (LCP_EQUIVALENTS + 1) / lcp_every
+    lcp = LCP_EQUIVALENTS + (SPECTRAL_POWER_ITERS if lcp_kind == "spectral" else 0)
+    lcp = lcp if lcp_every == 1 else (lcp + 1) / lcp_every
     return work + (lcp if grad in ("cbptt", "crbp") else 0)
 
 

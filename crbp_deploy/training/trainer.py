@@ -29,7 +29,7 @@ from ..flops import step_gflop
 from ..models import create_model
 from ..tasks import TASKS
 from .distributed import World, all_sum, average_gradients, barrier, init_world, shutdown
-from .lcp import DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT, LCP_REDUCTIONS
+from .lcp import DEFAULT_KIND, DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT, LCP_KINDS, LCP_REDUCTIONS
 from .rbp import BACKWARD_SOLVERS, DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
 from .solve import FORWARD_SOLVERS, GRAD_MODES, solve
 from .throughput import Meter, step_equivalents
@@ -81,6 +81,7 @@ class TrainConfig(StrictConfig):
     curriculum: str = ""  # pathfinder: contour lengths per epoch ("auto" or "E:L,L;E:L", curriculum.py); "" = all
     lcp_lambda: float = DEFAULT_LAMBDA
     lcp_reduction: str = DEFAULT_REDUCTION  # per element: one weight fits every model and image size (lcp.py)
+    lcp_kind: str = DEFAULT_KIND  # columns (the paper's 1ᵀJ) | spectral (an estimate of ρ(J); lcp.py)
     penalty_weight: float = DEFAULT_WEIGHT  # measured so the series runs >= 10 terms (docs/contraction.md)
     loss: str = "focal"  # pathfinder: focal | bce | balanced (losses.balanced_loss)
     lr: float = 1e-3
@@ -126,6 +127,8 @@ class TrainConfig(StrictConfig):
             raise ConfigError("neumann_patience and neumann_growth_limit must be >= 1")
         if self.lcp_reduction not in LCP_REDUCTIONS:
             raise ConfigError(f"lcp_reduction must be one of {', '.join(LCP_REDUCTIONS)}, got {self.lcp_reduction!r}")
+        if self.lcp_kind not in LCP_KINDS:
+            raise ConfigError(f"lcp_kind must be one of {', '.join(LCP_KINDS)}, got {self.lcp_kind!r}")
         if self.loss not in ("focal", "bce", "balanced"):
             raise ConfigError(f"loss must be focal, bce or balanced, got {self.loss!r}")
         try:
@@ -313,6 +316,7 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
         neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
         neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol, forward_solver=cfg.forward_solver,
         backward_solver=cfg.backward_solver, backward_tol=cfg.backward_tol, lcp_every=cfg.lcp_every,
+        lcp_kind=cfg.lcp_kind,
     )
     loss, stats = task.loss(sol.outputs, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -323,7 +327,7 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
     optimizer.step()
     stats = {"loss": loss.item(), **stats, "penalty": sol.penalty.item()}
     vjps = len(sol.neumann.v_norms) - 1 if sol.neumann is not None else 0
-    work = step_equivalents(cfg.grad, float(sol.forward_steps.float().mean()), vjps, cfg.lcp_every)
+    work = step_equivalents(cfg.grad, float(sol.forward_steps.float().mean()), vjps, cfg.lcp_every, cfg.lcp_kind)
     return stats, sol, work
 
 
