@@ -2,8 +2,8 @@
 
 Why one run: this CPU is shared, and its load changes by several times within minutes, so two runs
 at different times compare loads, not code. Each batch is timed on the wall clock and in process CPU
-time: with one thread, CPU time is what a dedicated core would take, and other jobs hardly move it. Here every arm trains the same model (the bundled
-crbp-pathfinder architecture and weights: hgru-pathfinder, 12 channels, 5x5) on the same batches, and
+time: with one thread, CPU time is what a dedicated core would take, and other jobs hardly move it. Here every arm trains the same model (by default the bundled
+crbp-pathfinder architecture and weights: hgru-pathfinder, 12 channels, 5x5; `--model` names another) on the same batches, and
 the arms take turns batch by batch (the order rotating each round); each arm's figure is its median
 batch, and the speed-up is the ratio of medians.
 
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from crbp_deploy import zoo
+from crbp_deploy import checkpoint, zoo
 from crbp_deploy.data.pathfinder import PathfinderConfig, PathfinderDataset
 from crbp_deploy.flops import step_gflop
 from crbp_deploy.models.solver import fixed_point
@@ -114,11 +114,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--warmup", type=int, default=1, help="Untimed batches per arm first.")
     p.add_argument("--profile-repeats", type=int, default=3)
+    p.add_argument("--model", default="crbp-pathfinder", help="Bundled name or checkpoint whose weights every arm trains.")
     p.add_argument("--init", action="store_true", help="Freshly initialised weights instead of the bundled ones.")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bundled = zoo.load("crbp-pathfinder")
+    bundled = zoo.load(args.model) if args.model in zoo.names() else checkpoint.load(args.model)
     if args.init:
         torch.manual_seed(0)
         bundled = type(bundled)(bundled.config)
@@ -176,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py " + " ".join(argv or sys.argv[1:]),
         "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch_size": args.batch_size,
-        "rounds": args.rounds, "weights": "init" if args.init else "bundled crbp-pathfinder",
+        "rounds": args.rounds, "weights": "init" if args.init else args.model,
         "step_gflop": gflop, "bf16": {"mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "arms": results, "profile_today_s": parts,
