@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from .models.solver import fixed_point
+from .training.lcp import per_sample_norm
 from .training.rbp import DEFAULT_RULE, neumann_vjp
 
 
@@ -40,10 +41,6 @@ def _public_rule(info) -> tuple[int, str]:
     norms = info.v_norms
     grew = next((k for k in range(1, len(norms)) if norms[k] > norms[k - 1]), None)
     return (grew - 1, "growth") if grew is not None else (info.terms, info.stop)
-
-
-def _per_sample_norm(t: Tensor) -> Tensor:
-    return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
 @torch.no_grad()
@@ -111,22 +108,22 @@ def contraction_report(
             rand = lambda: torch.randn(prev.shape, generator=gen).to(prev)  # noqa: E731
             # spectral radius: v <- Jᵀv; geometric mean of the growth over the second half
             v = rand()
-            v = v / _per_sample_norm(v)
+            v = v / per_sample_norm(v)
             logs = []
             for _ in range(radius_iters):
                 w = _vjp(last, prev, v)
-                n = _per_sample_norm(w)
+                n = per_sample_norm(w)
                 logs.append(n.flatten().log())
                 v = w / n.clamp_min(1e-30)
             radius = torch.stack(logs[radius_iters // 2 :]).mean(0).exp()  # converges slower than ‖J‖
             # spectral norm: u <- J Jᵀ u; ‖Jᵀu‖ for the unit top singular vector u is σ_max
             u = rand()
-            u = u / _per_sample_norm(u)
+            u = u / per_sample_norm(u)
             for _ in range(power_iters):
                 w = _vjp(last, prev, u)
-                sigma = _per_sample_norm(w).flatten()
+                sigma = per_sample_norm(w).flatten()
                 u = _jvp(last, prev, w)
-                u = u / _per_sample_norm(u).clamp_min(1e-30)
+                u = u / per_sample_norm(u).clamp_min(1e-30)
             colsum = _vjp(last, prev, torch.ones_like(last)).flatten(1).amax(dim=1)
             neumann = _neumann_terms(last, prev, rand, neumann_steps)
     finally:

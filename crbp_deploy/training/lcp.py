@@ -47,7 +47,8 @@ def column_sums(last: Tensor, prev: Tensor, *, create_graph: bool = True) -> Ten
     return u
 
 
-def _per_sample_norm(t: Tensor) -> Tensor:
+def per_sample_norm(t: Tensor) -> Tensor:
+    """‖t_i‖ of each sample, shaped to broadcast against t."""
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.dim() - 1)))
 
 
@@ -55,10 +56,10 @@ def spectral_estimate(last: Tensor, prev: Tensor, iters: int = SPECTRAL_POWER_IT
     """Per sample ‖Jᵀv‖/‖v‖ after `iters` graph-free power iterations v ← Jᵀv from a random v: the
     growth along J's dominant direction, which tends to ρ(J); differentiable in the parameters."""
     v = torch.randn_like(prev)
-    v = v / _per_sample_norm(v).clamp_min(1e-30)
+    v = v / per_sample_norm(v).clamp_min(1e-30)
     for _ in range(iters):
         (w,) = torch.autograd.grad(last, prev, v, retain_graph=True)
-        v = w / _per_sample_norm(w).clamp_min(1e-30)
+        v = w / per_sample_norm(w).clamp_min(1e-30)
     (w,) = torch.autograd.grad(last, prev, v, create_graph=True, retain_graph=True)
     return w.flatten(1).norm(dim=1)  # v has unit norm per sample
 
