@@ -253,7 +253,9 @@ def test_spectral_lcp_estimates_the_spectral_radius():
 
 @pytest.mark.parametrize("mode", ["crbp", "cbptt"])
 def test_spectral_lcp_trains_the_radius_down(mode):
+    """Adam on the spectral LCP alone (lambda 0, so the penalty is the estimate squared) halves it."""
     model = tiny_model("hgru-pathfinder")
+    torch.manual_seed(0)  # the estimate's random start vectors
     x = images(size=10).float()
     first = float(solve(model, x, steps=6, grad=mode, lcp_lambda=0.0, lcp_kind="spectral").penalty.detach())
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-2)
