@@ -71,10 +71,7 @@ def train(
     ),
     lcp_lambda: float = typer.Option(0.9, "--lcp-lambda", help="LCP threshold lambda (cbptt/crbp)."),
     lcp_reduction: str = typer.Option("mean", "--lcp-reduction", help="LCP reduction: mean | batch | sum."),
-    lcp_kind: str = typer.Option(
-        "columns", "--lcp-kind", help="What the LCP bounds by lambda: columns (the paper: every column sum of J) | "
-        "spectral (a power-iteration estimate of J's spectral radius, per sample; weigh it near 1-10, not 1000)."
-    ),
+    lcp_kind: str = typer.Option("columns", "--lcp-kind", help="LCP bounds by lambda: columns (the paper's 1ᵀJ) | spectral (ρ(J); weight ~10)."),
     penalty_weight: float = typer.Option(1000.0, "--penalty-weight", help="Weight of the LCP in the loss."),
     loss: str = typer.Option("focal", "--loss", help="Pathfinder loss: focal | bce | balanced (contour and background pixels weigh half each)."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
