@@ -31,10 +31,10 @@ from pathlib import Path
 
 import torch
 
-from crbp_deploy import checkpoint, zoo
 from crbp_deploy.data.pathfinder import PathfinderConfig, PathfinderDataset
 from crbp_deploy.flops import step_gflop
 from crbp_deploy.models.solver import fixed_point
+from crbp_deploy.sources import resolve_model
 from crbp_deploy.tasks import TASKS
 from crbp_deploy.training.lcp import lipschitz_penalty
 from crbp_deploy.training.rbp import neumann_vjp
@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    bundled = zoo.load(args.model) if args.model in zoo.names() else checkpoint.load(args.model)
+    bundled, weights = resolve_model(args.model)
     if args.init:
         torch.manual_seed(0)
         bundled = type(bundled)(bundled.config)
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py " + " ".join(argv or sys.argv[1:]),
         "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch_size": args.batch_size,
-        "rounds": args.rounds, "weights": "init" if args.init else args.model,
+        "rounds": args.rounds, "weights": "init" if args.init else weights,
         "step_gflop": gflop, "bf16": {"mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "arms": results, "profile_today_s": parts,
