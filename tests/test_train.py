@@ -51,6 +51,18 @@ def test_resume_continues_where_it_stopped(panoptic_data, tmp_path):
         torch.testing.assert_close(x, y, rtol=1e-5, atol=1e-6, msg=k)
 
 
+def test_resume_takes_this_runs_learning_rate(panoptic_data, tmp_path):
+    """--resume restores Adam's moments but not its saved lr: a resumed run at lr 1e-12 hardly moves a weight
+    (an Adam step is about lr in size), where the saved 1e-3 would move them by ~1e-3."""
+    train(_cfg(panoptic_data, epochs=1), tmp_path, progress=False)
+    before = checkpoint.load(tmp_path / "last.pt").state_dict()
+    train(_cfg(panoptic_data, epochs=2, lr=1e-12), tmp_path, resume=True, progress=False)
+    after = checkpoint.load(tmp_path / "last.pt")
+    assert after.meta["training"]["epochs_done"] == 2
+    for k, x in before.items():
+        torch.testing.assert_close(after.state_dict()[k], x, rtol=0, atol=1e-9, msg=k)
+
+
 @pytest.mark.slow  # trains four models; each mode's gradient is covered by test_solve, the loop by the tests here
 def test_every_grad_mode_trains(panoptic_data, tmp_path):
     for grad in ("bptt", "cbptt", "rbp", "crbp"):

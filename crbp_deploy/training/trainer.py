@@ -200,7 +200,8 @@ def _state_path(out: Path) -> Path:
 
 
 def _resume(model, optimizer, out: Path) -> tuple[int, list[dict]]:
-    """Load OUT/last.pt and its optimizer state into this run's model; refuses another architecture."""
+    """Load OUT/last.pt and its optimizer state into this run's model; refuses another architecture.
+    The learning rate is this run's (`--lr`): resuming with a smaller one is how a run is annealed."""
     ckpt, state_file = out / "last.pt", _state_path(out)
     if not ckpt.exists() or not state_file.exists():
         raise CrbpError(f"--resume: {out} has no last.pt / last.state.pt to resume from")
@@ -214,7 +215,10 @@ def _resume(model, optimizer, out: Path) -> tuple[int, list[dict]]:
         raise CrbpError(f"--resume: {ckpt} holds {what}: give the same --model and --model-config, or another --out")
     model.load_state_dict(loaded.state_dict())
     state = torch.load(state_file, map_location="cpu", weights_only=True)
+    lr = [group["lr"] for group in optimizer.param_groups]
     optimizer.load_state_dict(state["optimizer"])
+    for group, wanted in zip(optimizer.param_groups, lr):  # this run's --lr, not the saved one
+        group["lr"] = wanted
     return int(state["epoch"]), list(loaded.meta.get("history", []))
 
 
