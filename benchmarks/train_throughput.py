@@ -10,7 +10,9 @@ batch, and the speed-up is the ratio of medians.
 Arms (each one `trainer.train_step`, optimizer update included, exactly what the trainer runs):
 - today: the trainer before this change: 30 plain steps (29 graph-free + 1 recorded), 15 Neumann
   terms, full LCP, channels-last;
-- the rest: each adds one change to the arm before it, the last being the trainer's current defaults.
+- the rest: each adds one change to the arm before it, up to the trainer's current defaults;
+- then those defaults with `--compile` (torch.compile of the forward's step; the compile happens in
+  the warm-up batch, whose seconds are recorded as `warmup_s`).
 
 It also profiles one step of `today` by part (forward steps without a graph, the recorded step, the
 Neumann VJPs, the LCP, data) and checks what torch reports about bf16 on this CPU.
@@ -36,17 +38,19 @@ from crbp_deploy.flops import step_gflop
 from crbp_deploy.models.solver import fixed_point
 from crbp_deploy.sources import resolve_model
 from crbp_deploy.tasks import TASKS
+from crbp_deploy.training.compiled import compile_step
 from crbp_deploy.training.lcp import lipschitz_penalty
 from crbp_deploy.training.rbp import neumann_vjp
 from crbp_deploy.training.trainer import TrainConfig, train_step
 
 TODAY = {"steps": 30, "neumann_steps": 15, "forward_solver": "picard", "forward_tol": 0.0, "backward_solver": "neumann",
-         "backward_tol": 0.0, "lcp_every": 1, "layout": "channels_last"}
+         "backward_tol": 0.0, "lcp_every": 1, "layout": "channels_last", "compile": False}
 
 
 def arms() -> dict[str, dict]:
     """name -> TrainConfig overrides, each adding one change to the one before; the last is the
-    trainer's defaults at today's steps and Neumann budget (--steps 30, --neumann-steps 15)."""
+    trainer's defaults at today's steps and Neumann budget (--steps 30, --neumann-steps 15), then the
+    defaults with `--compile`."""
     d = TrainConfig()
     layout = {**TODAY, "layout": d.layout}
     forward = {**layout, "forward_solver": d.forward_solver, "forward_tol": d.forward_tol}
@@ -57,6 +61,7 @@ def arms() -> dict[str, dict]:
         "+ anderson forward": forward,
         "+ anderson backward": backward,
         "+ lcp every 4th (trainer defaults)": {**backward, "lcp_every": d.lcp_every},
+        "+ torch.compile forward (--compile)": {**backward, "lcp_every": d.lcp_every, "compile": True},
     }
 
 
@@ -131,6 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         model = copy.deepcopy(bundled).train().to(memory_format=torch.channels_last if cfg.layout == "channels_last"
                                                   else torch.contiguous_format)
         runs[name] = {"cfg": cfg, "model": model, "opt": torch.optim.Adam(model.parameters(), lr=cfg.lr),
+                      "step": compile_step(model, torch.device("cpu")) if cfg.compile else None, "warmup_s": 0.0,
                       "seconds": [], "cpu_seconds": [], "work": [], "forward_steps": [], "vjps": []}
     names = list(runs)
     t_start = time.perf_counter()
@@ -138,9 +144,11 @@ def main(argv: list[str] | None = None) -> int:
         for name in names[r % len(names):] + names[: r % len(names)]:
             run = runs[name]
             t, c = time.perf_counter(), time.process_time()
-            _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r])
+            _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r], forward_step=run["step"])
             dt, dc = time.perf_counter() - t, time.process_time() - c
-            if r >= args.warmup:
+            if r < args.warmup:
+                run["warmup_s"] += dt  # with --compile: the compile
+            else:
                 run["seconds"].append(dt)
                 run["cpu_seconds"].append(dc)
                 run["work"].append(work)
@@ -167,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
             "images_per_cpu_s": round(args.batch_size / cpu, 2),
             "speedup_vs_today_cpu": round(base_cpu / cpu, 2),
             "batch_seconds": [round(s, 4) for s in run["seconds"]],
+            "warmup_s": round(run["warmup_s"], 1),
         }
         print(f"{name:>24}: {results[name]['images_per_s']:6.2f} images/s  {results[name]['gflop_per_s']:6.1f} GFLOP/s  "
               f"x{results[name]['speedup_vs_today']:.2f}  (CPU time: {results[name]['images_per_cpu_s']:6.2f} images/s "

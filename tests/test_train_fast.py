@@ -13,6 +13,7 @@ from crbp_deploy.errors import ConfigError
 from crbp_deploy.models.solver import fixed_point
 from crbp_deploy.training import lipschitz_penalty, solve
 from crbp_deploy.training.anderson import anderson
+from crbp_deploy.training.compiled import compile_step, compiler_missing
 from crbp_deploy.training.curriculum import parse
 from crbp_deploy.training.rbp import anderson_vjp
 from crbp_deploy.training.trainer import TrainConfig, train
@@ -47,6 +48,28 @@ def test_fast_path_keeps_the_implicit_gradient_on_the_tiny_configs(name):
     fast, sol = _gradient(model, x, steps=30, neumann_steps=15, **FAST)
     assert float(F.cosine_similarity(fast, exact, dim=0)) >= 0.999
     assert float(sol.forward_steps.float().mean()) < 29 and len(sol.neumann.v_norms) - 1 < 15  # it did less work
+
+
+@pytest.mark.skipif(bool(compiler_missing(torch.device("cpu"))), reason="torch.compile needs a C++ compiler on CPU")
+def test_compiled_forward_keeps_the_gradient():
+    """train --compile: the graph-free forward through torch.compile (batch sizes changing as samples stop)
+    gives the eager fast path's gradient, so the cosine >= 0.999 above carries over."""
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    model = tiny_model("hgru-pathfinder").double().train()
+    x = _images(model)
+    eager, ref = _gradient(model, x, steps=30, neumann_steps=15, **FAST)
+    compiled, sol = _gradient(model, x, steps=30, neumann_steps=15, forward_step=compile_step(model, x.device), **FAST)
+    assert counters["stats"]["unique_graphs"] >= 1, "nothing was compiled"
+    assert torch.equal(sol.forward_steps, ref.forward_steps)
+    assert float(F.cosine_similarity(compiled, eager, dim=0)) > 1 - 1e-9
+
+
+def test_compile_without_a_compiler_is_one_clear_error(monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    with pytest.raises(ConfigError, match="no C\\+\\+ compiler"):
+        compile_step(tiny_model("hgru-pathfinder"), torch.device("cpu"))
 
 
 def test_anderson_forward_reaches_the_fixed_point_in_fewer_steps():
@@ -153,6 +176,8 @@ def test_bad_training_input_one_line_nothing_overwritten(pf_data, tmp_path, run_
     one_error_line(code, err, "--resume")
     code, _, err = run_cli(*common, "--task", "panoptic", "--epochs", "2")
     one_error_line(code, err, "Pathfinder data")
+    code, _, err = run_cli(*common, "--grad", "bptt", "--compile", "--epochs", "2")
+    one_error_line(code, err, "compile")
     assert _snapshot(out) == before
 
 
@@ -163,7 +188,8 @@ def test_cli_defaults_are_the_trainer_defaults():
 
     cli = inspect.signature(command).parameters
     cfg = TrainConfig()
-    for name in ("forward_solver", "forward_tol", "backward_solver", "backward_tol", "lcp_every", "layout", "curriculum"):
+    for name in ("forward_solver", "forward_tol", "backward_solver", "backward_tol", "lcp_every", "layout", "curriculum",
+                 "compile"):
         assert cli[name].default.default == getattr(cfg, name), name
 
 

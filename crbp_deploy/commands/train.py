@@ -48,9 +48,8 @@ def train(
         "(the paper's code: at the first growing term).",
     ),
     neumann_patience: int = typer.Option(3, "--neumann-patience", help="Growing terms in a row that stop the series."),
-    neumann_growth_limit: float = typer.Option(
-        4.0, "--neumann-growth-limit", help="A term above this many times the first stops the series at once."
-    ),
+    neumann_growth_limit: float = typer.Option(4.0, "--neumann-growth-limit",
+                                               help="A term above this many times the first stops the series at once."),
     forward_tol: float = typer.Option(
         3e-3, "--forward-tol", help="rbp/crbp: run the forward per sample until its relative change <= this "
         "(--steps at most), so RBP differentiates a fixed point it has reached (0 = exactly --steps)."
@@ -85,6 +84,7 @@ def train(
     ),
     keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Also keep OUT/epochN.pt after every epoch."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (the data stays on the host)."),
+    compile: bool = typer.Option(False, "--compile", help="rbp/crbp: torch.compile the forward's step (seconds to compile; needs a C++ compiler on CPU)."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt (same --model and --model-config)."
     ),

@@ -99,17 +99,17 @@ def _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduc
         raise InputError("solve() builds a training graph; call it with gradients enabled, not under torch.no_grad()")
 
 
-def _run_steps(model, ctx, h: Tensor, n: int, tol: float = 0.0, solver: str = "picard") -> tuple[Tensor, Tensor]:
+def _run_steps(step, ctx, h: Tensor, n: int, tol: float = 0.0, solver: str = "picard") -> tuple[Tensor, Tensor]:
     """The forward steps before the recorded one: `n`, or per sample until the relative change is
     <= tol (at most n) when tol > 0; none when n == 0. picard: the one fixed-point solver of the
     models; anderson: accelerated (graph-free only). Returns h and the steps each sample ran."""
     if not n:
         return h, torch.zeros(h.shape[0], dtype=torch.int64, device=h.device)
     if solver == "anderson":
-        h, stats = anderson(model.step, ctx, h, max_iters=n, tol=tol)
+        h, stats = anderson(step, ctx, h, max_iters=n, tol=tol)
     else:
         budget = {"max_iters": n, "tol": tol} if tol > 0 else {"iters": n}
-        h, stats = fixed_point(model.step, ctx, h, **budget)
+        h, stats = fixed_point(step, ctx, h, **budget)
     return h, stats.iterations
 
 
@@ -149,6 +149,7 @@ def solve(
     backward_tol: float = 0.0,
     lcp_every: int = 1,
     lcp_kind: str = DEFAULT_KIND,
+    forward_step=None,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
@@ -168,6 +169,7 @@ def solve(
     lcp_every (cbptt/crbp): the LCP on samples 0, k, 2k, ... of the batch only: the same penalty estimated
     on fewer samples (unbiased; its double backward is the costliest part of a step after the solves).
     lcp_kind (cbptt/crbp): "columns" (the paper's 1ᵀJ) or "spectral" (an estimate of ρ(J); lcp.py).
+    forward_step (rbp/crbp): the graph-free forward's step instead of model.step (compiled.py: torch.compile).
     """
     _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
                 neumann_rule, neumann_patience, neumann_growth_limit)
@@ -184,13 +186,13 @@ def solve(
     h = model.init_state(ctx)
     info = None
     if grad in ("bptt", "cbptt"):
-        h, forward_steps = _run_steps(model, ctx, h, steps - 1)
+        h, forward_steps = _run_steps(model.step, ctx, h, steps - 1)
         prev = _differentiable(h) if grad == "cbptt" else h
         last = model.step(ctx, prev)
         state = last
     else:
         with torch.no_grad():
-            h, forward_steps = _run_steps(model, ctx, h, steps - 1, forward_tol, forward_solver)
+            h, forward_steps = _run_steps(forward_step or model.step, ctx, h, steps - 1, forward_tol, forward_solver)
         prev = h.detach().requires_grad_()
         last = model.step(ctx, prev)
         info = NeumannInfo()

@@ -28,6 +28,7 @@ from ..errors import ConfigError, CrbpError
 from ..flops import step_gflop
 from ..models import create_model
 from ..tasks import TASKS
+from .compiled import compile_step
 from .distributed import World, all_sum, average_gradients, barrier, init_world, shutdown
 from .lcp import DEFAULT_KIND, DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT, LCP_KINDS, LCP_REDUCTIONS
 from .rbp import BACKWARD_SOLVERS, DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
@@ -93,6 +94,7 @@ class TrainConfig(StrictConfig):
     report_every: int = 1  # contraction report in the checkpoint every N epochs (0: last epoch only)
     keep_epochs: bool = False  # also keep OUT/epoch{N}.pt, so runs can be compared at an equal epoch
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"; the data stays on the host, one batch at a time moves
+    compile: bool = False  # rbp/crbp: torch.compile the graph-free forward's step (compiled.py)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
@@ -121,6 +123,8 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"backward_solver must be one of {', '.join(BACKWARD_SOLVERS)}, got {self.backward_solver!r}")
         if not self.backward_tol >= 0 or self.lcp_every < 1:
             raise ConfigError(f"backward_tol must be >= 0 and lcp_every >= 1, got {self.backward_tol}, {self.lcp_every}")
+        if self.compile and self.grad not in ("rbp", "crbp"):
+            raise ConfigError(f"compile applies to the graph-free forward of rbp/crbp; grad {self.grad} has none")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.neumann_patience < 1 or not self.neumann_growth_limit >= 1:
@@ -271,6 +275,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
     model = create_model(cfg.model or task.default_model, data.model_config).train()
     model = model.to(device, memory_format=LAYOUTS[cfg.layout])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    forward_step = compile_step(model, device) if cfg.compile else None
     start, history = (0, [])
     if resume:
         start, history = _resume(model, optimizer, out)
@@ -280,7 +285,7 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
     with _progress(progress and world.is_main) as bar:
         for epoch in range(start, cfg.epochs):
             lengths = plan.lengths(epoch + 1) if plan else None
-            record = _epoch(cfg, task, model, optimizer, _subset(train_set, lengths), epoch, world, bar)
+            record = _epoch(cfg, task, model, optimizer, _subset(train_set, lengths), epoch, world, bar, forward_step)
             if lengths is not None:
                 record["lengths"] = list(lengths)
             record.update({f"val_{k}": v for k, v in task.train_eval(model.eval(), data.val, cfg.steps).items()})
@@ -310,9 +315,9 @@ def _neumann_record(record: dict, cfg: TrainConfig, world: World) -> None:
             warnings.warn(message, NeumannWarning, stacklevel=3)
 
 
-def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: World = World()):
+def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: World = World(), forward_step=None):
     """One optimizer update on `batch` (already on the device): (stats, Solution, step equivalents per image).
-    The benchmark (benchmarks/train_throughput.py) times exactly this."""
+    The benchmark (benchmarks/train_throughput.py) times exactly this. `forward_step`: solve()'s (--compile)."""
     batch = {**batch, "images": batch["images"].contiguous(memory_format=LAYOUTS[cfg.layout])}
     sol = solve(
         model, batch["images"], steps=cfg.steps, grad=cfg.grad,
@@ -320,7 +325,7 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
         neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
         neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol, forward_solver=cfg.forward_solver,
         backward_solver=cfg.backward_solver, backward_tol=cfg.backward_tol, lcp_every=cfg.lcp_every,
-        lcp_kind=cfg.lcp_kind,
+        lcp_kind=cfg.lcp_kind, forward_step=forward_step,
     )
     loss, stats = task.loss(sol.outputs, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -335,7 +340,8 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
     return stats, sol, work
 
 
-def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar) -> dict[str, Any]:
+def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar,
+           forward_step=None) -> dict[str, Any]:
     """One pass over the training set: the epoch's record so far, and its Neumann solves (under `_neumann`)."""
     n, local = len(train_set["images"]), cfg.batch_size // world.size
     batches = n // cfg.batch_size
@@ -350,7 +356,7 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size][world.rank * local : (world.rank + 1) * local]
         batch = {k: v[idx].to(device, non_blocking=True) for k, v in train_set.items()}
         t = time.perf_counter()
-        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world)
+        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world, forward_step)
         meter.add(local, time.perf_counter() - t, work)
         sums["loss"] += stats["loss"]
         sums["penalty"] += stats["penalty"]
