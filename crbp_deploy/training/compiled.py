@@ -10,6 +10,9 @@ that needs; and the LCP's double backward is beyond AOTAutograd.
 
 `dynamic=True`: the per-sample solvers step only the samples still running, so the batch size
 changes from step to step; a static compile would recompile for each size.
+`layout_optimization` off: inductor otherwise moves the convolutions to channels-last, where this
+step's GroupNorm and softplus are several times slower (docs/pathfinder_claims.md §1); measured on the
+Anderson forward of one batch: 15% under eager with it off, 7% with it on.
 """
 from __future__ import annotations
 
@@ -39,4 +42,4 @@ def compile_step(model, device: torch.device) -> Callable:
     missing = compiler_missing(device)
     if missing:
         raise ConfigError(f"--compile: torch.compile cannot build CPU kernels here ({missing}); install one or drop --compile")
-    return torch.compile(model.step, dynamic=True)
+    return torch.compile(model.step, dynamic=True, options={"layout_optimization": False})
