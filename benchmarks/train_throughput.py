@@ -12,7 +12,7 @@ Arms (each one `trainer.train_step`, optimizer update included, exactly what the
   terms, full LCP, channels-last;
 - the rest: each adds one change to the arm before it, up to the trainer's current defaults;
 - then those defaults with `--compile` (torch.compile of the forward's step; the compile happens in
-  the warm-up batch, whose seconds are recorded as `warmup_s`).
+  the warm-up batch, whose seconds are recorded as `warmup_s`), and in the other memory layout.
 
 It also profiles one step of `today` by part (forward steps without a graph, the recorded step, the
 Neumann VJPs, the LCP, data) and checks what torch reports about bf16 on this CPU.
@@ -50,7 +50,7 @@ TODAY = {"steps": 30, "neumann_steps": 15, "forward_solver": "picard", "forward_
 def arms() -> dict[str, dict]:
     """name -> TrainConfig overrides, each adding one change to the one before; the last is the
     trainer's defaults at today's steps and Neumann budget (--steps 30, --neumann-steps 15), then the
-    defaults with `--compile`."""
+    defaults with `--compile` and with the other layout."""
     d = TrainConfig()
     layout = {**TODAY, "layout": d.layout}
     forward = {**layout, "forward_solver": d.forward_solver, "forward_tol": d.forward_tol}
@@ -62,6 +62,8 @@ def arms() -> dict[str, dict]:
         "+ anderson backward": backward,
         "+ lcp every 4th (trainer defaults)": {**backward, "lcp_every": d.lcp_every},
         "+ torch.compile forward (--compile)": {**backward, "lcp_every": d.lcp_every, "compile": True},
+        # the default layout was chosen on one CPU; this arm checks it on the one the benchmark runs on
+        "defaults, channels-last (--layout)": {**backward, "lcp_every": d.lcp_every, "layout": "channels_last"},
     }
 
 
