@@ -27,8 +27,9 @@ def widened(model, kernel: int):
     config = {**model.config.to_dict(), "kernel_size": kernel}
     wide = create_model(model.arch, config)
     pad = (kernel - old) // 2
+    keep = wide.state_dict().keys()  # a calibrated halting head is not part of training: it is dropped
     state = {k: (F.pad(v, (pad, pad, pad, pad)) if k.endswith(("w_inh", "w_exc")) else v)
-             for k, v in model.state_dict().items()}
+             for k, v in model.state_dict().items() if k in keep}
     wide.load_state_dict(state)
     return wide
 
