@@ -35,6 +35,7 @@ from crbp_deploy.training.compiled import compile_step
 from crbp_deploy.training.trainer import TrainConfig, train_step
 
 sys.path.insert(0, str(Path(__file__).parent))
+from gradient_check import flat_grad  # noqa: E402
 from train_throughput import batches, cpu_name  # noqa: E402
 
 FAST = ("forward_solver", "forward_tol", "backward_solver", "backward_tol")
@@ -57,13 +58,10 @@ def bf16_model(model):
     return model
 
 
-def cpu_seconds(fn, repeats: int) -> list[float]:
-    out = []
-    for _ in range(repeats):
-        t = time.process_time()
-        fn()
-        out.append(time.process_time() - t)
-    return out
+def cpu_seconds(fn) -> float:
+    t = time.process_time()
+    fn()
+    return time.process_time() - t
 
 
 def step_parts(model, batch: dict, repeats: int) -> dict[str, float]:
@@ -89,9 +87,9 @@ def step_parts(model, batch: dict, repeats: int) -> dict[str, float]:
     for _ in range(repeats):  # interleaved, so load changes hit every arm alike
         with torch.no_grad():
             for name, f in steps.items():
-                times[name] += cpu_seconds(lambda f=f: f(ctx, h), 1)
+                times[name].append(cpu_seconds(lambda f=f: f(ctx, h)))
         for name, (last, p) in vjps.items():
-            times[name] += cpu_seconds(lambda last=last, p=p: torch.autograd.grad(last, p, v, retain_graph=True), 1)
+            times[name].append(cpu_seconds(lambda last=last, p=p: torch.autograd.grad(last, p, v, retain_graph=True)))
     return {k: round(1000 * statistics.median(t), 2) for k, t in times.items()}
 
 
@@ -123,11 +121,9 @@ def whole_steps(model, data: list[dict], warmup: int) -> dict[str, dict]:
 
 
 def _gradient(model, x, **kw):
-    model.zero_grad(set_to_none=True)
     sol = solve(model, x, grad="rbp", **kw)
     target = torch.linspace(-1, 1, x.shape[-1] ** 2, dtype=x.dtype).view(x.shape[-2:])
-    sum(((v - target) ** 2).mean() for v in sol.outputs.values()).backward()
-    return torch.cat([p.grad.flatten().double() for p in model.parameters() if p.grad is not None])
+    return flat_grad(model, sum(((v - target) ** 2).mean() for v in sol.outputs.values())).double()
 
 
 def gradient_cosines() -> dict[str, dict]:
