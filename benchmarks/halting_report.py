@@ -60,7 +60,7 @@ def measure(model, data: Path, threads: int, repeats: int) -> dict:
 
     card = ModelCard.of(model)
     shipped = card.budget.kwargs()
-    cap = shipped["max_iters"]
+    cap = cal.default_max_iters(model, None)  # the calibration's cap: the shipped one may be a swept fraction of it
     rec = cal.calibrate(model, data, max_iters=cap, latency=False, check=False, progress=print)
     point = next((p for p in rec["sweep"] if p["budget"] == shipped), None)
     scorer = scorer_for(model, data)

@@ -7,8 +7,8 @@ its thresholds and patiences -- is scored from the same images without rerunning
 PQ (panoptic) or IoU x 100 (Pathfinder), in points. The choice:
 
 - the equal-quality fixed baseline: the smallest fixed count within `max_drop` of the best fixed count;
-- the budget: the early-exit budget (any policy) with the fewest mean steps whose quality is within
-  `max_drop` of the best fixed count's (if none is, the best-quality one, flagged);
+- the budget: the early-exit budget (any policy, at the cap or at its half or quarter) with the fewest mean
+  steps whose quality is within `max_drop` of the best fixed count's (if none is, the best-quality one, flagged);
 - the oracle: each image stopped at the earliest step within 1 image-PQ point of its own best -- the
   limit, and `saving_captured` = (fixed - chosen) / (fixed - oracle) mean steps.
 
@@ -39,6 +39,9 @@ POLICY_GRID = {
     "stable": ((0.0, 0.001, 0.003, 0.01, 0.03), (1, 2, 3, 4, 6)),
     "learned": ((0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95), (1, 2, 3)),
 }
+#: the caps swept, as fractions of the card's: on a model whose state keeps moving on some images, a rule that
+#: waits for the state spends its steps there, and a lower cap bounds them at a quality the sweep measures
+CAP_DIVISORS = (1, 2, 4)
 POLICY_TOL = 1e-4  # with a policy, convergence stops a sample only when its state has truly settled
 LATENCY_IMAGES = 16
 HELD_OUT_IMAGES = 96  # generated when no data is given: as many as the bundled cards were calibrated on
@@ -102,20 +105,23 @@ def parse_list(text: str | None, kind: type, option: str) -> list | None:
 
 
 def sweep(trace: Trace, *, cap: int, tols: Sequence[float], policies: Sequence[str], head=None) -> list[Point]:
-    """Every fixed count up to the cap, every tolerance, every policy x threshold x patience, from one trace."""
+    """Every fixed count up to the cap; at each swept cap, every tolerance and every policy x threshold x
+    patience; all from one trace."""
     points = [Point({"iters": n}, *trace.fixed(n)) for n in range(1, cap + 1)]
-    for tol in sorted(tols, reverse=True):
-        points.append(Point({"max_iters": cap, "tol": float(tol)}, *trace.score(simulate(trace, tol=tol, cap=cap))))
-    for policy in policies:
-        signal = policy_signal(trace, policy, head)
-        thresholds, patiences = POLICY_GRID[policy]
-        for threshold in thresholds:
-            for patience in patiences:
-                stops = simulate(trace, tol=POLICY_TOL, cap=cap, policy=policy, threshold=threshold,
-                                 patience=patience, signal=signal)
-                budget = {"max_iters": cap, "tol": POLICY_TOL, "policy": policy, "threshold": threshold,
-                          "patience": patience}
-                points.append(Point(budget, *trace.score(stops)))
+    signals = {policy: policy_signal(trace, policy, head) for policy in policies}
+    for limit in sorted({max(1, cap // d) for d in CAP_DIVISORS}, reverse=True):
+        for tol in sorted(tols, reverse=True):
+            stops = simulate(trace, tol=tol, cap=limit)
+            points.append(Point({"max_iters": limit, "tol": float(tol)}, *trace.score(stops)))
+        for policy in policies:
+            thresholds, patiences = POLICY_GRID[policy]
+            for threshold in thresholds:
+                for patience in patiences:
+                    stops = simulate(trace, tol=POLICY_TOL, cap=limit, policy=policy, threshold=threshold,
+                                     patience=patience, signal=signals[policy])
+                    budget = {"max_iters": limit, "tol": POLICY_TOL, "policy": policy, "threshold": threshold,
+                              "patience": patience}
+                    points.append(Point(budget, *trace.score(stops)))
     return points
 
 
@@ -154,11 +160,13 @@ def choose(points: Sequence[Point], max_drop: float = MAX_DROP) -> dict[str, Any
 
 
 def default_max_iters(model, fixed: Sequence[int] | None) -> int:
-    """The cap: the card's, else 4x the training steps, else the largest fixed count given (or listed)."""
+    """The cap: the one the card was calibrated under (its budget's may be a swept fraction of it), else the
+    budget's, else 4x the training steps, else the largest fixed count given (or listed)."""
     card = ModelCard.of(model)
-    budget = card.inference.get("budget") or {}
-    if budget.get("max_iters"):
-        return int(budget["max_iters"])
+    for record in (card.inference.get("calibration") or {}, card.inference.get("budget") or {}):
+        cap = record.get("cap", record.get("max_iters"))
+        if isinstance(cap, int) and cap > 0:
+            return cap
     steps = card.training.get("steps") if isinstance(card.training, dict) else None
     if isinstance(steps, int) and steps > 0:
         return 4 * steps

@@ -52,6 +52,16 @@ def test_frontier_keeps_only_pareto_points():
     assert [(p.quality, p.mean_iterations) for p in front] == [(10.0, 1), (45.0, 4), (49.5, 7), (49.7, 9), (50.0, 14)]
 
 
+def test_the_cap_is_the_one_the_card_was_calibrated_under():
+    model = create_model("hgru-pathfinder", get_entry("hgru-pathfinder").tiny)
+    model.meta = {"training": {"steps": 40}}
+    assert cal.default_max_iters(model, None) == 160  # 4x the training steps
+    model.meta["inference"] = {"budget": {"max_iters": 40, "tol": 1e-4}}
+    assert cal.default_max_iters(model, None) == 40
+    model.meta["inference"]["calibration"] = {"cap": 160}  # the budget's cap was a swept quarter of it
+    assert cal.default_max_iters(model, None) == 160
+
+
 def test_options_are_checked():
     for kwargs, match in (({"max_drop": -0.1}, "--max-drop"), ({"tols": []}, "--tols"),
                           ({"fixed": [0]}, "--fixed"), ({"max_iters": 0}, "--max-iters")):
@@ -84,7 +94,7 @@ def test_calibrate_a_small_model_and_write_the_card(data, ckpt):
     assert res["task"] == "pathfinder" and res["metric"] == "IoU" and res["images"] == 6
     assert [p["budget"] for p in res["sweep"]][:6] == [{"iters": n} for n in range(1, 7)]  # every count to the cap
     early = [p for p in res["sweep"] if "tol" in p["budget"]]
-    assert all(p["budget"]["max_iters"] == 6 for p in early)  # the card's cap
+    assert {p["budget"]["max_iters"] for p in early} == {6, 3, 1}  # the card's cap, its half and its quarter
     assert {p["budget"].get("policy", "tol") for p in early} == {"tol", "estimate", "stable"}  # no head: no learned
     # the choice follows the rule on the sweep: fewest mean steps within max_drop of the best fixed count
     best = max(p["quality"] for p in res["sweep"] if "iters" in p["budget"])
