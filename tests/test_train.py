@@ -70,6 +70,18 @@ def test_every_grad_mode_trains(panoptic_data, tmp_path):
         assert record["train_loss"] == record["train_loss"]  # not NaN
 
 
+def test_epoch_line_counts_gflops_of_the_recurrent_step_only(panoptic_data, tmp_path, run_cli):
+    common = ("train", "--task", "panoptic", "--data", panoptic_data, "--steps", "2", "--neumann-steps", "2",
+              "--epochs", "1", "--batch-size", "8", "--report-every", "0", "--quiet")
+    code, _, err = run_cli(*common, "--out", tmp_path / "rec", "--model-config", json.dumps(TINY))
+    assert code == 0, err
+    assert float(err.split("GFLOP/s=")[1].split()[0]) > 0
+    code, _, err = run_cli(*common, "--out", tmp_path / "ff", "--model", "ff-panoptic", "--grad", "bptt",
+                           "--model-config", json.dumps({**TINY, "ff_depth": 2}))
+    assert code == 0, err
+    assert "GFLOP/s=n/a (no recurrent step)" in err  # its step is the identity: 0.0 would read as a measurement
+
+
 def test_bad_training_options(panoptic_data, tmp_path, run_cli, one_error_line):
     with pytest.raises(ConfigError, match="grad must be one of"):
         _cfg(panoptic_data, grad="sgd")

@@ -27,8 +27,9 @@ def _epoch_printer(out: Path, epochs: int):
             logged.append(True)
         keys = ("train_loss", "val_iou", "val_miou", "forward_steps", "neumann_terms")
         shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), float))
+        gflop = f"{record['gflop_per_s']:.1f}" if record.get("gflop_per_image") else "n/a (no recurrent step)"
         typer.echo(f"epoch {record['epoch']}/{epochs}: {shown} images/s={record['images_per_s']:.1f} "
-                   f"GFLOP/s={record['gflop_per_s']:.1f} ({record['seconds']:.0f} s)", err=True)
+                   f"GFLOP/s={gflop} ({record['seconds']:.0f} s)", err=True)
 
     return show
 
