@@ -258,6 +258,8 @@ def ray_environment(run: Path, config: RayConfig) -> dict[str, str]:
            "RAY_START_HOOK": f"{HOOKS_MODULE}.ray_start_hook",
            "RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": f"{HOOKS_MODULE}.proxy_middlewares",
            MAX_BODY_ENV: str(MAX_REQUEST_BYTES), "PYTHONPATH": path,
+           # Serve's controller kills an HTTP proxy not ready in 5 s; on 2 busy cores its start takes longer
+           "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "60",
            "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(run / TOKEN_FILE)}
     env = RayServe().environment(run, env)
     env.pop("RAY_AUTH_TOKEN", None)  # would take precedence over the token file
