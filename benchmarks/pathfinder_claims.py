@@ -695,8 +695,8 @@ def compare(argv: list[str]) -> None:
     p.add_argument("--tol", type=float, default=1e-3)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--jobs", type=int, default=2)
-    p.add_argument("--json", type=Path, default=ROOT / "docs" / "pathfinder_compare.json")
-    p.add_argument("--plot", type=Path, default=ROOT / "docs" / "pathfinder_compare.png")
+    p.add_argument("--json", type=Path, help="write the report here (default: none; docs/ files only when named)")
+    p.add_argument("--plot", type=Path, help="write the plot here (default: none)")
     args = p.parse_args(argv)
     jobs = []
     for item in args.run:
@@ -710,8 +710,10 @@ def compare(argv: list[str]) -> None:
     report = {"command": "python benchmarks/pathfinder_claims.py compare " + " ".join(shlex.quote(a) for a in argv),
               "heldout": str(args.heldout), "seconds": round(time.perf_counter() - t0, 1),
               "baselines": baselines_per_length(args.heldout, args.limit), "runs": results}
-    args.json.write_text(json.dumps(report, indent=1) + "\n")
-    compare_plot(results, report["baselines"], args.plot)
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1) + "\n")
+    if args.plot:
+        compare_plot(results, report["baselines"], args.plot)
     for name, per in report["baselines"].items():
         print(f"baseline {name}: " + "/".join(f"{v:.3f}" for v in per.values()))
     for r in results:
