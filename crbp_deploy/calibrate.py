@@ -163,10 +163,11 @@ def default_max_iters(model, fixed: Sequence[int] | None) -> int:
     """The cap: the one the card was calibrated under (its budget's may be a swept fraction of it), else the
     budget's, else 4x the training steps, else the largest fixed count given (or listed)."""
     card = ModelCard.of(model)
-    for record in (card.inference.get("calibration") or {}, card.inference.get("budget") or {}):
-        cap = record.get("cap", record.get("max_iters"))
-        if isinstance(cap, int) and cap > 0:
-            return cap
+    calibration = card.inference.get("calibration") or {}
+    budget = card.inference.get("budget") or {}
+    for cap in (calibration.get("cap"), budget.get("max_iters")):
+        if cap:
+            return int(cap)
     steps = card.training.get("steps") if isinstance(card.training, dict) else None
     if isinstance(steps, int) and steps > 0:
         return 4 * steps
