@@ -157,3 +157,25 @@ def test_cli_bad_input_one_line_nothing_written(case, match, data, ckpt, tmp_pat
     one_error_line(code, err, match)
     assert (out.read_bytes() if out.exists() else None) == before
     assert not (tmp_path / "p.png").exists()
+
+
+def test_halting_report_compares_at_equal_steps():
+    """The report's equal-compute comparison: the fixed-count curve interpolated at the policy's mean steps."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "halting_report.py"
+    spec = importlib.util.spec_from_file_location("halting_report", path)
+    report = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(report)
+    sweep = [{"budget": {"iters": n}, "quality": q, "mean_iterations": n} for n, q in ((10, 60.0), (20, 70.0), (40, 71.0))]
+    sweep.append({"budget": {"max_iters": 40, "tol": 1e-4}, "quality": 69.0, "mean_iterations": 15.0})
+    rec = {"sweep": sweep, "oracle": {"mean_iterations": 12.0}}
+    assert report.fixed_at_steps(rec, 15.0) == {"iters": 15.0, "quality": 65.0, "between": [10, 20]}
+    assert report.fixed_at_steps(rec, 20.0)["quality"] == 70.0
+    assert report.fixed_at_steps(rec, 50.0) is None
+    result = {"calibration_on_these_images": rec, "fixed_baseline": {"iters": 20, "quality": 70.0, "mean_iterations": 20},
+              "shipped_point": {"end_to_end": {"quality": 69.0, "mean_iterations": 15.0}}}
+    goals = report.goals(result)
+    assert goals["quality_vs_equal_steps"] == 4.0 and goals["quality_delta"] == -1.0
+    assert goals["steps_ratio"] == round(20 / 15, 3) and goals["saving_captured"] == round(5 / 8, 3)
