@@ -619,49 +619,52 @@ def compare_run(job: dict) -> dict:
 
 
 def compare_plot(results: list[dict], baselines: dict[str, dict[str, float]], path: Path) -> None:
+    """Colour is the run (one legend under the figure), shade the horizon, line style the length: legends inside
+    the axes covered the bars once three runs were shown."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
 
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6 + 0.25 * len(results)))
     lengths = sorted({int(n) for r in results for n in r["fixed"]["1x"]["per_length"]})
     width = 0.8 / max(1, 3 * len(results))
+    shades = dict(zip(("1x", "2x", "4x"), (1.0, 0.65, 0.35)))
     for i, r in enumerate(results):
-        for j, factor in enumerate(("1x", "2x", "4x")):
+        for j, (factor, alpha) in enumerate(shades.items()):
             values = [r["fixed"][factor]["per_length"].get(str(n), float("nan")) for n in lengths]
             pos = [k + (3 * i + j) * width for k in range(len(lengths))]
-            axes[0].bar(pos, values, width, color=f"C{i}", alpha=(1.0, 0.65, 0.35)[j],
-                        label=f"{r['label']} {factor} ({r['fixed'][factor]['steps']} steps)")
+            axes[0].bar(pos, values, width, color=f"C{i}", alpha=alpha)
+    keys = [Patch(color="gray", alpha=a, label=f"{f} the training steps") for f, a in shades.items()]
     for (name, per), style in zip(baselines.items(), (":", "--")):
         for k, n in enumerate(lengths):
-            axes[0].hlines(per.get(str(n), float("nan")), k - width, k + 0.8, colors="gray", linestyles=style,
-                           label=f"baseline: {name.replace('_', ' ')}" if k == 0 else None)
+            axes[0].hlines(per.get(str(n), float("nan")), k - width, k + 0.8, colors="gray", linestyles=style)
+        keys.append(Line2D([], [], color="gray", linestyle=style, label=f"baseline: {name.replace('_', ' ')}"))
     axes[0].set_xticks([k + 0.4 - width / 2 for k in range(len(lengths))], [f"PF{n}" for n in lengths])
     axes[0].set_ylabel("IoU (held out)")
     axes[0].set_title("IoU per length at 1x / 2x / 4x the training steps")
-    axes[0].legend(fontsize=6)
+    axes[0].legend(handles=keys, fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.07), ncol=3)
     styles = {"val_iou_pf6": ":", "val_iou_pf14": "-", "val_iou_pf25": "--"}
     for i, r in enumerate(results):
         color, hist = f"C{i}", r["history"]
         epochs = [h["epoch"] for h in hist]
         for key, style in styles.items():
             if any(key in h for h in hist):
-                axes[1].plot(epochs, [h.get(key) for h in hist], style, color=color, marker="o", ms=3,
-                             label=f"{r['label']} {key[8:].upper()}")
+                axes[1].plot(epochs, [h.get(key) for h in hist], style, color=color, marker="o", ms=3)
         if "early_exit" in r:
             ee = r["early_exit"]["per_length"]
-            axes[2].plot([int(n) for n in ee], [v["mean_iterations"] for v in ee.values()], color=color, marker="o",
-                         label=r["label"])
+            axes[2].plot([int(n) for n in ee], [v["mean_iterations"] for v in ee.values()], color=color, marker="o")
     axes[1].set_xlabel("epoch")
     axes[1].set_ylabel("val IoU")
     axes[1].set_title("learning curves (val PF6 dotted, PF14 solid, PF25 dashed)")
-    axes[1].legend(fontsize=6)
     axes[2].set_xlabel("contour length (paddles)")
     axes[2].set_ylabel("mean iterations to converge")
     axes[2].set_title("iterations per length (early exit)")
-    axes[2].legend(fontsize=7)
-    fig.tight_layout()
+    runs = [Patch(color=f"C{i}", label=r["label"]) for i, r in enumerate(results)]
+    fig.legend(handles=runs, loc="lower center", ncol=min(3, len(runs)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.05 + 0.04 * ((len(runs) + 2) // 3), 1, 1))
     fig.savefig(path, dpi=110)
 
 
