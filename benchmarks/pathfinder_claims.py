@@ -638,7 +638,7 @@ def compare_plot(results: list[dict], baselines: dict[str, dict[str, float]], pa
             pos = [k + (3 * i + j) * width for k in range(len(lengths))]
             axes[0].bar(pos, values, width, color=f"C{i}", alpha=alpha)
     keys = [Patch(color="gray", alpha=a, label=f"{f} the training steps") for f, a in shades.items()]
-    for (name, per), style in zip(baselines.items(), (":", "--")):
+    for (name, per), style in zip(baselines.items(), (":", "--", "-.")):
         for k, n in enumerate(lengths):
             axes[0].hlines(per.get(str(n), float("nan")), k - width, k + 0.8, colors="gray", linestyles=style)
         keys.append(Line2D([], [], color="gray", linestyle=style, label=f"baseline: {name.replace('_', ' ')}"))
@@ -668,9 +668,43 @@ def compare_plot(results: list[dict], baselines: dict[str, dict[str, float]], pa
     fig.savefig(path, dpi=110)
 
 
+def flood_steps(drawn, seeds, reach: int = 1):
+    """Per drawn pixel, the flood step at which it is reached from `seeds`, flooding through drawn pixels and
+    jumping gaps of up to 2 * `reach` pixels (the drawn mask grown by a cross of radius `reach`, flooded
+    8-connected, one pixel per step); -1 where never reached. drawn, seeds: [N, H, W] bool."""
+    import numpy as np
+
+    def grow(m, offsets):
+        out, (h, w), r = m.copy(), m.shape[-2:], reach + 1
+        padded = np.pad(m, ((0, 0), (r, r), (r, r)))
+        for dy, dx in offsets:
+            out |= padded[:, r + dy : r + dy + h, r + dx : r + dx + w]
+        return out
+
+    cross = [(dy, dx) for dy in range(-reach, reach + 1) for dx in range(-reach, reach + 1) if abs(dy) + abs(dx) <= reach]
+    square = [(dy, dx) for dy in (-1, 0, 1) for dx in (-1, 0, 1)]
+    mask = grow(drawn, cross)
+    reached = seeds & mask
+    steps = np.where(reached, 0, -1)
+    for step in range(1, mask[0].size + 1):
+        more = grow(reached, square) & mask
+        if (more == reached).all():
+            break
+        steps[more & ~reached] = step
+        reached = more
+    return np.where(drawn, steps, -1)
+
+
+def proximity_fill(drawn, seeds, reach: int = 1):
+    """Grouping by proximity alone: the drawn pixels `flood_steps` reaches from `seeds`. A contour integrator
+    must beat it where a contour's gaps are wider than its distance to a distractor."""
+    return flood_steps(drawn, seeds, reach) >= 0
+
+
 def baselines_per_length(folder: Path, limit: int) -> dict[str, dict[str, float]]:
-    """IoU per contour length of two answers that need no grouping: every drawn pixel (image > 0.5), and
-    the two marker discs alone (found locally; a model above both has followed some of the contour)."""
+    """IoU per contour length of three answers that need no contour integration: every drawn pixel (image >
+    0.5), the two marker discs alone (found locally; a model above both has followed some of the contour), and
+    the drawn pixels reached from the discs by proximity, jumping gaps of up to 2 pixels (`proximity_fill`)."""
     import numpy as np
 
     from crbp_deploy.tasks import PATHFINDER
@@ -681,8 +715,9 @@ def baselines_per_length(folder: Path, limit: int) -> dict[str, dict[str, float]
     pairs = [data.load(i) for i in range(n)]
     truth = np.stack([m for _, m in pairs])
     lengths = np.asarray(data.lengths[:n])
+    drawn, discs = np.stack([im > 0.5 for im, _ in pairs]), disc_masks(data, n)
     out = {}
-    for name, pred in (("drawn_pixels", np.stack([im > 0.5 for im, _ in pairs])), ("marker_discs", disc_masks(data, n))):
+    for name, pred in (("drawn_pixels", drawn), ("marker_discs", discs), ("proximity_fill", proximity_fill(drawn, discs))):
         counts = pixel_counts(pred, truth)
         out[name] = {str(k): scores(counts[lengths == k])["iou"] for k in sorted(set(lengths.tolist()))}
     return out

@@ -123,3 +123,26 @@ def test_cli_eval_bad_data_one_line(case, match, tmp_path, tiny_ckpt, run_cli, o
 def test_cli_eval_panoptic_model_on_pathfinder_data(mixed, run_cli, one_error_line):
     code, _, err = run_cli("eval", "crbp-panoptic", "--data", str(mixed), "--iters", "2")
     one_error_line(code, err, "holds Pathfinder data")
+
+
+def test_proximity_fill_jumps_only_its_gap():
+    """The proximity baseline of benchmarks/pathfinder_claims.py: a flood from the seed that jumps gaps of up
+    to 2 * reach pixels, one pixel per step."""
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pathfinder_claims.py"
+    spec = importlib.util.spec_from_file_location("pathfinder_claims", path)
+    claims = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(claims)
+    drawn = np.zeros((1, 5, 14), bool)
+    drawn[0, 2, [0, 1, 4, 5, 9, 10]] = True  # a 2-pixel gap at 2-3, a 3-pixel gap at 6-8
+    seeds = np.zeros_like(drawn)
+    seeds[0, 2, 0] = True
+    steps = claims.flood_steps(drawn, seeds, reach=1)[0, 2]
+    assert steps[[0, 1, 4, 5]].tolist() == [0, 1, 4, 5] and (steps[[9, 10]] == -1).all()
+    assert (steps[~drawn[0, 2]] == -1).all()
+    assert claims.proximity_fill(drawn, seeds, reach=2)[0, 2, [9, 10]].all()
+    assert claims.proximity_fill(drawn, seeds, reach=1).sum() == 4
