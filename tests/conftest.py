@@ -22,6 +22,16 @@ def untar_public(dest: Path, *names: str) -> Path:
     return dest
 
 
+def benchmark_module(name: str):
+    """benchmarks/NAME.py as a module: the benchmarks are scripts, not a package."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def tiny_model(name: str, seed: int = 0):
     torch.manual_seed(seed)
     return create_model(name, get_entry(name).tiny).eval()

@@ -11,6 +11,8 @@ from crbp_deploy.errors import InputError
 from crbp_deploy.models import create_model, get_entry
 from crbp_deploy.modelcard import resolve_budget
 
+from conftest import benchmark_module
+
 
 def point(quality, mean_iterations, iters=None, tol=None, policy=None):
     budget = {"iters": iters} if iters else {"max_iters": 40, "tol": tol}
@@ -161,13 +163,7 @@ def test_cli_bad_input_one_line_nothing_written(case, match, data, ckpt, tmp_pat
 
 def test_halting_report_compares_at_equal_steps():
     """The report's equal-compute comparison: the fixed-count curve interpolated at the policy's mean steps."""
-    import importlib.util
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "halting_report.py"
-    spec = importlib.util.spec_from_file_location("halting_report", path)
-    report = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(report)
+    report = benchmark_module("halting_report")
     sweep = [{"budget": {"iters": n}, "quality": q, "mean_iterations": n} for n, q in ((10, 60.0), (20, 70.0), (40, 71.0))]
     sweep.append({"budget": {"max_iters": 40, "tol": 1e-4}, "quality": 69.0, "mean_iterations": 15.0})
     rec = {"sweep": sweep, "oracle": {"mean_iterations": 12.0}}

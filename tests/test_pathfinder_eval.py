@@ -13,6 +13,8 @@ from crbp_deploy.models import create_model, get_entry
 from crbp_deploy.tasks import PANOPTIC, PATHFINDER
 from crbp_deploy.tasks.pathfinder import average_ranks, pixel_counts, scores, spearman
 
+from conftest import benchmark_module
+
 LENGTHS = [6, 9, 14]
 
 
@@ -128,15 +130,7 @@ def test_cli_eval_panoptic_model_on_pathfinder_data(mixed, run_cli, one_error_li
 def test_proximity_fill_jumps_only_its_gap():
     """The proximity baseline of benchmarks/pathfinder_claims.py: a flood from the seed that jumps gaps of up
     to 2 * reach pixels, one pixel per step."""
-    import importlib.util
-    from pathlib import Path
-
-    import numpy as np
-
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "pathfinder_claims.py"
-    spec = importlib.util.spec_from_file_location("pathfinder_claims", path)
-    claims = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(claims)
+    claims = benchmark_module("pathfinder_claims")
     drawn = np.zeros((1, 5, 14), bool)
     drawn[0, 2, [0, 1, 4, 5, 9, 10]] = True  # a 2-pixel gap at 2-3, a 3-pixel gap at 6-8
     seeds = np.zeros_like(drawn)

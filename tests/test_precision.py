@@ -14,6 +14,8 @@ from crbp_deploy.precision import canonical, torch_cpu_support
 from crbp_deploy.runtime import TorchBackend
 from crbp_deploy.sources import resolve_model
 
+from conftest import benchmark_module
+
 
 def test_precision_names():
     assert [canonical(n) for n in (None, "f32", "bfloat16", "half")] == ["fp32", "fp32", "bf16", "fp16"]
@@ -108,14 +110,8 @@ def test_cuda_graphs_need_cuda():
 
 
 def test_gpu_check_without_cuda_says_so(tmp_path, capsys):
-    import importlib.util
-    from pathlib import Path
-
     if torch.cuda.is_available():
         pytest.skip("a CUDA machine runs the real check (make gpu-check)")
-    path = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_check.py"
-    spec = importlib.util.spec_from_file_location("gpu_check", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = benchmark_module("gpu_check")
     assert module.main(["--out", str(tmp_path / "g")]) == 0
     assert "no CUDA GPU" in capsys.readouterr().out and not list(tmp_path.iterdir())
