@@ -14,6 +14,11 @@ Arms (each one `trainer.train_step`, optimizer update included, exactly what the
 - then those defaults with `--compile` (torch.compile of the forward's step; the compile happens in
   the warm-up batch, whose seconds are recorded as `warmup_s`), and in the other memory layout.
 
+- with `--previous CKPT` (the checkpoint of the epoch before `--model`'s), `--warm-start`: each
+  batch's forward starts from its fixed point under the previous epoch's weights, which is what the
+  trainer's cache holds after a real epoch (the staleness is one epoch of updates, not a few batches).
+  `--lengths` and `--steps` set the batches' contour lengths and the step cap (today's: 6,9,14 and 30).
+
 It also profiles one step of `today` by part (forward steps without a graph, the recorded step, the
 Neumann VJPs, the LCP, data) and checks what torch reports about bf16 on this CPU.
 
@@ -41,16 +46,19 @@ from crbp_deploy.tasks import TASKS
 from crbp_deploy.training.compiled import compile_step
 from crbp_deploy.training.lcp import lipschitz_penalty
 from crbp_deploy.training.rbp import neumann_vjp
+from crbp_deploy.training.anderson import anderson
 from crbp_deploy.training.trainer import TrainConfig, train_step
+from crbp_deploy.training.warm_start import StateCache
 
 TODAY = {"steps": 30, "neumann_steps": 15, "forward_solver": "picard", "forward_tol": 0.0, "backward_solver": "neumann",
-         "backward_tol": 0.0, "lcp_every": 1, "layout": "channels_last", "compile": False}
+         "backward_tol": 0.0, "lcp_every": 1, "layout": "channels_last", "compile": False, "warm_start": False}
+WARM = "+ --warm-start (last epoch's fixed points)"
 
 
 def arms() -> dict[str, dict]:
     """name -> TrainConfig overrides, each adding one change to the one before; the last is the
     trainer's defaults at today's steps and Neumann budget (--steps 30, --neumann-steps 15), then the
-    defaults with `--compile` and with the other layout."""
+    defaults with `--compile`, with the other layout, and with `--warm-start` (run with --previous)."""
     d = TrainConfig()
     layout = {**TODAY, "layout": d.layout}
     forward = {**layout, "forward_solver": d.forward_solver, "forward_tol": d.forward_tol}
@@ -64,7 +72,24 @@ def arms() -> dict[str, dict]:
         "+ torch.compile forward (--compile)": {**backward, "lcp_every": d.lcp_every, "compile": True},
         # the default layout was chosen on one CPU; this arm checks it on the one the benchmark runs on
         "defaults, channels-last (--layout)": {**backward, "lcp_every": d.lcp_every, "layout": "channels_last"},
+        WARM: {**backward, "lcp_every": d.lcp_every, "warm_start": True},
     }
+
+
+def warm_cache(previous: str, data: list[dict], cfg: TrainConfig) -> StateCache:
+    """The cache --warm-start holds after an epoch under the `previous` weights: each batch's fixed point,
+    reached by the trainer's forward (Anderson to cfg.forward_tol, cfg.steps - 1 steps at most)."""
+    model, _ = resolve_model(previous)
+    model = model.eval()
+    cache = StateCache(sum(len(b["images"]) for b in data))
+    first = 0
+    with torch.no_grad():
+        for batch in data:
+            ctx = model.encode(batch["images"])
+            h, _ = anderson(model.step, ctx, model.init_state(ctx), max_iters=cfg.steps - 1, tol=cfg.forward_tol)
+            cache.store(torch.arange(first, first + len(h)), model.step(ctx, h))
+            first += len(h)
+    return cache
 
 
 def cpu_name() -> str:
@@ -75,8 +100,8 @@ def cpu_name() -> str:
         return platform.processor() or "unknown"
 
 
-def batches(count: int, batch: int, seed: int) -> list[dict]:
-    data = PathfinderDataset(PathfinderConfig(length=14, size=64), count * batch, seed=seed, lengths=[6, 9, 14])
+def batches(count: int, batch: int, seed: int, lengths: tuple[int, ...] = (6, 9, 14)) -> list[dict]:
+    data = PathfinderDataset(PathfinderConfig(length=max(lengths), size=64), count * batch, seed=seed, lengths=list(lengths))
     out = []
     for b in range(count):
         items = [data[i] for i in range(b * batch, (b + 1) * batch)]
@@ -123,22 +148,31 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--profile-repeats", type=int, default=3)
     p.add_argument("--model", default="crbp-pathfinder", help="Bundled name or checkpoint whose weights every arm trains.")
     p.add_argument("--init", action="store_true", help="Freshly initialised weights instead of the bundled ones.")
+    p.add_argument("--previous", default=None, help="Checkpoint of the epoch before --model's: adds the --warm-start "
+                   "arm, its cache filled with these weights' fixed points (as after a real epoch).")
+    p.add_argument("--lengths", default="6,9,14", help="Contour lengths of the batches (today's run: 6,9,14).")
+    p.add_argument("--steps", type=int, default=TODAY["steps"], help="Every arm's --steps (today's: 30).")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
+    lengths = tuple(int(x) for x in args.lengths.split(","))
     bundled, weights = resolve_model(args.model)
     if args.init:
         torch.manual_seed(0)
         bundled = type(bundled)(bundled.config)
     task = TASKS["pathfinder"]
-    data = batches(args.rounds + args.warmup, args.batch_size, seed=7)
+    data = batches(args.rounds + args.warmup, args.batch_size, seed=7, lengths=lengths)
     runs = {}
     for name, overrides in arms().items():
-        cfg = TrainConfig.from_dict(task="pathfinder", loss="bce", lr=3e-3, batch_size=args.batch_size, **overrides)
+        if name == WARM and not args.previous:
+            continue
+        cfg = TrainConfig.from_dict(task="pathfinder", loss="bce", lr=3e-3, batch_size=args.batch_size,
+                                    **{**overrides, "steps": args.steps})
         model = copy.deepcopy(bundled).train().to(memory_format=torch.channels_last if cfg.layout == "channels_last"
                                                   else torch.contiguous_format)
         runs[name] = {"cfg": cfg, "model": model, "opt": torch.optim.Adam(model.parameters(), lr=cfg.lr),
                       "step": compile_step(model, torch.device("cpu")) if cfg.compile else None, "warmup_s": 0.0,
+                      "cache": warm_cache(args.previous, data, cfg) if cfg.warm_start else None,
                       "seconds": [], "cpu_seconds": [], "work": [], "forward_steps": [], "vjps": []}
     names = list(runs)
     t_start = time.perf_counter()
@@ -146,7 +180,10 @@ def main(argv: list[str] | None = None) -> int:
         for name in names[r % len(names):] + names[: r % len(names)]:
             run = runs[name]
             t, c = time.perf_counter(), time.process_time()
-            _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r], forward_step=run["step"])
+            index = torch.arange(r * args.batch_size, (r + 1) * args.batch_size)
+            start = (lambda cold, c=run["cache"], i=index: c.start(i, cold)) if run["cache"] else None
+            _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r], forward_step=run["step"],
+                                      start_state=start)
             dt, dc = time.perf_counter() - t, time.process_time() - c
             if r < args.warmup:
                 run["warmup_s"] += dt  # with --compile: the compile
@@ -188,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     report = {
         "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py " + " ".join(argv or sys.argv[1:]),
         "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch_size": args.batch_size,
-        "rounds": args.rounds, "weights": "init" if args.init else weights,
+        "rounds": args.rounds, "weights": "init" if args.init else weights, "previous": args.previous,
+        "lengths": list(lengths), "steps": args.steps,
         "step_gflop": gflop, "bf16": {"mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "arms": results, "profile_today_s": parts,

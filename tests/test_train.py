@@ -95,9 +95,11 @@ def test_bad_training_options(panoptic_data, tmp_path, run_cli, one_error_line):
 
 def test_torchrun_two_processes_match_one(panoptic_data, tmp_path, run_cli_process):
     """2 gloo processes with half the batch each take exactly the steps of 1 process on the global batch
-    (both runs are real processes: the same entry point, launched plainly and by torch.distributed.run)."""
+    (both runs are real processes: the same entry point, launched plainly and by torch.distributed.run).
+    With --warm-start each rank keeps every image's state, so epoch 2 starts where one process does."""
     args = ["train", "--task", "panoptic", "--data", str(panoptic_data), "--model-config", json.dumps(TINY),
-            "--steps", "3", "--neumann-steps", "5", "--batch-size", "4", "--epochs", "1", "--max-train", "12",
+            "--steps", "3", "--neumann-steps", "5", "--batch-size", "4", "--epochs", "2", "--max-train", "12",
+            "--warm-start",
             "--lcp-lambda", "0.95", "--penalty-weight", "0.001", "--quiet", "--threads", "1",
             "--lcp-every", "2"]  # local batch 2 of each process: every 2nd sample is the same samples as in one process
     code, _, err = run_cli_process(*args, "--out", tmp_path / "one", timeout=300)

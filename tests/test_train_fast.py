@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from crbp_deploy import checkpoint
 from crbp_deploy.data.pathfinder import PathfinderConfig, write_dataset
-from crbp_deploy.errors import ConfigError
+from crbp_deploy.errors import ConfigError, InputError
 from crbp_deploy.models.solver import fixed_point
 from crbp_deploy.training import lipschitz_penalty, solve
 from crbp_deploy.training.anderson import anderson
@@ -17,6 +17,7 @@ from crbp_deploy.training.compiled import compile_step, compiler_missing
 from crbp_deploy.training.curriculum import parse
 from crbp_deploy.training.rbp import anderson_vjp
 from crbp_deploy.training.trainer import TrainConfig, train
+from crbp_deploy.training.warm_start import StateCache
 
 from conftest import tiny_model
 
@@ -178,6 +179,8 @@ def test_bad_training_input_one_line_nothing_overwritten(pf_data, tmp_path, run_
     one_error_line(code, err, "Pathfinder data")
     code, _, err = run_cli(*common, "--grad", "bptt", "--compile", "--epochs", "2")
     one_error_line(code, err, "compile")
+    code, _, err = run_cli(*common, "--grad", "bptt", "--warm-start", "--epochs", "2")
+    one_error_line(code, err, "warm_start")
     assert _snapshot(out) == before
 
 
@@ -189,7 +192,7 @@ def test_cli_defaults_are_the_trainer_defaults():
     cli = inspect.signature(command).parameters
     cfg = TrainConfig()
     for name in ("forward_solver", "forward_tol", "backward_solver", "backward_tol", "lcp_every", "layout", "curriculum",
-                 "compile"):
+                 "compile", "warm_start"):
         assert cli[name].default.default == getattr(cfg, name), name
 
 
@@ -205,3 +208,68 @@ def test_balanced_loss_does_not_reward_all_background():
     ce_on, ce_off = F.softplus(torch.tensor(3.0)), F.softplus(torch.tensor(-3.0))
     torch.testing.assert_close(balanced_loss(logits, target), 0.5 * (ce_on + ce_off))
     assert float(balanced_loss(logits, target)) > 10 * float(bce_loss(logits, target))
+
+
+def test_state_cache_starts_cold_until_an_image_has_a_finite_state():
+    cache = StateCache(4)
+    cold = torch.zeros(2, 1, 2, 2)
+    assert cache.start(torch.tensor([0, 1]), cold) is cold
+    kept, overflows = torch.full((1, 2, 2), 0.5), torch.full((1, 2, 2), 1e6)  # 1e6 is inf in float16
+    cache.store(torch.tensor([1, 2]), torch.stack([kept, overflows]))
+    out = cache.start(torch.tensor([0, 1, 2]), torch.zeros(3, 1, 2, 2))
+    assert out[0].eq(0).all() and out[1].eq(0.5).all() and out[2].eq(0).all()
+
+
+def test_warm_start_keeps_the_implicit_gradient_in_fewer_forward_steps():
+    """--warm-start: the forward starts from a stored fixed point (float16), so it runs fewer steps, and
+    the gradient is still the implicit gradient (the fixed point does not depend on the start)."""
+    model = tiny_model("hgru-pathfinder").double().train()
+    x = _images(model)
+    exact, ref = _gradient(model, x, steps=400, forward_tol=1e-9, neumann_steps=400, neumann_floor=0.0)
+    cache, index = StateCache(len(x)), torch.arange(len(x))
+    cache.store(index, ref.state)
+    warm, sol = _gradient(model, x, steps=30, neumann_steps=15, start_state=lambda cold: cache.start(index, cold), **FAST)
+    _, cold = _gradient(model, x, steps=30, neumann_steps=15, **FAST)
+    assert float(F.cosine_similarity(warm, exact, dim=0)) >= 0.999
+    assert float(sol.forward_steps.float().mean()) < float(cold.forward_steps.float().mean())
+    with pytest.raises(InputError, match="start_state"):
+        solve(model, x, steps=3, grad="bptt", start_state=lambda cold: cold)
+
+
+def test_train_warm_start_runs_later_epochs_in_fewer_forward_steps(pf_data, tmp_path):
+    common = dict(steps=30, lr=1e-4, epochs=2, forward_tol=1e-3)
+    cold = train(_pf_cfg(pf_data, **common), tmp_path / "cold", progress=False)
+    warm = train(_pf_cfg(pf_data, warm_start=True, **common), tmp_path / "warm", progress=False)
+    history = checkpoint.load(tmp_path / "warm" / "last.pt").meta["history"]
+    assert history[0]["forward_steps"] == pytest.approx(
+        checkpoint.load(tmp_path / "cold" / "last.pt").meta["history"][0]["forward_steps"])  # epoch 1 starts cold
+    assert warm["forward_steps"] < 0.8 * cold["forward_steps"]
+    assert warm["gflop_per_image"] < cold["gflop_per_image"]
+
+
+def test_resume_refuses_a_shipped_model_and_an_optimizer_state_of_other_parameters(pf_data, tmp_path, run_cli,
+                                                                                 one_error_line):
+    """Both used to end in a traceback: a calibrated checkpoint's halting head is not trained (it would go
+    stale), and an optimizer state of other parameters does not fit."""
+    import shutil
+
+    from crbp_deploy import zoo
+
+    path = zoo.path("crbp-pathfinder")
+    bundled = checkpoint.load(path)
+    out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(path, out / "last.pt")
+    torch.save({"optimizer": torch.optim.Adam([torch.zeros(1)]).state_dict(), "epoch": 1}, out / "last.state.pt")
+    args = ["train", "--data", str(pf_data), "--out", str(out), "--resume", "--epochs", "2", "--batch-size", "4",
+            "--quiet", "--model-config", json.dumps({"channels": bundled.config.channels,
+                                                     "kernel_size": bundled.config.kernel_size})]
+    before = _snapshot(out)
+    one_error_line(*run_cli(*args)[::2], "halting_head")
+    assert _snapshot(out) == before
+    plain = checkpoint.load(path)
+    del plain.halting_head
+    checkpoint.save(plain, out / "last.pt", meta={k: v for k, v in plain.meta.items() if k != "inference"})
+    before = _snapshot(out)
+    one_error_line(*run_cli(*args)[::2], "does not fit")
+    assert _snapshot(out) == before

@@ -86,6 +86,7 @@ def train(
     keep_epochs: bool = typer.Option(False, "--keep-epochs", help="Also keep OUT/epochN.pt after every epoch."),
     device: str = typer.Option("cpu", "--device", help="cpu | cuda | cuda:N (the data stays on the host)."),
     compile: bool = typer.Option(False, "--compile", help="rbp/crbp: torch.compile the forward's step (seconds to compile; needs a C++ compiler on CPU)."),
+    warm_start: bool = typer.Option(False, "--warm-start", help="rbp/crbp: each image's forward starts from its last fixed point (float16, on the host)."),
     resume: bool = typer.Option(
         False, "--resume", help="Continue from OUT/last.pt and OUT/last.state.pt (same --model and --model-config)."
     ),
@@ -109,8 +110,6 @@ def train(
     names = {f.name for f in dataclasses.fields(TrainConfig)}
     cfg = TrainConfig.from_dict({k: v for k, v in options.items() if k in names}, data=str(data),
                                 model_config=json_object(model_config, "--model-config"))
-    main = os.environ.get("RANK", "0") == "0"
-    epoch_line = _epoch_printer(out, epochs)
-    record = run_training(cfg, out, resume=resume, progress=not quiet, on_epoch=epoch_line)
-    if main:
+    record = run_training(cfg, out, resume=resume, progress=not quiet, on_epoch=_epoch_printer(out, epochs))
+    if os.environ.get("RANK", "0") == "0":
         typer.echo(json.dumps({"checkpoint": str(out / "last.pt"), **record}))

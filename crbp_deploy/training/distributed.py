@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import Tensor
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,15 @@ def all_sum(values: list[float], world: World) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+def all_gather(t: Tensor, world: World) -> Tensor:
+    """Every rank's `t` (equal shapes) concatenated along dim 0, in rank order."""
+    if world.size <= 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(world.size)]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
 
 
 def barrier(world: World) -> None:

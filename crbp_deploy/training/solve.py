@@ -129,6 +129,21 @@ def _penalty(model, ctx, last: Tensor, prev: Tensor, every: int, lam: float, red
     return lipschitz_penalty(model.step(sub, rows), rows, lam, reduction, kind)
 
 
+def _check_solvers(grad, forward_tol, forward_solver, backward_solver, backward_tol, lcp_every, lcp_kind,
+                   start_state) -> None:
+    _check_number("forward_tol", forward_tol, low=0)
+    if forward_solver not in FORWARD_SOLVERS:
+        raise InputError(f"forward_solver must be one of {', '.join(FORWARD_SOLVERS)}, got {forward_solver!r}")
+    if backward_solver not in BACKWARD_SOLVERS:
+        raise InputError(f"backward_solver must be one of {', '.join(BACKWARD_SOLVERS)}, got {backward_solver!r}")
+    _check_number("backward_tol", backward_tol, low=0)
+    _check_int("lcp_every", lcp_every, 1, MAX_ITERATIONS)
+    if lcp_kind not in LCP_KINDS:
+        raise InputError(f"lcp_kind must be one of {', '.join(LCP_KINDS)}, got {lcp_kind!r}")
+    if start_state is not None and grad not in ("rbp", "crbp"):
+        raise InputError(f"start_state applies to rbp/crbp (a fixed point's gradient); {grad} differentiates the steps from h0")
+
+
 def solve(
     model,
     images: Tensor,
@@ -150,6 +165,7 @@ def solve(
     lcp_every: int = 1,
     lcp_kind: str = DEFAULT_KIND,
     forward_step=None,
+    start_state=None,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
@@ -170,18 +186,12 @@ def solve(
     on fewer samples (unbiased; its double backward is the costliest part of a step after the solves).
     lcp_kind (cbptt/crbp): "columns" (the paper's 1ᵀJ) or "spectral" (an estimate of ρ(J); lcp.py).
     forward_step (rbp/crbp): the graph-free forward's step instead of model.step (compiled.py: torch.compile).
+    start_state (rbp/crbp): maps the cold initial state to the graph-free forward's start (warm_start.py:
+    last epoch's fixed points); the fixed point, and so the gradient, does not depend on it.
     """
     _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
                 neumann_rule, neumann_patience, neumann_growth_limit)
-    _check_number("forward_tol", forward_tol, low=0)
-    if forward_solver not in FORWARD_SOLVERS:
-        raise InputError(f"forward_solver must be one of {', '.join(FORWARD_SOLVERS)}, got {forward_solver!r}")
-    if backward_solver not in BACKWARD_SOLVERS:
-        raise InputError(f"backward_solver must be one of {', '.join(BACKWARD_SOLVERS)}, got {backward_solver!r}")
-    _check_number("backward_tol", backward_tol, low=0)
-    _check_int("lcp_every", lcp_every, 1, MAX_ITERATIONS)
-    if lcp_kind not in LCP_KINDS:
-        raise InputError(f"lcp_kind must be one of {', '.join(LCP_KINDS)}, got {lcp_kind!r}")
+    _check_solvers(grad, forward_tol, forward_solver, backward_solver, backward_tol, lcp_every, lcp_kind, start_state)
     ctx = model.encode(images)
     h = model.init_state(ctx)
     info = None
@@ -192,6 +202,7 @@ def solve(
         state = last
     else:
         with torch.no_grad():
+            h = start_state(h) if start_state is not None else h
             h, forward_steps = _run_steps(forward_step or model.step, ctx, h, steps - 1, forward_tol, forward_solver)
         prev = h.detach().requires_grad_()
         last = model.step(ctx, prev)

@@ -34,6 +34,7 @@ from .lcp import DEFAULT_KIND, DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT
 from .rbp import BACKWARD_SOLVERS, DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
 from .solve import FORWARD_SOLVERS, GRAD_MODES, solve
 from .throughput import Meter, step_equivalents
+from .warm_start import StateCache
 from . import curriculum as schedule
 
 #: An epoch warns when more than this share of its batches stop on growth within EARLY_TERMS terms.
@@ -95,6 +96,7 @@ class TrainConfig(StrictConfig):
     keep_epochs: bool = False  # also keep OUT/epoch{N}.pt, so runs can be compared at an equal epoch
     device: str = "cpu"  # "cpu" | "cuda" | "cuda:N"; the data stays on the host, one batch at a time moves
     compile: bool = False  # rbp/crbp: torch.compile the graph-free forward's step (compiled.py)
+    warm_start: bool = False  # rbp/crbp: each image's forward starts from its last fixed point (warm_start.py)
 
     def torch_device(self) -> torch.device:
         return torch.device(self.device)
@@ -123,8 +125,9 @@ class TrainConfig(StrictConfig):
             raise ConfigError(f"backward_solver must be one of {', '.join(BACKWARD_SOLVERS)}, got {self.backward_solver!r}")
         if not self.backward_tol >= 0 or self.lcp_every < 1:
             raise ConfigError(f"backward_tol must be >= 0 and lcp_every >= 1, got {self.backward_tol}, {self.lcp_every}")
-        if self.compile and self.grad not in ("rbp", "crbp"):
-            raise ConfigError(f"compile applies to the graph-free forward of rbp/crbp; grad {self.grad} has none")
+        for name in ("compile", "warm_start"):
+            if getattr(self, name) and self.grad not in ("rbp", "crbp"):
+                raise ConfigError(f"{name} applies to the graph-free forward of rbp/crbp; grad {self.grad} has none")
         if self.layout not in LAYOUTS:
             raise ConfigError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
         if self.neumann_patience < 1 or not self.neumann_growth_limit >= 1:
@@ -217,10 +220,17 @@ def _resume(model, optimizer, out: Path) -> tuple[int, list[dict]]:
                 f"{loaded.arch} with {', '.join(f'{k}={theirs.get(k)}' for k in changed)}, this run builds "
                 f"{', '.join(f'{k}={ours[k]}' for k in changed)}")
         raise CrbpError(f"--resume: {ckpt} holds {what}: give the same --model and --model-config, or another --out")
+    extra = sorted({k.split(".")[0] for k in loaded.state_dict()} - {k.split(".")[0] for k in model.state_dict()})
+    if extra:  # e.g. a shipped model's fitted halting head: it describes the old weights' dynamics
+        raise CrbpError(f"--resume: {ckpt} carries {', '.join(extra)} that training does not update (a calibrated, "
+                        "shipped model): resume from the training run's own checkpoint")
     model.load_state_dict(loaded.state_dict())
     state = torch.load(state_file, map_location="cpu", weights_only=True)
     lr = [group["lr"] for group in optimizer.param_groups]
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        optimizer.load_state_dict(state["optimizer"])
+    except (ValueError, KeyError, TypeError) as err:
+        raise CrbpError(f"--resume: {state_file} does not fit {ckpt}'s parameters ({err}): both must come from one run")
     for group, wanted in zip(optimizer.param_groups, lr):  # this run's --lr, not the saved one
         group["lr"] = wanted
     return int(state["epoch"]), list(loaded.meta.get("history", []))
@@ -282,10 +292,14 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = history[-1] if history else {}
     images = train_set["images"][:REPORT_IMAGES].to(device)
+    cache, cache_lengths = None, None  # --warm-start: for the current curriculum stage's training subset
     with _progress(progress and world.is_main) as bar:
         for epoch in range(start, cfg.epochs):
             lengths = plan.lengths(epoch + 1) if plan else None
-            record = _epoch(cfg, task, model, optimizer, _subset(train_set, lengths), epoch, world, bar, forward_step)
+            subset = _subset(train_set, lengths)
+            if cfg.warm_start and (cache is None or lengths != cache_lengths):
+                cache, cache_lengths = StateCache(len(subset["images"]), world), lengths
+            record = _epoch(cfg, task, model, optimizer, subset, epoch, world, bar, forward_step, cache)
             if lengths is not None:
                 record["lengths"] = list(lengths)
             record.update({f"val_{k}": v for k, v in task.train_eval(model.eval(), data.val, cfg.steps).items()})
@@ -315,9 +329,11 @@ def _neumann_record(record: dict, cfg: TrainConfig, world: World) -> None:
             warnings.warn(message, NeumannWarning, stacklevel=3)
 
 
-def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: World = World(), forward_step=None):
+def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: World = World(), forward_step=None,
+               start_state=None):
     """One optimizer update on `batch` (already on the device): (stats, Solution, step equivalents per image).
-    The benchmark (benchmarks/train_throughput.py) times exactly this. `forward_step`: solve()'s (--compile)."""
+    The benchmark (benchmarks/train_throughput.py) times exactly this. `forward_step`, `start_state`:
+    solve()'s (--compile, --warm-start)."""
     batch = {**batch, "images": batch["images"].contiguous(memory_format=LAYOUTS[cfg.layout])}
     sol = solve(
         model, batch["images"], steps=cfg.steps, grad=cfg.grad,
@@ -325,7 +341,7 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
         neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
         neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol, forward_solver=cfg.forward_solver,
         backward_solver=cfg.backward_solver, backward_tol=cfg.backward_tol, lcp_every=cfg.lcp_every,
-        lcp_kind=cfg.lcp_kind, forward_step=forward_step,
+        lcp_kind=cfg.lcp_kind, forward_step=forward_step, start_state=start_state,
     )
     loss, stats = task.loss(sol.outputs, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -341,8 +357,9 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
 
 
 def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar,
-           forward_step=None) -> dict[str, Any]:
-    """One pass over the training set: the epoch's record so far, and its Neumann solves (under `_neumann`)."""
+           forward_step=None, cache: StateCache | None = None) -> dict[str, Any]:
+    """One pass over the training set: the epoch's record so far, and its Neumann solves (under `_neumann`).
+    `cache` (--warm-start): each image's forward starts from its state there, and leaves its new one."""
     n, local = len(train_set["images"]), cfg.batch_size // world.size
     batches = n // cfg.batch_size
     device = cfg.torch_device()
@@ -356,7 +373,10 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size][world.rank * local : (world.rank + 1) * local]
         batch = {k: v[idx].to(device, non_blocking=True) for k, v in train_set.items()}
         t = time.perf_counter()
-        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world, forward_step)
+        start = (lambda cold, idx=idx: cache.start(idx, cold)) if cache is not None else None
+        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world, forward_step, start)
+        if cache is not None:
+            cache.store(idx, sol.state)
         meter.add(local, time.perf_counter() - t, work)
         sums["loss"] += stats["loss"]
         sums["penalty"] += stats["penalty"]
