@@ -10,7 +10,8 @@ trainer's defaults, on the same model and the same batches.
 Each arm is a group of worker processes that join one gloo group (the trainer's `init_world`, from
 the same environment torchrun sets) and run `trainer.train_step` on their share of each global
 batch, exactly as the trainer does. Each batch is timed on rank 0's wall clock from a barrier to the
-step's end (the gradient all-reduce included). Arms take turns in rounds (the order rotating), each
+step's end (the gradient all-reduce included); then, untimed, the weights go back to the checkpoint's,
+so every batch of every arm trains the same model. Arms take turns in rounds (the order rotating), each
 round a fresh group: warm-up batches, then timed ones. An arm's figure is its median batch. Nothing
 else should run on the machine: the load average is recorded before and after.
 
@@ -19,6 +20,7 @@ else should run on the machine: the load average is recorded before and after.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing as mp
 import os
@@ -33,7 +35,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # spawned workers import this file and its sibling by name
-from train_throughput import arms, batches, cpu_name  # noqa: E402  (the per-core benchmark's arms and batches)
+from train_throughput import arms, batches, cpu_name, reset_weights  # noqa: E402  (the per-core benchmark's arms and batches)
 
 ARMS = {  # name -> (train_throughput arm, processes, threads per process)
     "today: 1 process x 2 threads": ("today", 1, 2),
@@ -63,7 +65,8 @@ def worker(rank: int, size: int, threads: int, port: int, job: dict, out: str) -
     from crbp_deploy.training.trainer import TrainConfig, train_step
 
     world = init_world()
-    model, _ = resolve_model(job["model"])
+    original, _ = resolve_model(job["model"])
+    model = copy.deepcopy(original)
     cfg = TrainConfig.from_dict(task="pathfinder", loss="bce", lr=3e-3, batch_size=job["batch_size"],
                                 **arms()[job["arm"]])
     model = model.train().to(memory_format=torch.channels_last if cfg.layout == "channels_last" else torch.contiguous_format)
@@ -80,6 +83,7 @@ def worker(rank: int, size: int, threads: int, port: int, job: dict, out: str) -
         if b >= job["warmup"]:
             seconds.append(time.perf_counter() - t)
             cpu.append(time.process_time() - c)
+        reset_weights(model, original)  # untimed: every batch trains the checkpoint's weights (as train_throughput)
     if rank == 0:
         Path(out).write_text(json.dumps({"seconds": seconds, "cpu_seconds_rank0": cpu}))
     shutdown(world)

@@ -7,7 +7,8 @@ crbp-pathfinder architecture and weights: hgru-pathfinder, 12 channels, 5x5; `--
 the arms take turns batch by batch (the order rotating each round); each arm's figure is its median
 batch, and the speed-up is the ratio of medians.
 
-Arms (each one `trainer.train_step`, optimizer update included, exactly what the trainer runs):
+Arms (each one `trainer.train_step`, optimizer update included, exactly what the trainer runs; after each
+batch the weights are set back to the checkpoint's, untimed, unless `--drift`):
 - today: the trainer before this change: 30 plain steps (29 graph-free + 1 recorded), 15 Neumann
   terms, full LCP, channels-last;
 - the rest: each adds one change to the arm before it, up to the trainer's current defaults;
@@ -109,6 +110,13 @@ def batches(count: int, batch: int, seed: int, lengths: tuple[int, ...] = (6, 9,
     return out
 
 
+def reset_weights(model, original) -> None:
+    """Set `model`'s parameters back to `original`'s in place (a compiled step keeps seeing them)."""
+    with torch.no_grad():
+        for mine, theirs in zip(model.parameters(), original.parameters()):
+            mine.copy_(theirs)
+
+
 def timed(fn) -> float:
     t = time.perf_counter()
     fn()
@@ -150,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--init", action="store_true", help="Freshly initialised weights instead of the bundled ones.")
     p.add_argument("--previous", default=None, help="Checkpoint of the epoch before --model's: adds the --warm-start "
                    "arm, its cache filled with these weights' fixed points (as after a real epoch).")
+    p.add_argument("--drift", action="store_true", help="Let each arm's weights move with its updates (lr 3e-3), as "
+                   "before round 7; by default every batch trains the checkpoint's own weights, so the arms time one "
+                   "model, and a model trained at a smaller rate is not shaken into another regime.")
     p.add_argument("--lengths", default="6,9,14", help="Contour lengths of the batches (today's run: 6,9,14).")
     p.add_argument("--steps", type=int, default=TODAY["steps"], help="Every arm's --steps (today's: 30).")
     p.add_argument("--json", type=Path, default=None)
@@ -185,6 +196,8 @@ def main(argv: list[str] | None = None) -> int:
             _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r], forward_step=run["step"],
                                       start_state=start)
             dt, dc = time.perf_counter() - t, time.process_time() - c
+            if not args.drift:  # untimed: the next batch trains the checkpoint's weights again
+                reset_weights(run["model"], bundled)
             if r < args.warmup:
                 run["warmup_s"] += dt  # with --compile: the compile
             else:
@@ -226,7 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         "command": "OMP_NUM_THREADS=1 python benchmarks/train_throughput.py " + " ".join(argv or sys.argv[1:]),
         "cpu": cpu_name(), "threads": args.threads, "torch": torch.__version__, "batch_size": args.batch_size,
         "rounds": args.rounds, "weights": "init" if args.init else weights, "previous": args.previous,
-        "lengths": list(lengths), "steps": args.steps,
+        "lengths": list(lengths), "steps": args.steps, "drift": args.drift,
         "step_gflop": gflop, "bf16": {"mkldnn_bf16_supported": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
                                       "cpu_capability": torch.backends.cpu.get_cpu_capability()},
         "arms": results, "profile_today_s": parts,

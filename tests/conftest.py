@@ -28,6 +28,7 @@ def benchmark_module(name: str):
 
     spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "benchmarks" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # so worker processes find its functions by name (pickle)
     spec.loader.exec_module(module)
     return module
 
