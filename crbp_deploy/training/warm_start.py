@@ -3,8 +3,9 @@
 Why: RBP differentiates the fixed point, which does not depend on where the forward starts; only the
 number of steps to reach it does. After one epoch the weights have moved a little, so last epoch's
 fixed point of an image is far closer to this epoch's than the cold start (zeros) is: on the 9x9
-Pathfinder model, epoch 19's fixed points took Anderson 16.9 steps to epoch 20's fixed points at
-tol 3e-3, against 35.2 from zeros (PF14-25, docs/pathfinder_claims.md §10). The gradient is the same
+Pathfinder model's long contours (PF14-25), Anderson reached epoch 20's fixed points at tol 3e-3 in 18.6
+steps from epoch 19's, against 34.6 from zeros (benchmarks/train_throughput.py --previous,
+docs/pathfinder_claims.md §10). On short contours, which converge fast from zeros, it saves little. The gradient is the same
 implicit gradient; what changes is the forward's cost. This is the fixed-point reuse of deep
 equilibrium models, kept per image because a training set is revisited every epoch.
 
@@ -47,7 +48,9 @@ class StateCache:
 
     def store(self, index: Tensor, states: Tensor) -> None:
         """Keep the fixed points just reached (all ranks' when data-parallel)."""
-        index, states = all_gather(index.cpu(), self.world), all_gather(states.detach().to("cpu", STORE_DTYPE), self.world)
+        # gathered where the states are (nccl gathers CUDA tensors only, gloo host ones), then kept on the host
+        index = all_gather(index.to(states.device), self.world).cpu()
+        states = all_gather(states.detach().to(STORE_DTYPE), self.world).cpu()
         if self.states is None:
             need = self.images * states[0].numel() * states.element_size()
             if need > MAX_CACHE_BYTES:
