@@ -62,34 +62,34 @@ def worker(rank: int, size: int, threads: int, port: int, job: dict, out: str) -
     from crbp_deploy.tasks import TASKS
     from crbp_deploy.training.compiled import compile_step
     from crbp_deploy.training.distributed import barrier, init_world, shutdown
-    from crbp_deploy.training.trainer import TrainConfig, train_step
+    from crbp_deploy.training.trainer import LAYOUTS, TrainConfig, train_step
 
     world = init_world()
     original, _ = resolve_model(job["model"])
     model = copy.deepcopy(original)
     cfg = TrainConfig.from_dict(task="pathfinder", loss="bce", lr=3e-3, batch_size=job["batch_size"],
                                 **arms()[job["arm"]])
-    model = model.train().to(memory_format=torch.channels_last if cfg.layout == "channels_last" else torch.contiguous_format)
+    model = model.train().to(memory_format=LAYOUTS[cfg.layout])
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     step = compile_step(model, torch.device("cpu")) if cfg.compile else None
     local = job["batch_size"] // size
-    seconds, cpu = [], []
+    seconds = []
     for b, batch in enumerate(batches(job["warmup"] + job["batches"], job["batch_size"], seed=job["seed"])):
         mine = {k: v[rank * local:(rank + 1) * local] for k, v in batch.items()}
         barrier(world)
-        t, c = time.perf_counter(), time.process_time()
+        t = time.perf_counter()
         train_step(cfg, TASKS["pathfinder"], model, optimizer, mine, world, forward_step=step)
         barrier(world)  # the batch is done when its slowest rank is
         if b >= job["warmup"]:
             seconds.append(time.perf_counter() - t)
-            cpu.append(time.process_time() - c)
         reset_weights(model, original)  # untimed: every batch trains the checkpoint's weights (as train_throughput)
     if rank == 0:
-        Path(out).write_text(json.dumps({"seconds": seconds, "cpu_seconds_rank0": cpu}))
+        Path(out).write_text(json.dumps(seconds))
     shutdown(world)
 
 
-def run_arm(name: str, job: dict) -> dict:
+def run_arm(name: str, job: dict) -> list[float]:
+    """The arm's timed batch seconds: one fresh process group for it."""
     arm, size, threads = ARMS[name]
     with tempfile.TemporaryDirectory() as tmp:
         out = str(Path(tmp) / "times.json")
@@ -105,16 +105,16 @@ def run_arm(name: str, job: dict) -> dict:
         return json.loads(Path(out).read_text())
 
 
-def summarise(times: dict[str, dict], batch_size: int) -> dict[str, dict]:
-    base = statistics.median(times[BASELINE]["seconds"]) if BASELINE in times else None
+def summarise(seconds: dict[str, list[float]], batch_size: int) -> dict[str, dict]:
+    base = statistics.median(seconds[BASELINE]) if BASELINE in seconds else None
     results = {}
-    for name, t in times.items():
-        sec = statistics.median(t["seconds"])
+    for name, t in seconds.items():
+        sec = statistics.median(t)
         arm, size, threads = ARMS[name]
         results[name] = {"arm": arm, "processes": size, "threads_per_process": threads,
                          "median_batch_s": round(sec, 4), "images_per_s": round(batch_size / sec, 2),
                          "speedup_vs_baseline": round(base / sec, 2) if base else None,
-                         "batch_seconds": [round(s, 4) for s in t["seconds"]]}
+                         "batch_seconds": [round(s, 4) for s in t]}
     return results
 
 
@@ -136,15 +136,13 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--batch-size {args.batch_size} must divide over every arm's processes")
     job = {"model": args.model, "batch_size": args.batch_size, "warmup": args.warmup, "batches": args.batches, "seed": 7}
     load_before = os.getloadavg()
-    times = {n: {"seconds": [], "cpu_seconds_rank0": []} for n in names}
+    seconds: dict[str, list[float]] = {n: [] for n in names}
     t0 = time.perf_counter()
     for r in range(args.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:
-            got = run_arm(name, job)
-            for k in times[name]:
-                times[name][k] += got[k]
+            seconds[name] += run_arm(name, job)
         print(f"round {r + 1}/{args.rounds} done ({time.perf_counter() - t0:.0f} s)", file=sys.stderr)
-    results = summarise(times, args.batch_size)
+    results = summarise(seconds, args.batch_size)
     for name, res in results.items():
         print(f"{name:>46}: {res['images_per_s']:6.2f} images/s  x{res['speedup_vs_baseline']}", file=sys.stderr)
     report = {"command": "python benchmarks/train_machine.py " + shlex.join(argv if argv is not None else sys.argv[1:]),

@@ -47,8 +47,8 @@ from crbp_deploy.tasks import TASKS
 from crbp_deploy.training.compiled import compile_step
 from crbp_deploy.training.lcp import lipschitz_penalty
 from crbp_deploy.training.rbp import neumann_vjp
-from crbp_deploy.training.anderson import anderson
-from crbp_deploy.training.trainer import TrainConfig, train_step
+from crbp_deploy.training.solve import _run_steps as run_steps  # the trainer's graph-free forward
+from crbp_deploy.training.trainer import LAYOUTS, TrainConfig, train_step
 from crbp_deploy.training.warm_start import StateCache
 
 TODAY = {"steps": 30, "neumann_steps": 15, "forward_solver": "picard", "forward_tol": 0.0, "backward_solver": "neumann",
@@ -79,7 +79,7 @@ def arms() -> dict[str, dict]:
 
 def warm_cache(previous: str, data: list[dict], cfg: TrainConfig) -> StateCache:
     """The cache --warm-start holds after an epoch under the `previous` weights: each batch's fixed point,
-    reached by the trainer's forward (Anderson to cfg.forward_tol, cfg.steps - 1 steps at most)."""
+    reached by the trainer's own graph-free forward (cfg's solver and tolerance, cfg.steps - 1 steps at most)."""
     model, _ = resolve_model(previous)
     model = model.eval()
     cache = StateCache(sum(len(b["images"]) for b in data))
@@ -87,7 +87,7 @@ def warm_cache(previous: str, data: list[dict], cfg: TrainConfig) -> StateCache:
     with torch.no_grad():
         for batch in data:
             ctx = model.encode(batch["images"])
-            h, _ = anderson(model.step, ctx, model.init_state(ctx), max_iters=cfg.steps - 1, tol=cfg.forward_tol)
+            h, _ = run_steps(model.step, ctx, model.init_state(ctx), cfg.steps - 1, cfg.forward_tol, cfg.forward_solver)
             cache.store(torch.arange(first, first + len(h)), model.step(ctx, h))
             first += len(h)
     return cache
@@ -179,8 +179,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         cfg = TrainConfig.from_dict(task="pathfinder", loss="bce", lr=3e-3, batch_size=args.batch_size,
                                     **{**overrides, "steps": args.steps})
-        model = copy.deepcopy(bundled).train().to(memory_format=torch.channels_last if cfg.layout == "channels_last"
-                                                  else torch.contiguous_format)
+        model = copy.deepcopy(bundled).train().to(memory_format=LAYOUTS[cfg.layout])
         runs[name] = {"cfg": cfg, "model": model, "opt": torch.optim.Adam(model.parameters(), lr=cfg.lr),
                       "step": compile_step(model, torch.device("cpu")) if cfg.compile else None, "warmup_s": 0.0,
                       "cache": warm_cache(args.previous, data, cfg) if cfg.warm_start else None,

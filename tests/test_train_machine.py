@@ -1,4 +1,6 @@
 """benchmarks/train_machine.py: the whole-machine training benchmark runs its process groups for real."""
+import json
+
 from conftest import benchmark_module
 
 
@@ -8,8 +10,6 @@ def test_threads_and_processes_arms_time_real_training_steps(tmp_path):
     arms = [bench.BASELINE, "defaults: 2 processes x 1 thread"]
     assert bench.main(["--rounds", "1", "--batches", "1", "--batch-size", "4", "--arms", ",".join(arms),
                        "--json", str(out)]) == 0
-    import json
-
     report = json.loads(out.read_text())
     assert list(report["arms"]) == arms
     two = report["arms"]["defaults: 2 processes x 1 thread"]

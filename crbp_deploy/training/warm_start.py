@@ -42,9 +42,9 @@ class StateCache:
         hit = self.seen[index]
         if not bool(hit.any()):
             return cold
-        warm = self.states[index].to(device=cold.device, dtype=cold.dtype)
-        mask = hit.to(cold.device).view(-1, *([1] * (cold.dim() - 1)))
-        return torch.where(mask, warm, cold).contiguous(memory_format=_format(cold))
+        out = cold.clone()  # keeps cold's memory format, in which the solver goes on stepping
+        out[hit.to(cold.device)] = self.states[index[hit]].to(device=cold.device, dtype=cold.dtype)
+        return out
 
     def store(self, index: Tensor, states: Tensor) -> None:
         """Keep the fixed points just reached (all ranks' when data-parallel)."""
@@ -59,7 +59,3 @@ class StateCache:
             self.states = torch.zeros(self.images, *states.shape[1:], dtype=STORE_DTYPE)
         self.states[index] = states
         self.seen[index] = torch.isfinite(states).flatten(1).all(dim=1)
-
-
-def _format(t: Tensor) -> torch.memory_format:
-    return torch.channels_last if t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
