@@ -15,7 +15,7 @@ so every batch of every arm trains the same model. Arms take turns in rounds (th
 round a fresh group: warm-up batches, then timed ones. An arm's figure is its median batch. Nothing
 else should run on the machine: the load average is recorded before and after.
 
-    python benchmarks/train_machine.py --model runs/p25/pf5x5.pt --rounds 3 --batches 4 --json docs/train_machine.json
+    python benchmarks/train_machine.py --model runs/p25/k5/epoch11.pt --rounds 4 --batches 4 --json docs/train_machine.json
 """
 from __future__ import annotations
 
