@@ -158,6 +158,8 @@ def test_train_records_throughput_and_follows_the_curriculum(pf_data, tmp_path):
     assert all(h["images_per_s"] > 0 and h["gflop_per_s"] > 0 and h["gflop_per_image"] > 0 for h in history)
     assert model.meta["throughput"]["images_per_s"] == record["images_per_s"]
     assert {"val_iou_pf6", "val_iou_pf9"} <= set(record)
+    # 3 graph-free steps never reach tolerance 3e-3 from zeros: every sample stopped at the cap
+    assert [h["forward_at_cap"] for h in history] == [1.0, 1.0]
 
 
 def _snapshot(folder):
@@ -245,6 +247,7 @@ def test_train_warm_start_runs_later_epochs_in_fewer_forward_steps(pf_data, tmp_
         checkpoint.load(tmp_path / "cold" / "last.pt").meta["history"][0]["forward_steps"])  # epoch 1 starts cold
     assert warm["forward_steps"] < 0.8 * cold["forward_steps"]
     assert warm["gflop_per_image"] < cold["gflop_per_image"]
+    assert 0.0 <= warm["forward_at_cap"] < 1.0 and warm["forward_at_cap"] <= cold["forward_at_cap"]
 
 
 def test_resume_refuses_a_shipped_model_and_an_optimizer_state_of_other_parameters(pf_data, tmp_path, run_cli,

@@ -25,7 +25,7 @@ def _epoch_printer(out: Path, epochs: int):
             with open(out / "command.txt", "a") as log:
                 log.write(shlex.join(["crbp-deploy", *sys.argv[1:]]) + "\n")
             logged.append(True)
-        keys = ("train_loss", "val_iou", "val_miou", "forward_steps", "neumann_terms")
+        keys = ("train_loss", "val_iou", "val_miou", "forward_steps", "forward_at_cap", "neumann_terms")
         shown = " ".join(f"{k}={record[k]:.4g}" for k in keys if isinstance(record.get(k), float))
         gflop = f"{record['gflop_per_s']:.1f}" if record.get("gflop_per_image") else "n/a (no recurrent step)"
         typer.echo(f"epoch {record['epoch']}/{epochs}: {shown} images/s={record['images_per_s']:.1f} "

@@ -365,7 +365,11 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
     device = cfg.torch_device()
     job = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=batches, stats="")
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
-    sums = {"loss": 0.0, "penalty": 0.0, "forward_steps": 0.0}
+    sums = {"loss": 0.0, "penalty": 0.0, "forward_steps": 0.0, "at_cap": 0.0}
+    # rbp/crbp stopping at a tolerance: a sample that ran all steps - 1 may not be at its fixed point, and its
+    # implicit gradient is then of the wrong state (docs/pathfinder_claims.md §11: on long contours this, not
+    # the backward's budget, is what bent the gradient)
+    tracks_cap = cfg.grad in ("rbp", "crbp") and cfg.forward_tol > 0
     neumann, meter = _NeumannLog(), Meter()
     t0 = time.perf_counter()
     model.train()
@@ -381,17 +385,19 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
         sums["loss"] += stats["loss"]
         sums["penalty"] += stats["penalty"]
         sums["forward_steps"] += float(sol.forward_steps.float().mean())
+        sums["at_cap"] += float((sol.forward_steps >= cfg.steps - 1).float().mean())
         text = " ".join(f"{k}={v:.3g}" for k, v in stats.items())
         if sol.neumann is not None:
             text += " " + neumann.add(sol.neumann)
         bar.update(job, advance=1, stats=text)
-    totals = all_sum([sums["loss"], sums["penalty"], sums["forward_steps"]], world)
+    totals = all_sum([sums["loss"], sums["penalty"], sums["forward_steps"], sums["at_cap"]], world)
     height, width = train_set["images"].shape[-2:]
     return {
         "epoch": epoch + 1,
         "train_loss": totals[0] / (batches * world.size),
         "train_penalty": totals[1] / (batches * world.size),
         "forward_steps": totals[2] / (batches * world.size),
+        **({"forward_at_cap": totals[3] / (batches * world.size)} if tracks_cap else {}),
         "seconds": round(time.perf_counter() - t0, 2),
         **meter.summary(step_gflop(model, height, width), world.size),
         "_neumann": neumann,
