@@ -76,10 +76,13 @@ def test_epoch_line_counts_gflops_of_the_recurrent_step_only(panoptic_data, tmp_
     code, _, err = run_cli(*common, "--out", tmp_path / "rec", "--model-config", json.dumps(TINY))
     assert code == 0, err
     assert float(err.split("GFLOP/s=")[1].split()[0]) > 0
+    # one graph-free step never reaches --forward-tol: the line says so, and a note says what it costs
+    assert "forward_at_cap=1 " in err and "note: 100% of samples ran all --steps" in err
     code, _, err = run_cli(*common, "--out", tmp_path / "ff", "--model", "ff-panoptic", "--grad", "bptt",
                            "--model-config", json.dumps({**TINY, "ff_depth": 2}))
     assert code == 0, err
     assert "GFLOP/s=n/a (no recurrent step)" in err  # its step is the identity: 0.0 would read as a measurement
+    assert "forward_at_cap" not in err  # bptt runs every step by design
 
 
 def test_bad_training_options(panoptic_data, tmp_path, run_cli, one_error_line):

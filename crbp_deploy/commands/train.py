@@ -12,6 +12,10 @@ from .options import json_object
 
 
 
+#: forward_at_cap above this share gets a note under the epoch line
+CAPPED_HINT = 0.1
+
+
 def _epoch_printer(out: Path, epochs: int):
     """The per-epoch line on stderr; the first one also appends the command to OUT/command.txt (after the
     first checkpoint, so a refused run writes nothing; a --resume adds its own line)."""
@@ -30,6 +34,10 @@ def _epoch_printer(out: Path, epochs: int):
         gflop = f"{record['gflop_per_s']:.1f}" if record.get("gflop_per_image") else "n/a (no recurrent step)"
         typer.echo(f"epoch {record['epoch']}/{epochs}: {shown} images/s={record['images_per_s']:.1f} "
                    f"GFLOP/s={gflop} ({record['seconds']:.0f} s)", err=True)
+        if record.get("forward_at_cap", 0.0) > CAPPED_HINT:
+            typer.echo(f"  note: {record['forward_at_cap']:.0%} of samples ran all --steps without reaching "
+                       "--forward-tol; their implicit gradient is of a state short of the fixed point (raise --steps; "
+                       "benchmarks/gradient_check.py --lengths measures the cost)", err=True)
 
     return show
 
