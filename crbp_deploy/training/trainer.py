@@ -367,8 +367,8 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
     order = torch.randperm(n, generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch))
     sums = {"loss": 0.0, "penalty": 0.0, "forward_steps": 0.0, "at_cap": 0.0}
     # rbp/crbp stopping at a tolerance: a sample that ran all steps - 1 may not be at its fixed point, and its
-    # implicit gradient is then of the wrong state (docs/pathfinder_claims.md §11: on long contours this, not
-    # the backward's budget, is what bent the gradient)
+    # implicit gradient is then of the wrong state (docs/pathfinder_claims.md §11: on long contours this and the
+    # backward's budget bent the gradient)
     tracks_cap = cfg.grad in ("rbp", "crbp") and cfg.forward_tol > 0
     neumann, meter = _NeumannLog(), Meter()
     t0 = time.perf_counter()
