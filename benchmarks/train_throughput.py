@@ -16,9 +16,8 @@ batch the weights are set back to the checkpoint's, untimed, unless `--drift`):
   the warm-up batch, whose seconds are recorded as `warmup_s`), and in the other memory layout.
 
 - with `--previous CKPT` (the checkpoint of the epoch before `--model`'s), `--warm-start`: each
-  batch's forward starts from its fixed point, and its backward from its gradient solve, under the previous
-  epoch's weights, which is what the trainer's caches hold after a real epoch (the staleness is one epoch
-  of updates, not a few batches).
+  batch's forward starts from its fixed point under the previous epoch's weights, which is what the
+  trainer's cache holds after a real epoch (the staleness is one epoch of updates, not a few batches).
   `--lengths` and `--steps` set the batches' contour lengths and the step cap (today's: 6,9,14 and 30).
 
 It also profiles one step of `today` by part (forward steps without a graph, the recorded step, the
@@ -48,12 +47,13 @@ from crbp_deploy.tasks import TASKS
 from crbp_deploy.training.compiled import compile_step
 from crbp_deploy.training.lcp import lipschitz_penalty
 from crbp_deploy.training.rbp import neumann_vjp
+from crbp_deploy.training.solve import _run_steps as run_steps  # the trainer's graph-free forward
 from crbp_deploy.training.trainer import LAYOUTS, TrainConfig, train_step
-from crbp_deploy.training.warm_start import WarmStart
+from crbp_deploy.training.warm_start import StateCache
 
 TODAY = {"steps": 30, "neumann_steps": 15, "forward_solver": "picard", "forward_tol": 0.0, "backward_solver": "neumann",
          "backward_tol": 0.0, "lcp_every": 1, "layout": "channels_last", "compile": False, "warm_start": False}
-WARM = "+ --warm-start (last epoch's fixed points and gradient solves)"
+WARM = "+ --warm-start (last epoch's fixed points)"
 
 
 def arms() -> dict[str, dict]:
@@ -77,20 +77,20 @@ def arms() -> dict[str, dict]:
     }
 
 
-def warm_cache(previous: str, data: list[dict], cfg: TrainConfig) -> WarmStart:
-    """What --warm-start holds after an epoch under the `previous` weights: each batch's fixed point and (Anderson
-    backward) gradient solve, reached by the trainer's own train_step with a zero learning rate (weights kept)."""
+def warm_cache(previous: str, data: list[dict], cfg: TrainConfig) -> StateCache:
+    """The cache --warm-start holds after an epoch under the `previous` weights: each batch's fixed point,
+    reached by the trainer's own graph-free forward (cfg's solver and tolerance, cfg.steps - 1 steps at most)."""
     model, _ = resolve_model(previous)
-    model = model.train().to(memory_format=LAYOUTS[cfg.layout])
-    frozen = torch.optim.SGD(model.parameters(), lr=0.0)
-    warm = WarmStart(sum(len(b["images"]) for b in data), adjoints=cfg.backward_solver == "anderson")
+    model = model.eval()
+    cache = StateCache(sum(len(b["images"]) for b in data))
     first = 0
-    for batch in data:
-        index = torch.arange(first, first + len(batch["images"]))
-        _, sol, _ = train_step(cfg, TASKS["pathfinder"], model, frozen, batch)
-        warm.store(index, sol)
-        first += len(index)
-    return warm
+    with torch.no_grad():
+        for batch in data:
+            ctx = model.encode(batch["images"])
+            h, _ = run_steps(model.step, ctx, model.init_state(ctx), cfg.steps - 1, cfg.forward_tol, cfg.forward_solver)
+            cache.store(torch.arange(first, first + len(h)), model.step(ctx, h))
+            first += len(h)
+    return cache
 
 
 def cpu_name() -> str:
@@ -191,9 +191,9 @@ def main(argv: list[str] | None = None) -> int:
             run = runs[name]
             t, c = time.perf_counter(), time.process_time()
             index = torch.arange(r * args.batch_size, (r + 1) * args.batch_size)
-            starts = run["cache"].starts(index) if run["cache"] else {}
+            start = (lambda cold, c=run["cache"], i=index: c.start(i, cold)) if run["cache"] else None
             _, sol, work = train_step(run["cfg"], task, run["model"], run["opt"], data[r], forward_step=run["step"],
-                                      **starts)
+                                      start_state=start)
             dt, dc = time.perf_counter() - t, time.process_time() - c
             if not args.drift:  # untimed: the next batch trains the checkpoint's weights again
                 reset_weights(run["model"], bundled)
