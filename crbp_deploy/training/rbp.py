@@ -56,7 +56,6 @@ class NeumannInfo:
     stop: str | None = None
     v_norms: list[float] = field(default_factory=list)  # ‖v_0‖, ‖v_1‖, ... every VJP computed
     g_norm: float = math.nan
-    solution: Tensor | None = None  # the solved g, detached (kept by implicit_state for --warm-start)
 
     @property
     def ratio(self) -> float:
@@ -132,8 +131,7 @@ def neumann_vjp(
 
 
 def anderson_vjp(last: Tensor, prev: Tensor, v0: Tensor, *, steps: int = 15, tol: float = 1e-2,
-                 cap: float = DEFAULT_CAP, info: NeumannInfo | None = None, start: Tensor | None = None,
-                 **_rules) -> tuple[Tensor, NeumannInfo]:
+                 cap: float = DEFAULT_CAP, info: NeumannInfo | None = None, **_rules) -> tuple[Tensor, NeumannInfo]:
     """g solving g = Jᵀg + v₀ by Anderson mixing per sample (J is block-diagonal over samples): at most
     `steps` VJPs, stopping once every sample's ‖Jᵀg + v₀ − g‖ / ‖Jᵀg + v₀‖ <= tol.
 
@@ -142,7 +140,6 @@ def anderson_vjp(last: Tensor, prev: Tensor, v0: Tensor, *, steps: int = 15, tol
     the exact g, where 15 Neumann terms left 0.29 (tol 1e-2: 7 VJPs, 0.10). `info.v_norms` holds ‖v₀‖ then the residual norm after each VJP, so `ratio` is the
     residual left. A non-finite g or ‖g‖ > cap·‖v₀‖ falls back to g = v₀ (one-step backprop), as the
     Neumann rules roll back. The Neumann-only options (`_rules`: rule, patience, ...) are ignored.
-    `start`: the first iterate instead of v₀ (warm_start.py: last epoch's solution); g does not depend on it.
     """
     from .anderson import DEFAULT_MEMORY, DEFAULT_RIDGE, _mix
 
@@ -155,8 +152,7 @@ def anderson_vjp(last: Tensor, prev: Tensor, v0: Tensor, *, steps: int = 15, tol
     v = v0.reshape(batch, -1)
     gs = v.new_zeros(batch, DEFAULT_MEMORY, v.shape[1])  # residuals Jᵀg + v₀ − g
     fs = torch.zeros_like(gs)
-    g = v if start is None else start.reshape(batch, -1).to(v.dtype)
-    active = torch.ones(batch, dtype=torch.bool, device=v.device)
+    g, active = v, torch.ones(batch, dtype=torch.bool, device=v.device)
     for k in range(steps):
         (jg,) = torch.autograd.grad(last, prev, g.view_as(prev), retain_graph=True)
         fg = jg.reshape(batch, -1) + v
@@ -185,25 +181,21 @@ def anderson_vjp(last: Tensor, prev: Tensor, v0: Tensor, *, steps: int = 15, tol
 
 
 def implicit_state(last: Tensor, prev: Tensor, *, steps: int, info: NeumannInfo, solver: str = "neumann",
-                   tol: float = 0.0, start=None, **rules) -> Tensor:
+                   tol: float = 0.0, **rules) -> Tensor:
     """`last` as a new tensor whose incoming gradient is replaced by its Neumann solve.
 
     Heads read the returned alias, so only the task gradient is solved; a gradient reaching
     `last` by another path (e.g. the LCP through a step's saved output) passes unchanged. The
     replaced gradient then flows through the one recorded step to the parameters and the encoder.
     `rules`: cap, floor, rule, patience, growth_limit of neumann_vjp; `solver` "anderson" solves with
-    anderson_vjp to `tol` instead (at most `steps` VJPs), from `start(v₀)` when given (the series has no
-    start: it sums from v₀). `info.solution` keeps the solved g.
+    anderson_vjp to `tol` instead (at most `steps` VJPs).
     """
     state = last.clone()
 
     def hook(grad: Tensor) -> Tensor:
         if solver == "anderson":
-            first = start(grad) if start is not None else None
-            g = anderson_vjp(last, prev, grad, steps=steps, tol=tol, info=info, start=first, **rules)[0]
-        else:
-            g, _ = neumann_vjp(last, prev, grad, steps=steps, info=info, **rules)
-        info.solution = g.detach()
+            return anderson_vjp(last, prev, grad, steps=steps, tol=tol, info=info, **rules)[0]
+        g, _ = neumann_vjp(last, prev, grad, steps=steps, info=info, **rules)
         return g
 
     state.register_hook(hook)

@@ -130,7 +130,7 @@ def _penalty(model, ctx, last: Tensor, prev: Tensor, every: int, lam: float, red
 
 
 def _check_solvers(grad, forward_tol, forward_solver, backward_solver, backward_tol, lcp_every, lcp_kind,
-                   start_state, start_adjoint) -> None:
+                   start_state) -> None:
     _check_number("forward_tol", forward_tol, low=0)
     if forward_solver not in FORWARD_SOLVERS:
         raise InputError(f"forward_solver must be one of {', '.join(FORWARD_SOLVERS)}, got {forward_solver!r}")
@@ -140,10 +140,8 @@ def _check_solvers(grad, forward_tol, forward_solver, backward_solver, backward_
     _check_int("lcp_every", lcp_every, 1, MAX_ITERATIONS)
     if lcp_kind not in LCP_KINDS:
         raise InputError(f"lcp_kind must be one of {', '.join(LCP_KINDS)}, got {lcp_kind!r}")
-    if (start_state is not None or start_adjoint is not None) and grad not in ("rbp", "crbp"):
+    if start_state is not None and grad not in ("rbp", "crbp"):
         raise InputError(f"start_state applies to rbp/crbp (a fixed point's gradient); {grad} differentiates the steps from h0")
-    if start_adjoint is not None and backward_solver != "anderson":
-        raise InputError("start_adjoint needs backward_solver='anderson' (the Neumann series sums from v0)")
 
 
 def solve(
@@ -168,7 +166,6 @@ def solve(
     lcp_kind: str = DEFAULT_KIND,
     forward_step=None,
     start_state=None,
-    start_adjoint=None,
 ) -> Solution:
     """Run `steps` steps of `model` on `images`, recorded for the gradient method `grad`.
 
@@ -191,13 +188,10 @@ def solve(
     forward_step (rbp/crbp): the graph-free forward's step instead of model.step (compiled.py: torch.compile).
     start_state (rbp/crbp): maps the cold initial state to the graph-free forward's start (warm_start.py:
     last epoch's fixed points); the fixed point, and so the gradient, does not depend on it.
-    start_adjoint (rbp/crbp, anderson backward): maps dL/dh* to the backward solve's first iterate (warm_start.py:
-    last epoch's solution); the implicit gradient does not depend on it either.
     """
     _check_args(model, images, steps, grad, neumann_steps, lcp_lambda, lcp_reduction, neumann_cap, neumann_floor,
                 neumann_rule, neumann_patience, neumann_growth_limit)
-    _check_solvers(grad, forward_tol, forward_solver, backward_solver, backward_tol, lcp_every, lcp_kind, start_state,
-                   start_adjoint)
+    _check_solvers(grad, forward_tol, forward_solver, backward_solver, backward_tol, lcp_every, lcp_kind, start_state)
     ctx = model.encode(images)
     h = model.init_state(ctx)
     info = None
@@ -216,7 +210,7 @@ def solve(
         state = implicit_state(
             last, prev, steps=neumann_steps, info=info, cap=neumann_cap, floor=neumann_floor,
             rule=neumann_rule, patience=neumann_patience, growth_limit=neumann_growth_limit,
-            solver=backward_solver, tol=backward_tol, start=start_adjoint,
+            solver=backward_solver, tol=backward_tol,
         )
     if grad in ("cbptt", "crbp"):
         penalty = _penalty(model, ctx, last, prev, lcp_every, lcp_lambda, lcp_reduction, lcp_kind)

@@ -34,7 +34,7 @@ from .lcp import DEFAULT_KIND, DEFAULT_LAMBDA, DEFAULT_REDUCTION, DEFAULT_WEIGHT
 from .rbp import BACKWARD_SOLVERS, DEFAULT_GROWTH_LIMIT, DEFAULT_PATIENCE, DEFAULT_RULE, NEUMANN_RULES, STOP_REASONS, NeumannInfo
 from .solve import FORWARD_SOLVERS, GRAD_MODES, solve
 from .throughput import Meter, step_equivalents
-from .warm_start import WarmStart
+from .warm_start import StateCache
 from . import curriculum as schedule
 
 #: An epoch warns when more than this share of its batches stop on growth within EARLY_TERMS terms.
@@ -292,15 +292,14 @@ def _train(cfg: TrainConfig, out: Path, world: World, resume: bool, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     record: dict[str, Any] = history[-1] if history else {}
     images = train_set["images"][:REPORT_IMAGES].to(device)
-    warm, warm_lengths = None, None  # --warm-start: for the current curriculum stage's training subset
+    cache, cache_lengths = None, None  # --warm-start: for the current curriculum stage's training subset
     with _progress(progress and world.is_main) as bar:
         for epoch in range(start, cfg.epochs):
             lengths = plan.lengths(epoch + 1) if plan else None
             subset = _subset(train_set, lengths)
-            if cfg.warm_start and (warm is None or lengths != warm_lengths):
-                warm = WarmStart(len(subset["images"]), world, adjoints=cfg.backward_solver == "anderson")
-                warm_lengths = lengths
-            record = _epoch(cfg, task, model, optimizer, subset, epoch, world, bar, forward_step, warm)
+            if cfg.warm_start and (cache is None or lengths != cache_lengths):
+                cache, cache_lengths = StateCache(len(subset["images"]), world), lengths
+            record = _epoch(cfg, task, model, optimizer, subset, epoch, world, bar, forward_step, cache)
             if lengths is not None:
                 record["lengths"] = list(lengths)
             record.update({f"val_{k}": v for k, v in task.train_eval(model.eval(), data.val, cfg.steps).items()})
@@ -331,10 +330,10 @@ def _neumann_record(record: dict, cfg: TrainConfig, world: World) -> None:
 
 
 def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: World = World(), forward_step=None,
-               start_state=None, start_adjoint=None):
+               start_state=None):
     """One optimizer update on `batch` (already on the device): (stats, Solution, step equivalents per image).
-    The benchmark (benchmarks/train_throughput.py) times exactly this. `forward_step`, `start_state`,
-    `start_adjoint`: solve()'s (--compile, --warm-start)."""
+    The benchmark (benchmarks/train_throughput.py) times exactly this. `forward_step`, `start_state`:
+    solve()'s (--compile, --warm-start)."""
     batch = {**batch, "images": batch["images"].contiguous(memory_format=LAYOUTS[cfg.layout])}
     sol = solve(
         model, batch["images"], steps=cfg.steps, grad=cfg.grad,
@@ -342,7 +341,7 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
         neumann_rule=cfg.neumann_rule, neumann_patience=cfg.neumann_patience,
         neumann_growth_limit=cfg.neumann_growth_limit, forward_tol=cfg.forward_tol, forward_solver=cfg.forward_solver,
         backward_solver=cfg.backward_solver, backward_tol=cfg.backward_tol, lcp_every=cfg.lcp_every,
-        lcp_kind=cfg.lcp_kind, forward_step=forward_step, start_state=start_state, start_adjoint=start_adjoint,
+        lcp_kind=cfg.lcp_kind, forward_step=forward_step, start_state=start_state,
     )
     loss, stats = task.loss(sol.outputs, batch, cfg)
     optimizer.zero_grad(set_to_none=True)
@@ -358,9 +357,9 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
 
 
 def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar,
-           forward_step=None, warm: WarmStart | None = None) -> dict[str, Any]:
+           forward_step=None, cache: StateCache | None = None) -> dict[str, Any]:
     """One pass over the training set: the epoch's record so far, and its Neumann solves (under `_neumann`).
-    `warm` (--warm-start): each image's solves start from what they reached last epoch, and leave their new ones."""
+    `cache` (--warm-start): each image's forward starts from its state there, and leaves its new one."""
     n, local = len(train_set["images"]), cfg.batch_size // world.size
     batches = n // cfg.batch_size
     device = cfg.torch_device()
@@ -378,10 +377,10 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
         idx = order[b * cfg.batch_size : (b + 1) * cfg.batch_size][world.rank * local : (world.rank + 1) * local]
         batch = {k: v[idx].to(device, non_blocking=True) for k, v in train_set.items()}
         t = time.perf_counter()
-        starts = warm.starts(idx) if warm is not None else {}
-        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world, forward_step, **starts)
-        if warm is not None:
-            warm.store(idx, sol)
+        start = (lambda cold, idx=idx: cache.start(idx, cold)) if cache is not None else None
+        stats, sol, work = train_step(cfg, task, model, optimizer, batch, world, forward_step, start)
+        if cache is not None:
+            cache.store(idx, sol.state)
         meter.add(local, time.perf_counter() - t, work)
         sums["loss"] += stats["loss"]
         sums["penalty"] += stats["penalty"]

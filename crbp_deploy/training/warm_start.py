@@ -1,5 +1,4 @@
-"""Warm-started training solves: each image's graph-free forward starts from its fixed point of the last epoch,
-and its implicit-gradient solve (Anderson backward) from its solution of the last epoch.
+"""Warm-started training forwards: each image's graph-free solve starts from its fixed point of the last epoch.
 
 Why: RBP differentiates the fixed point, which does not depend on where the forward starts; only the
 number of steps to reach it does. After one epoch the weights have moved a little, so last epoch's
@@ -10,13 +9,8 @@ docs/pathfinder_claims.md §10). On short contours, which converge fast from zer
 implicit gradient; what changes is the forward's cost. This is the fixed-point reuse of deep
 equilibrium models, kept per image because a training set is revisited every epoch.
 
-The backward is the same kind of solve, g = Jᵀg + dL/dh*, and on long contours its budget is what a
-correct gradient costs (docs/pathfinder_claims.md §11): last epoch's g of an image is a start as good for it
-as last epoch's state is for the forward.
-
 The cache holds one state per training image on the host in float16 (half the bytes; its rounding,
-about 5e-4 relative, is below the forward tolerance), and one g in bfloat16 (g = dL/dh* scales with the
-loss, which can be far below float16's range; a start needs its direction, not its last digits). A state that does not fit float16 is not kept
+about 5e-4 relative, is below the forward tolerance). A state that does not fit float16 is not kept
 (that image starts cold again). With several processes every rank keeps every image: each batch's
 states are gathered from all ranks, since the next epoch deals the images out differently.
 """
@@ -29,15 +23,14 @@ from ..errors import ConfigError
 from .distributed import World, all_gather
 
 STORE_DTYPE = torch.float16
-ADJOINT_DTYPE = torch.bfloat16
 MAX_CACHE_BYTES = 8 * 2**30  # a cache above this is refused: --max-train bounds it
 
 
 class StateCache:
     """Last epoch's fixed point per training image (index into the training set)."""
 
-    def __init__(self, images: int, world: World = World(), dtype: torch.dtype = STORE_DTYPE):
-        self.images, self.world, self.dtype = images, world, dtype
+    def __init__(self, images: int, world: World = World()):
+        self.images, self.world = images, world
         self.states: Tensor | None = None  # allocated at the first store, when the state's shape is known
         self.seen = torch.zeros(images, dtype=torch.bool)
 
@@ -57,35 +50,12 @@ class StateCache:
         """Keep the fixed points just reached (all ranks' when data-parallel)."""
         # gathered where the states are (nccl gathers CUDA tensors only, gloo host ones), then kept on the host
         index = all_gather(index.to(states.device), self.world).cpu()
-        states = all_gather(states.detach().to(self.dtype), self.world).cpu()
+        states = all_gather(states.detach().to(STORE_DTYPE), self.world).cpu()
         if self.states is None:
             need = self.images * states[0].numel() * states.element_size()
             if need > MAX_CACHE_BYTES:
                 raise ConfigError(f"--warm-start would keep {need / 2**30:.1f} GiB of states for {self.images} images "
                                   f"(at most {MAX_CACHE_BYTES / 2**30:.0f}): lower --max-train or leave it off")
-            self.states = torch.zeros(self.images, *states.shape[1:], dtype=self.dtype)
+            self.states = torch.zeros(self.images, *states.shape[1:], dtype=STORE_DTYPE)
         self.states[index] = states
         self.seen[index] = torch.isfinite(states).flatten(1).all(dim=1)
-
-
-class WarmStart:
-    """--warm-start: per training image, last epoch's fixed point and (Anderson backward) its gradient solve."""
-
-    def __init__(self, images: int, world: World = World(), *, adjoints: bool = True):
-        self.states = StateCache(images, world)
-        self.adjoints = StateCache(images, world, ADJOINT_DTYPE) if adjoints else None
-
-    def starts(self, index: Tensor) -> dict:
-        """solve()'s start_state (and start_adjoint) for the images `index`."""
-        out = {"start_state": lambda cold: self.states.start(index, cold)}
-        if self.adjoints is not None:
-            out["start_adjoint"] = lambda v0: self.adjoints.start(index, v0)
-        return out
-
-    def store(self, index: Tensor, solution) -> None:
-        """Keep what the batch's solves reached (a collective when data-parallel: every rank stores every batch)."""
-        self.states.store(index, solution.state)
-        if self.adjoints is not None:
-            g = solution.neumann.solution if solution.neumann is not None else None
-            # no backward ran: store NaN (not kept), so that the ranks' gathers stay in step
-            self.adjoints.store(index, g if g is not None else torch.full_like(solution.state, float("nan")))
