@@ -22,6 +22,7 @@ import re
 import shutil
 import socket
 import stat
+import statistics
 import subprocess
 import sys
 import time
@@ -351,8 +352,10 @@ def test_oversized_bodies_are_refused_before_they_are_read(engine, request):
     if engine == "ray":  # refused in Serve's proxy: at most the limit is held, and let go
         assert b"refused before reading the rest" in answer
         assert max(growth) < 50, growth
-    else:  # TorchServe's JVM grows its heap for the first few (measured: +5..78 MB each, to about 390 MB),
-        assert sum(growth[-4:]) < 50, growth  # then collects instead: the last four together stay under 50 MB
+    else:  # TorchServe's JVM grows its heap for the first few (measured: +5..78 MB each, to about 390 MB), then
+        # collects instead: most later uploads add nothing, though one may still add a heap step (+51.8 MB once, after
+        # -25.6, 0.0, 0.1, 0.0). A body kept per upload would add its ~25 MB read before the refusal to every one.
+        assert statistics.median(growth[-6:]) < 10, growth
     assert _post(server, sample(80, 32))[0] == 200  # still serving
 
 
