@@ -29,7 +29,7 @@ from train_throughput import batches, reset_weights, warm_cache  # noqa: E402
 from crbp_deploy.errors import CrbpError  # noqa: E402
 from crbp_deploy.sources import resolve_model  # noqa: E402
 from crbp_deploy.tasks import TASKS  # noqa: E402
-from crbp_deploy.training.trainer import TrainConfig, train_step  # noqa: E402
+from crbp_deploy.training.trainer import TrainConfig, share_at_cap, train_step  # noqa: E402
 
 
 def parse_budgets(text: str) -> list[tuple[int, int]]:
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
                 run["cpu_s"].append(seconds)
                 run["forward_steps"].append(float(sol.forward_steps.float().mean()))
                 run["vjps"].append(len(sol.neumann.v_norms) - 1)
-                run["at_cap"].append(float((sol.forward_steps >= cfg.steps - 1).float().mean()))
+                run["at_cap"].append(share_at_cap(sol, cfg.steps))
         print(f"round {r + 1}/{args.rounds}", file=sys.stderr)
     base = statistics.median(runs[names[0]]["cpu_s"])
     report = {name: {"median_cpu_s": round(statistics.median(run["cpu_s"]), 2),

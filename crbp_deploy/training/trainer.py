@@ -356,6 +356,12 @@ def train_step(cfg: TrainConfig, task, model, optimizer, batch: dict, world: Wor
     return stats, sol, work
 
 
+def share_at_cap(sol, steps: int) -> float:
+    """Share of the batch whose graph-free forward ran all `steps - 1` steps (the last is the recorded one)
+    instead of stopping at its tolerance: the trainer's `forward_at_cap`."""
+    return float((sol.forward_steps >= steps - 1).float().mean())
+
+
 def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int, world: World, bar,
            forward_step=None, cache: StateCache | None = None) -> dict[str, Any]:
     """One pass over the training set: the epoch's record so far, and its Neumann solves (under `_neumann`).
@@ -385,7 +391,7 @@ def _epoch(cfg: TrainConfig, task, model, optimizer, train_set: dict, epoch: int
         sums["loss"] += stats["loss"]
         sums["penalty"] += stats["penalty"]
         sums["forward_steps"] += float(sol.forward_steps.float().mean())
-        sums["at_cap"] += float((sol.forward_steps >= cfg.steps - 1).float().mean())
+        sums["at_cap"] += share_at_cap(sol, cfg.steps)
         text = " ".join(f"{k}={v:.3g}" for k, v in stats.items())
         if sol.neumann is not None:
             text += " " + neumann.add(sol.neumann)
